@@ -1,0 +1,137 @@
+"""The ``loractl`` command line: a thin click layer.
+
+Each command parses its options, calls one plain function and hands the result to a renderer
+(``render.py``). Nothing here imports mlx at module level: ``loractl status`` has to answer in
+well under 150 ms, so the trainer's heavy imports happen only inside the commands that train.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from loractl import __version__
+from loractl.client.render import emit, fail
+from loractl.protocol import PROTOCOL_VERSION, ExitCode
+
+
+def parse_assignments(assignments: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs (YAML values, dotted keys for nesting) into an overrides mapping."""
+    overrides: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{key}: {exc}", param_hint="--set") from None
+        target = overrides
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return overrides
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loractl")
+def main() -> None:
+    """Run LoRA fine-tuning on MLX that survives the night."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fresh", is_flag=True, help="Ignore existing checkpoints and start over.")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key (dotted for nested keys, e.g. lora_parameters.rank=4).",
+)
+@click.option("--telemetry", hidden=True, help="Supervisor telemetry endpoint.")
+@click.option("--job-id", hidden=True, default="")
+@click.option("--attempt", hidden=True, type=int, default=0)
+@click.option("--rung", hidden=True, type=int, default=0)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json) -> None:
+    """Train CONFIG in the foreground, resuming from its newest valid checkpoint.
+
+    SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits; running the
+    same command again continues exactly where it stopped.
+    """
+    from loractl.daemon.trainer import run
+
+    code = run(
+        config,
+        fresh=fresh,
+        overrides=parse_assignments(assignments),
+        telemetry_endpoint=telemetry,
+        job_id=job_id,
+        attempt=attempt,
+        rung=rung,
+        show_progress=None if not as_json else False,
+    )
+    if as_json:
+        emit({"exit_code": int(code), "outcome": ExitCode(code).name.lower()}, as_json=True)
+    sys.exit(int(code))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--prepare", is_flag=True, help="Only build the tiny model, data and job.yaml.")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "ladder"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: smallest real model; ladder: memory visibly driven by sequence length.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
+def demo(directory, prepare, preset, seed, as_json) -> None:
+    """Build a tiny model and job in DIRECTORY and, unless --prepare, run the demo."""
+    if prepare:
+        from loractl.daemon.tinymodel import prepare as build
+
+        paths = build(directory, preset=preset, seed=seed)
+        emit({k: str(v) for k, v in paths.items()}, as_json=as_json)
+        return
+    from loractl.daemon.demo import run_demo
+
+    sys.exit(run_demo(directory, preset=preset, seed=seed, as_json=as_json))
+
+
+@main.group()
+def config() -> None:
+    """Job configs."""
+
+
+@config.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the effective config as JSON.")
+def config_validate(file, as_json) -> None:
+    """Check FILE against the job schema and print the effective config."""
+    from loractl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(file)
+    except ConfigError as exc:
+        fail(str(exc), ExitCode.CONFIG_ERROR, as_json=as_json)
+        return
+    emit({"ok": True, "config": cfg.to_dict(), "ladder": cfg.effective_ladder()}, as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def version(as_json) -> None:
+    """Print loractl's version and protocol version."""
+    emit({"version": __version__, "protocol": PROTOCOL_VERSION}, as_json=as_json)
+
+
+if __name__ == "__main__":
+    main()

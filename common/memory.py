@@ -1,0 +1,80 @@
+"""Process memory readings shared by the trainer and the supervisor (no mlx here).
+
+On macOS the number that matters is ``phys_footprint``: it is what Activity Monitor shows and
+what the kernel's memory-pressure machinery acts on, and unlike RSS it counts compressed and
+GPU-wired memory that Metal allocations land in. On Linux RSS is the honest equivalent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+import psutil
+
+MB = 1024 * 1024
+
+_RUSAGE_INFO_V2 = 2
+
+
+class _RusageInfoV2(ctypes.Structure):
+    # Layout of struct rusage_info_v2 from <sys/resource.h>; phys_footprint is what we need.
+    _fields_ = [
+        ("ri_uuid", ctypes.c_uint8 * 16),
+        ("ri_user_time", ctypes.c_uint64),
+        ("ri_system_time", ctypes.c_uint64),
+        ("ri_pkg_idle_wkups", ctypes.c_uint64),
+        ("ri_interrupt_wkups", ctypes.c_uint64),
+        ("ri_pageins", ctypes.c_uint64),
+        ("ri_wired_size", ctypes.c_uint64),
+        ("ri_resident_size", ctypes.c_uint64),
+        ("ri_phys_footprint", ctypes.c_uint64),
+        ("ri_proc_start_abstime", ctypes.c_uint64),
+        ("ri_proc_exit_abstime", ctypes.c_uint64),
+        ("ri_child_user_time", ctypes.c_uint64),
+        ("ri_child_system_time", ctypes.c_uint64),
+        ("ri_child_pkg_idle_wkups", ctypes.c_uint64),
+        ("ri_child_interrupt_wkups", ctypes.c_uint64),
+        ("ri_child_pageins", ctypes.c_uint64),
+        ("ri_child_elapsed_abstime", ctypes.c_uint64),
+        ("ri_diskio_bytesread", ctypes.c_uint64),
+        ("ri_diskio_byteswritten", ctypes.c_uint64),
+    ]
+
+
+_libproc = None
+if sys.platform == "darwin":  # pragma: no cover - exercised on macOS only
+    _path = ctypes.util.find_library("proc")
+    if _path:
+        _libproc = ctypes.CDLL(_path, use_errno=True)
+
+
+def _phys_footprint(pid: int) -> int | None:  # pragma: no cover - macOS only
+    if _libproc is None:
+        return None
+    info = _RusageInfoV2()
+    if _libproc.proc_pid_rusage(pid, _RUSAGE_INFO_V2, ctypes.byref(info)) != 0:
+        return None
+    return int(info.ri_phys_footprint)
+
+
+def footprint_bytes(pid: int) -> int:
+    """The process footprint: phys_footprint on macOS, RSS elsewhere. Raises if pid is gone."""
+    if sys.platform == "darwin":  # pragma: no cover - macOS only
+        value = _phys_footprint(pid)
+        if value is not None:
+            return value
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def footprint_mb(pid: int) -> float:
+    return footprint_bytes(pid) / MB
+
+
+def available_mb() -> float:
+    return psutil.virtual_memory().available / MB
+
+
+def total_mb() -> float:
+    return psutil.virtual_memory().total / MB

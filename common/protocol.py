@@ -1,0 +1,225 @@
+"""The one protocol module: every message, reply and code that crosses a process boundary.
+
+The trainer, the supervisor and the client all import this module; nothing here may import
+mlx. Messages are dataclasses carrying ``type``, ``id`` and ``v`` and travel as JSON objects.
+Decoding never trusts its input: anything malformed, oversized or of another version raises
+``ProtocolError`` with an ``ErrorCode``, which callers turn into an error reply or a dropped
+and counted frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+# A heartbeat is a few hundred bytes; anything near this size is garbage or an attack.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class ErrorCode(IntEnum):
+    """Why a request failed; carried in the ``error`` field of a reply."""
+
+    OK = 0
+    MALFORMED = 1
+    UNKNOWN_TYPE = 2
+    VERSION_MISMATCH = 3
+    TOO_LARGE = 4
+    NOT_FOUND = 5
+    INVALID_STATE = 6
+    INVALID_ARGUMENT = 7
+    INTERNAL = 8
+
+
+class ExitCode(IntEnum):
+    """How a trainer process ends; the supervisor classifies crashes by these first."""
+
+    DONE = 0
+    CRASH = 1
+    USAGE = 2
+    DATA_ERROR = 65  # EX_DATAERR: retrying cannot help
+    OUT_OF_MEMORY = 75  # EX_TEMPFAIL: caught in-process, worth a cheaper rung
+    CONFIG_ERROR = 78  # EX_CONFIG: retrying cannot help
+    STOPPED = 82  # stopped on request after writing a checkpoint
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be turned into a message."""
+
+    def __init__(self, code: ErrorCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    """Base of every message. Subclasses set ``TYPE`` and are registered for decoding."""
+
+    TYPE: ClassVar[str] = ""
+    id: str = field(default_factory=new_id)
+    v: int = PROTOCOL_VERSION
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE:
+            _REGISTRY[cls.TYPE] = cls
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["type"] = self.TYPE
+        return data
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+@dataclass
+class Heartbeat(Message):
+    """Sent by the trainer about once a second from its own thread, even mid-step."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    job_id: str = ""
+    attempt: int = 0
+    pid: int = 0
+    phase: str = "starting"  # loading | train | eval | checkpoint | done
+    step: int = 0  # optimizer steps taken; the separate progress signal
+    examples_seen: int = 0
+    total_examples: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    tokens_per_sec: float = 0.0
+    step_seconds: float | None = None
+    eval_seconds: float | None = None
+    mlx_active_mb: float = 0.0
+    mlx_peak_mb: float = 0.0
+    mlx_cache_mb: float = 0.0
+    footprint_mb: float = 0.0
+    last_checkpoint_step: int | None = None
+    rung: int = 0
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class TrainerEvent(Message):
+    """A one-off trainer event: a checkpoint written, an evaluation, the end of the run."""
+
+    TYPE: ClassVar[str] = "trainer_event"
+    job_id: str = ""
+    pid: int = 0
+    kind: str = ""  # checkpoint | eval | oom_retry | done | stopped | error
+    step: int = 0
+    examples_seen: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+    sent_at: float = field(default_factory=time.time)
+
+
+TRAINER_COMMANDS = frozenset({"checkpoint_now", "clear_cache", "stop"})
+
+
+@dataclass
+class TrainerCommand(Message):
+    """Sent by the supervisor to a trainer over the telemetry channel."""
+
+    TYPE: ClassVar[str] = "trainer_command"
+    action: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in TRAINER_COMMANDS:
+            raise ProtocolError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"unknown trainer command {self.action!r}; "
+                f"expected one of {sorted(TRAINER_COMMANDS)}",
+            )
+
+
+@dataclass
+class Reply(Message):
+    """The one reply envelope for every request."""
+
+    TYPE: ClassVar[str] = "reply"
+    ok: bool = True
+    error: int = ErrorCode.OK
+    reason: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def success(cls, request_id: str, **data: Any) -> Reply:
+        return cls(id=request_id, ok=True, error=ErrorCode.OK, data=data)
+
+    @classmethod
+    def failure(cls, request_id: str, code: ErrorCode, reason: str) -> Reply:
+        return cls(id=request_id, ok=False, error=int(code), reason=reason)
+
+
+def decode(frame: bytes) -> Message:
+    """Turn one frame into a message, or raise ProtocolError saying exactly why not."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}"
+        )
+    try:
+        data = json.loads(frame)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a JSON message: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "message is not a JSON object")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"protocol version {version!r} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION})",
+        )
+    kind = data.get("type")
+    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known) - {"type"}
+    if unknown:
+        raise ProtocolError(
+            ErrorCode.MALFORMED, f"{kind}: unexpected fields {sorted(unknown)}"
+        )
+    kwargs = {name: value for name, value in data.items() if name in known}
+    missing = [
+        name
+        for name, spec in known.items()
+        if name not in kwargs and spec.default is MISSING and spec.default_factory is MISSING
+    ]
+    if missing:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: missing fields {missing}")
+    if not isinstance(kwargs.get("id", ""), str):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: id must be a string")
+    try:
+        return cls(**kwargs)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {exc}") from None
+
+
+def runtime_dir() -> str:
+    """Short per-user folder for ipc:// sockets (macOS caps socket paths at 104 bytes)."""
+    base = os.environ.get("LORACTL_RUNTIME_DIR") or os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", f"loractl-{os.getuid()}"
+    )
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base

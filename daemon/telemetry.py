@@ -1,0 +1,203 @@
+"""The trainer's side of the telemetry channel.
+
+A small thread owns one ZeroMQ DEALER socket (sockets are not thread-safe, so nothing else
+touches it). About once a second it sends a heartbeat built from the latest ``Progress``
+snapshot and a fresh footprint reading; it sends queued one-off events; and it turns incoming
+commands (checkpoint-now, clear-cache, stop) into flags the training loop reads between steps.
+Because the thread runs while the main thread is inside a long step, a live trainer keeps
+heartbeating and the supervisor can tell "slow" from "dead"; the step counter is the separate
+signal that tells "working" from "stuck".
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+
+from loractl.memory import footprint_mb
+from loractl.protocol import (
+    Heartbeat,
+    ProtocolError,
+    TrainerCommand,
+    TrainerEvent,
+    decode,
+)
+
+log = structlog.get_logger("loractl.telemetry")
+
+
+@dataclass
+class Progress:
+    """What the loop last reported; plain attribute writes, read by the heartbeat thread."""
+
+    job_id: str = ""
+    attempt: int = 0
+    rung: int = 0
+    phase: str = "loading"
+    step: int = 0
+    examples_seen: int = 0
+    total_examples: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    tokens_per_sec: float = 0.0
+    step_seconds: float | None = None
+    eval_seconds: float | None = None
+    mlx_active_mb: float = 0.0
+    mlx_peak_mb: float = 0.0
+    mlx_cache_mb: float = 0.0
+    last_checkpoint_step: int | None = None
+
+    def heartbeat(self) -> Heartbeat:
+        pid = os.getpid()
+        try:
+            footprint = footprint_mb(pid)
+        except Exception:  # a reading must never kill the heartbeat
+            footprint = 0.0
+        return Heartbeat(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            pid=pid,
+            phase=self.phase,
+            step=self.step,
+            examples_seen=self.examples_seen,
+            total_examples=self.total_examples,
+            epoch=self.epoch,
+            loss=self.loss,
+            tokens_per_sec=self.tokens_per_sec,
+            step_seconds=self.step_seconds,
+            eval_seconds=self.eval_seconds,
+            mlx_active_mb=self.mlx_active_mb,
+            mlx_peak_mb=self.mlx_peak_mb,
+            mlx_cache_mb=self.mlx_cache_mb,
+            footprint_mb=footprint,
+            last_checkpoint_step=self.last_checkpoint_step,
+            rung=self.rung,
+        )
+
+
+@dataclass
+class Requests:
+    """Asynchronous requests to the loop, from signals or from the supervisor."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    checkpoint: threading.Event = field(default_factory=threading.Event)
+    clear_cache: threading.Event = field(default_factory=threading.Event)
+
+    def apply(self, action: str) -> None:
+        {
+            "stop": self.stop,
+            "checkpoint_now": self.checkpoint,
+            "clear_cache": self.clear_cache,
+        }[action].set()
+
+
+class Telemetry:
+    """Heartbeats out, commands in. A no-op when no endpoint is given (trainer run alone)."""
+
+    def __init__(
+        self,
+        endpoint: str | None,
+        progress: Progress,
+        requests: Requests,
+        interval: float = 1.0,
+    ):
+        self.endpoint = endpoint
+        self.progress = progress
+        self.requests = requests
+        self.interval = interval
+        self.dropped_frames = 0
+        self._events: queue.Queue[TrainerEvent] = queue.Queue()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.endpoint is None:
+            return
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def event(self, kind: str, **detail) -> None:
+        if self.endpoint is None:
+            return
+        self._events.put(
+            TrainerEvent(
+                job_id=self.progress.job_id,
+                pid=os.getpid(),
+                kind=kind,
+                step=self.progress.step,
+                examples_seen=self.progress.examples_seen,
+                detail=detail,
+            )
+        )
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush pending events, then stop the thread."""
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        context = zmq.Context.instance()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        sock.setsockopt(zmq.ROUTING_ID, f"trainer-{os.getpid()}".encode())
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_beat = 0.0
+        try:
+            while True:
+                self._flush_events(sock)
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._send(sock, self.progress.heartbeat().encode())
+                    next_beat = now + self.interval
+                if self._closing.is_set():
+                    self._send(sock, self.progress.heartbeat().encode())
+                    self._flush_events(sock)
+                    return
+                timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+                if poller.poll(min(timeout_ms, 100)):
+                    self._receive(sock)
+        finally:
+            sock.close()
+
+    def _send(self, sock: zmq.Socket, payload: bytes) -> None:
+        try:
+            sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again:
+            # No supervisor reading right now; a heartbeat is only worth its freshness.
+            self.dropped_frames += 1
+
+    def _flush_events(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._send(sock, event.encode())
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode(frames[-1])
+            except ProtocolError as exc:
+                self.dropped_frames += 1
+                log.warning("dropped frame", reason=exc.reason)
+                continue
+            if isinstance(message, TrainerCommand):
+                log.info("command received", action=message.action)
+                self.requests.apply(message.action)
+            else:
+                self.dropped_frames += 1

@@ -1,0 +1,632 @@
+"""The trainer process: one job attempt, in the foreground or under the supervisor.
+
+It loads the config, the model and the data with mlx-lm's own parts, resumes from the newest
+valid checkpoint, runs the plain loop in ``loop.py`` with hooks for heartbeats, logging,
+checkpoints, stop requests and memory hygiene, and writes mlx-lm-compatible adapters. Its exit
+code tells the supervisor what happened (see ``loractl.protocol.ExitCode``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from loractl.config import ConfigError, JobConfig, load_config
+from loractl.memory import MB, available_mb
+from loractl.protocol import ExitCode
+from loractl.signatures import is_memory_exception
+
+log = structlog.get_logger("loractl.trainer")
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "train.log"
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or does not fit the config: a config problem (exit 78)."""
+
+
+def configure_logging(log_path: Path | None) -> None:
+    """structlog JSON lines to the job's log file; nothing on stdout, which stays for humans."""
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.dict_tracebacks,
+        structlog.processors.JSONRenderer(),
+    ]
+    if log_path is None:
+        structlog.configure(
+            processors=processors,
+            logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")),  # noqa: SIM115
+            cache_logger_on_first_use=False,
+        )
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = log_path.open("a", buffering=1, encoding="utf-8")
+    structlog.configure(
+        processors=processors,
+        logger_factory=structlog.PrintLoggerFactory(file=handle),
+        cache_logger_on_first_use=False,
+    )
+
+
+def run(
+    config_path: str | Path,
+    *,
+    fresh: bool = False,
+    overrides: dict[str, Any] | None = None,
+    telemetry_endpoint: str | None = None,
+    job_id: str = "",
+    attempt: int = 0,
+    rung: int = 0,
+    show_progress: bool | None = None,
+) -> int:
+    """Run one attempt of a job and return its exit code. Never raises."""
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"loractl: config error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    adapter_path = Path(cfg.adapter_path)
+    try:
+        adapter_path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"loractl: config error: adapter_path {adapter_path}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    configure_logging(adapter_path / LOG_FILE)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    session = TrainingSession(
+        cfg,
+        fresh=fresh,
+        telemetry_endpoint=telemetry_endpoint,
+        job_id=job_id or cfg.name,
+        attempt=attempt,
+        rung=rung,
+        show_progress=show_progress,
+    )
+    return session.run()
+
+
+class TrainingSession:
+    """Everything one attempt needs, wired together; ``run`` maps outcomes to exit codes."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        fresh: bool,
+        telemetry_endpoint: str | None,
+        job_id: str,
+        attempt: int,
+        rung: int,
+        show_progress: bool,
+    ):
+        from loractl.daemon.telemetry import Progress, Requests, Telemetry
+
+        self.cfg = cfg
+        self.fresh = fresh
+        self.rung = rung
+        self.show_progress = show_progress
+        self.progress = Progress(job_id=job_id, attempt=attempt, rung=rung)
+        self.requests = Requests()
+        self.telemetry = Telemetry(
+            telemetry_endpoint, self.progress, self.requests, cfg.heartbeat_interval
+        )
+        self.adapter_path = Path(cfg.adapter_path)
+        self._signals_seen = 0
+
+    # -- top level -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        self.telemetry.start()
+        log.info("attempt starting", pid=os.getpid(), config=self.cfg.to_dict(), rung=self.rung)
+        try:
+            return self._run()
+        except ConfigError as exc:
+            return self._fail(ExitCode.CONFIG_ERROR, f"config error: {exc}")
+        except ModelError as exc:
+            return self._fail(ExitCode.CONFIG_ERROR, f"model error: {exc}")
+        except Exception as exc:
+            from loractl.daemon.data import DataError
+
+            if isinstance(exc, DataError):
+                return self._fail(ExitCode.DATA_ERROR, f"data error: {exc}")
+            if is_memory_exception(exc):
+                return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory: {exc}")
+            traceback.print_exc()
+            return self._fail(ExitCode.CRASH, f"crashed: {type(exc).__name__}: {exc}")
+        finally:
+            self.telemetry.close()
+
+    def _fail(self, code: ExitCode, message: str) -> int:
+        print(f"loractl: {message}", file=sys.stderr)
+        log.error("attempt failed", exit_code=int(code), reason=message)
+        self.telemetry.event("error", exit_code=int(code), reason=message)
+        return int(code)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._signals_seen += 1
+            if self._signals_seen > 1:
+                # A second ^C means "now": skip the final checkpoint.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.requests.stop.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    # -- the attempt -----------------------------------------------------------------------
+
+    def _run(self) -> int:
+        import mlx.core as mx
+
+        from loractl.daemon.checkpoint import CheckpointStore
+        from loractl.daemon.data import load_datasets
+        from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
+
+        cfg = self.cfg
+        self.progress.phase = "loading"
+        model, tokenizer = self._load_model()
+        datasets = load_datasets(cfg, tokenizer)
+        self._apply_adapters(model)
+        optimizer = self._build_optimizer()
+        store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
+        if self.fresh:
+            shutil.rmtree(store.root, ignore_errors=True)
+        state = self._resume(store, model, optimizer) or LoopState()
+        if state.step == 0 and cfg.resume_adapter_file:
+            model.load_weights(cfg.resume_adapter_file, strict=False)
+        self._write_adapter_config()
+
+        total = cfg.total_examples(len(datasets.train))
+        plan = LoopPlan(
+            total_examples=total,
+            batch_size=cfg.batch_size,
+            grad_accumulation_steps=cfg.grad_accumulation_steps,
+            max_seq_length=cfg.max_seq_length,
+            seed=cfg.seed,
+            steps_per_eval=cfg.steps_per_eval,
+            val_batches=cfg.val_batches,
+            clear_cache_threshold=cfg.clear_cache_threshold,
+        )
+        hooks = TrainerHooks(self, model, optimizer, store, plan, len(datasets.train))
+        self.progress.total_examples = total
+        self.progress.examples_seen = state.examples_seen
+        self.progress.step = state.step
+        self.progress.phase = "train"
+        mx.random.seed(cfg.seed)
+        try:
+            from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+            maybe_set_recommended_wired_limit()
+        except ImportError:
+            pass
+        if cfg.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        log.info(
+            "training",
+            total_examples=total,
+            examples_seen=state.examples_seen,
+            step=state.step,
+            plan=asdict(plan),
+        )
+        try:
+            with hooks.display:
+                outcome = train(
+                    model=model,
+                    optimizer=optimizer,
+                    train_set=datasets.train,
+                    val_set=datasets.valid,
+                    plan=plan,
+                    state=state,
+                    hooks=hooks,
+                )
+        except OutOfMemory as exc:
+            hooks.checkpoint_boundary(exc.boundary)
+            return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory twice in one step: {exc}")
+        if outcome == "stopped":
+            log.info("stopped on request", step=state.step)
+            self.telemetry.event("stopped", step=state.step)
+            print(
+                f"loractl: stopped at step {state.step} after a checkpoint; "
+                "run the same command again to resume",
+                file=sys.stderr,
+            )
+            return ExitCode.STOPPED
+        self._finish(model, datasets, plan)
+        return ExitCode.DONE
+
+    def _load_model(self):
+        from mlx_lm.utils import load
+
+        cfg = self.cfg
+        model_dir = Path(cfg.model)
+        if cfg.model.startswith(("/", ".", "~")) and not model_dir.exists():
+            raise ModelError(f"model path {cfg.model} does not exist")
+        try:
+            return load(
+                cfg.model,
+                tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except (FileNotFoundError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot load model {cfg.model}: {exc}") from None
+        except Exception as exc:
+            # huggingface_hub raises its own types when the name is not a local folder and
+            # there is no network; to the user that is the same "model not found".
+            if "hub" in type(exc).__module__ or "Repository" in type(exc).__name__:
+                raise ModelError(f"cannot load model {cfg.model}: {exc}") from None
+            raise
+
+    def _apply_adapters(self, model) -> None:
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        cfg = self.cfg
+        model.freeze()
+        layers = len(model.layers)
+        if cfg.num_layers > layers:
+            raise ModelError(
+                f"num_layers is {cfg.num_layers} but the model has only {layers} layers"
+            )
+        if cfg.fine_tune_type == "full":
+            for layer in model.layers[-max(cfg.num_layers, 0) :]:
+                layer.unfreeze()
+            return
+        params = asdict(cfg.lora_parameters)
+        if params.get("keys") is None:
+            params.pop("keys")
+        linear_to_lora_layers(
+            model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora"
+        )
+
+    def _build_optimizer(self):
+        import mlx.optimizers as optim
+        from mlx_lm.tuner.utils import build_schedule
+
+        cfg = self.cfg
+        learning_rate = build_schedule(cfg.lr_schedule) if cfg.lr_schedule else cfg.learning_rate
+        classes = {
+            "adam": optim.Adam,
+            "adamw": optim.AdamW,
+            "muon": optim.Muon,
+            "sgd": optim.SGD,
+            "adafactor": optim.Adafactor,
+        }
+        options = cfg.optimizer_config.get(cfg.optimizer, {}) or {}
+        try:
+            return classes[cfg.optimizer](learning_rate=learning_rate, **options)
+        except TypeError as exc:
+            raise ConfigError(f"optimizer_config.{cfg.optimizer}: {exc}") from None
+
+    def _resume(self, store, model, optimizer):
+        """Restore the newest valid checkpoint into model and optimizer, if there is one."""
+        import mlx.core as mx
+        import numpy as np
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        from loractl.daemon.adapters import reconcile
+        from loractl.daemon.loop import LoopState
+
+        checkpoint, skipped = store.newest_valid()
+        for reason in skipped:
+            log.warning("checkpoint skipped", reason=reason)
+            print(f"loractl: skipping damaged checkpoint: {reason}", file=sys.stderr)
+        if checkpoint is None:
+            return None
+        saved = checkpoint.state
+        if saved.get("config_hash") != self.cfg.identity_hash():
+            raise ConfigError(
+                f"the checkpoints in {store.root} belong to a different run (model, data, seed "
+                "or schedule changed); pass --fresh to start over"
+            )
+        expected = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
+        tensors = {k: np.array(v) for k, v in mx.load(str(checkpoint.adapters_file)).items()}
+        fitted, notes = reconcile(tensors, expected, seed=self.cfg.seed)
+        model.load_weights([(k, mx.array(v)) for k, v in fitted.items()], strict=False)
+        optimizer.init(model.trainable_parameters())
+        opt_saved = mx.load(str(checkpoint.optimizer_file))
+        if notes:
+            # The adapter changed shape (a rank step or fewer layers): the old moments no
+            # longer describe it, but the step count keeps the schedule where it was.
+            if "step" in opt_saved:
+                optimizer.state["step"] = opt_saved["step"]
+            for note in notes:
+                log.info("adapter converted", note=note)
+        else:
+            optimizer.state = tree_unflatten(list(opt_saved.items()))
+        mx.eval(model.parameters(), optimizer.state)
+        state = LoopState(
+            step=saved["step"],
+            examples_seen=saved["examples_seen"],
+            tokens_seen=saved.get("tokens_seen", 0),
+            loss_history=saved.get("loss_history", []),
+            val_history=saved.get("val_history", []),
+        )
+        self.progress.last_checkpoint_step = state.step
+        log.info(
+            "resumed",
+            checkpoint=str(checkpoint.path),
+            step=state.step,
+            examples_seen=state.examples_seen,
+            converted=notes,
+        )
+        print(
+            f"loractl: resumed from {checkpoint.path.name} "
+            f"(step {state.step}, {state.examples_seen} examples seen)",
+            file=sys.stderr,
+        )
+        return state
+
+    def _write_adapter_config(self) -> None:
+        from loractl.daemon.checkpoint import atomic_write_bytes
+
+        body = json.dumps(self.cfg.mlx_lm_args(), indent=4, sort_keys=True).encode()
+        atomic_write_bytes(self.adapter_path / "adapter_config.json", body)
+
+    def _finish(self, model, datasets, plan) -> None:
+        from loractl.daemon.loop import evaluate
+
+        self.write_adapters(model)
+        if self.cfg.test and datasets.test is not None:
+            test_plan = type(plan)(**{**asdict(plan), "val_batches": self.cfg.test_batches})
+            test_loss = evaluate(model, datasets.test, test_plan)
+            log.info("test", test_loss=test_loss)
+            print(f"loractl: test loss {test_loss:.3f}", file=sys.stderr)
+        self.progress.phase = "done"
+        log.info("done", adapter_path=str(self.adapter_path))
+        self.telemetry.event("done", adapter_path=str(self.adapter_path))
+
+    def write_adapters(self, model) -> None:
+        """The mlx-lm adapter file, written atomically so a reader never sees half of it."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        target = self.adapter_path / "adapters.safetensors"
+        tmp = target.with_name(f".adapters.tmp-{os.getpid()}.safetensors")
+        mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+
+class TrainerHooks:
+    """The loop's hooks: progress, heartbeats, logging, checkpoints, memory hygiene, stop."""
+
+    def __init__(self, session: TrainingSession, model, optimizer, store, plan, train_len: int):
+        from loractl.daemon.display import Display
+
+        self.session = session
+        self.cfg = session.cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.store = store
+        self.plan = plan
+        self.train_len = train_len
+        self.progress = session.progress
+        self.display = Display(
+            enabled=session.show_progress,
+            total_examples=plan.total_examples,
+            start_examples=session.progress.examples_seen,
+        )
+        self._fault = FaultInjector.from_env()
+        # Tests audit the exact examples consumed across kills and resumes through this trace.
+        trace_path = os.environ.get("LORACTL_TRACE_EXAMPLES")
+        self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
+
+    def before_micro_step(self, state, indices) -> None:
+        self._fault.maybe_fail(state.step + 1)
+        if self._trace is not None:
+            self._trace.write(
+                json.dumps({"start": state.examples_seen, "indices": list(indices)}) + "\n"
+            )
+            self._trace.flush()
+
+    def after_step(self, state, report) -> None:
+        import mlx.core as mx
+
+        cfg = self.cfg
+        progress = self.progress
+        progress.step = state.step
+        progress.examples_seen = state.examples_seen
+        progress.epoch = state.examples_seen // self.train_len
+        progress.loss = report.loss
+        progress.step_seconds = report.seconds
+        progress.tokens_per_sec = report.tokens / report.seconds if report.seconds else 0.0
+        progress.mlx_active_mb = mx.get_active_memory() / MB
+        progress.mlx_peak_mb = mx.get_peak_memory() / MB
+        progress.mlx_cache_mb = mx.get_cache_memory() / MB
+        log.info(
+            "step",
+            step=state.step,
+            examples_seen=state.examples_seen,
+            loss=report.loss,
+            tokens_per_sec=round(progress.tokens_per_sec, 1),
+            step_seconds=round(report.seconds, 4),
+            mlx_active_mb=round(progress.mlx_active_mb, 1),
+            mlx_peak_mb=round(progress.mlx_peak_mb, 1),
+        )
+        self.display.update(progress)
+        low_memory = available_mb() < cfg.low_memory_mb
+        if (
+            state.step % cfg.cleanup_every == 0
+            or low_memory
+            or self.session.requests.clear_cache.is_set()
+        ):
+            self.session.requests.clear_cache.clear()
+            gc.collect()
+            mx.clear_cache()
+            if low_memory:
+                log.warning("low memory: cache cleared", available_mb=round(available_mb()))
+
+    def before_eval(self, state) -> None:
+        self.progress.phase = "eval"
+
+    def on_eval(self, state, val_loss: float, seconds: float) -> None:
+        self.progress.phase = "train"
+        self.progress.eval_seconds = seconds
+        log.info("eval", step=state.step, val_loss=val_loss, seconds=round(seconds, 3))
+        self.display.note(f"step {state.step}: val loss {val_loss:.3f}")
+        self.session.telemetry.event("eval", val_loss=val_loss, seconds=seconds)
+
+    def on_oom_retry(self, state, error: BaseException) -> None:
+        log.warning("allocation failed; cache cleared, retrying step", error=str(error))
+        self.session.telemetry.event("oom_retry", error=str(error)[:500])
+
+    def checkpoint_due(self, state) -> bool:
+        if self.session.requests.checkpoint.is_set():
+            self.session.requests.checkpoint.clear()
+            return True
+        return state.step % self.cfg.checkpoint_interval == 0
+
+    def stop_requested(self) -> bool:
+        return self.session.requests.stop.is_set()
+
+    def checkpoint(self, state) -> None:
+        from mlx.utils import tree_flatten
+
+        self._write_checkpoint(
+            state,
+            tree_flatten(self.model.trainable_parameters()),
+            tree_flatten(self.optimizer.state),
+        )
+        self.session.write_adapters(self.model)
+
+    def checkpoint_boundary(self, boundary) -> None:
+        """Checkpoint the last consistent state after a fatal allocation failure, if we can."""
+        try:
+            self._write_checkpoint(boundary.state, boundary.params, boundary.optimizer)
+        except Exception as exc:  # out of memory may well mean out of everything
+            log.error("could not checkpoint after out-of-memory", error=str(exc))
+
+    def _write_checkpoint(self, state, params, optimizer_state) -> None:
+        import mlx.core as mx
+
+        self.progress.phase = "checkpoint"
+        cfg = self.cfg
+        tic = time.perf_counter()
+        body = {
+            "examples_seen": state.examples_seen,
+            "tokens_seen": state.tokens_seen,
+            "total_examples": self.plan.total_examples,
+            "epoch": state.examples_seen // self.train_len,
+            "data_order": {
+                "scheme": "permutation per epoch, numpy default_rng([seed, epoch])",
+                "seed": cfg.seed,
+                "num_examples": self.train_len,
+            },
+            "rng": {
+                "mlx": "re-seeded before every micro-batch from (seed, examples_seen)",
+                "seed": cfg.seed,
+                "numpy": "default_rng([seed, epoch]) for the data order",
+            },
+            "rung": self.session.rung,
+            "settings": {
+                "batch_size": cfg.batch_size,
+                "grad_accumulation_steps": cfg.grad_accumulation_steps,
+                "max_seq_length": cfg.max_seq_length,
+                "lora_rank": cfg.lora_parameters.rank,
+                "num_layers": cfg.num_layers,
+            },
+            "loss_history": state.loss_history,
+            "val_history": state.val_history,
+            "config_hash": cfg.identity_hash(),
+            "written_at": time.time(),
+        }
+        checkpoint = self.store.write(
+            state.step,
+            body,
+            {
+                "adapters.safetensors": lambda p: mx.save_safetensors(str(p), dict(params)),
+                "optimizer.safetensors": lambda p: mx.save_safetensors(
+                    str(p), dict(optimizer_state)
+                ),
+            },
+        )
+        seconds = time.perf_counter() - tic
+        self.progress.last_checkpoint_step = state.step
+        self.progress.phase = "train"
+        log.info(
+            "checkpoint",
+            step=state.step,
+            examples_seen=state.examples_seen,
+            path=str(checkpoint.path),
+            seconds=round(seconds, 4),
+        )
+        self.session.telemetry.event(
+            "checkpoint", path=str(checkpoint.path), seconds=seconds
+        )
+
+
+class FaultInjector:
+    """Raises a Metal-style allocation failure on chosen steps, for tests of the retry path.
+
+    Set ``LORACTL_FAULT_OOM="STEP:COUNT[,STEP:COUNT]"``: the micro-steps of optimizer step
+    STEP fail COUNT times in total. Metal's messages cannot be produced on Linux, so the test
+    suite fakes them here, with the real message text.
+    """
+
+    MESSAGE = (
+        "[METAL] Command buffer execution failed: Insufficient Memory "
+        "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"
+    )
+
+    def __init__(self, plan: dict[int, int]):
+        self.remaining = dict(plan)
+
+    @classmethod
+    def from_env(cls) -> FaultInjector:
+        spec = os.environ.get("LORACTL_FAULT_OOM", "")
+        plan = {}
+        for item in filter(None, spec.split(",")):
+            step, count = item.split(":")
+            plan[int(step)] = int(count)
+        return cls(plan)
+
+    def maybe_fail(self, step: int) -> None:
+        if self.remaining.get(step, 0) > 0:
+            self.remaining[step] -= 1
+            raise RuntimeError(self.MESSAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point the supervisor spawns: ``python -m loractl.daemon.trainer CONFIG ...``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="loractl-trainer")
+    parser.add_argument("config")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--telemetry")
+    parser.add_argument("--job-id", default="")
+    parser.add_argument("--attempt", type=int, default=0)
+    parser.add_argument("--rung", type=int, default=0)
+    parser.add_argument("--overrides", default="{}", help="JSON object of config overrides")
+    args = parser.parse_args(argv)
+    return run(
+        args.config,
+        fresh=args.fresh,
+        overrides=json.loads(args.overrides),
+        telemetry_endpoint=args.telemetry,
+        job_id=args.job_id,
+        attempt=args.attempt,
+        rung=args.rung,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
