@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m loractl.daemon.demo demo-run
+	$(BIN)/loractl demo demo-run
 
 test: $(STAMP)
 	$(BIN)/ruff check .

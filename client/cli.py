@@ -87,9 +87,9 @@ def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json)
 @click.option(
     "--preset",
     type=click.Choice(["tiny", "ladder"]),
-    default="tiny",
-    show_default=True,
-    help="tiny: smallest real model; ladder: memory visibly driven by sequence length.",
+    default=None,
+    help="tiny: smallest real model (default for --prepare); ladder: memory visibly driven "
+    "by sequence length (default for the demo run).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
@@ -98,7 +98,7 @@ def demo(directory, prepare, preset, seed, as_json) -> None:
     if prepare:
         from loractl.daemon.tinymodel import prepare as build
 
-        paths = build(directory, preset=preset, seed=seed)
+        paths = build(directory, preset=preset or "tiny", seed=seed)
         emit({k: str(v) for k, v in paths.items()}, as_json=as_json)
         return
     from loractl.daemon.demo import run_demo

@@ -199,7 +199,7 @@ def train(
                 hooks.before_micro_step(state, idx)
                 return micro_step(batch, lengths, prev, divisor)
 
-            def roll_back(exc: BaseException) -> None:
+            def roll_back(exc: BaseException, boundary=boundary) -> None:
                 restore(model, optimizer, boundary)
                 hooks.on_oom_retry(state, exc)
 

@@ -182,6 +182,8 @@ class TrainingSession:
         self.progress.phase = "loading"
         model, tokenizer = self._load_model()
         datasets = load_datasets(cfg, tokenizer)
+        # Seed before the LoRA layers are made: their initial A matrices are random.
+        mx.random.seed(cfg.seed)
         self._apply_adapters(model)
         optimizer = self._build_optimizer()
         store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
@@ -208,7 +210,6 @@ class TrainingSession:
         self.progress.examples_seen = state.examples_seen
         self.progress.step = state.step
         self.progress.phase = "train"
-        mx.random.seed(cfg.seed)
         try:
             from mlx_lm.utils import maybe_set_recommended_wired_limit
 

@@ -70,7 +70,8 @@ def test_edited_state_json_is_detected(tmp_path):
     save(store, 1)
     newest = save(store, 2)
     state_file = newest.path / "state.json"
-    state_file.write_text(state_file.read_text().replace('"examples_seen": 8', '"examples_seen": 9'))
+    edited = state_file.read_text().replace('"examples_seen": 8', '"examples_seen": 9')
+    state_file.write_text(edited)
     found, skipped = store.newest_valid()
     assert found.step == 1
     assert "state.json fails its checksum" in skipped[0]

@@ -42,7 +42,8 @@ def test_order_is_independent_of_how_it_is_sliced():
 def test_order_depends_on_the_seed():
     """Two seeds give two orders."""
     assert ExampleOrder(50, 1).indices(0, 50) != ExampleOrder(50, 2).indices(0, 50)
-    assert not np.array_equal(ExampleOrder(50, 1).permutation(0), ExampleOrder(50, 1).permutation(1))
+    order = ExampleOrder(50, 1)
+    assert not np.array_equal(order.permutation(0), order.permutation(1))
 
 
 @pytest.mark.parametrize(
