@@ -75,6 +75,9 @@ def run(
     """Run one attempt of a job and return its exit code. Never raises."""
     try:
         cfg = load_config(config_path, overrides)
+        # The run's length comes from the submitted config: a ladder rung that halves
+        # batch_size must not halve the number of examples the job trains on.
+        base = load_config(config_path) if overrides else cfg
     except ConfigError as exc:
         print(f"loractl: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
@@ -89,6 +92,7 @@ def run(
         show_progress = sys.stderr.isatty()
     session = TrainingSession(
         cfg,
+        base_cfg=base,
         fresh=fresh,
         telemetry_endpoint=telemetry_endpoint,
         job_id=job_id or cfg.name,
@@ -106,6 +110,7 @@ class TrainingSession:
         self,
         cfg: JobConfig,
         *,
+        base_cfg: JobConfig | None = None,
         fresh: bool,
         telemetry_endpoint: str | None,
         job_id: str,
@@ -116,6 +121,7 @@ class TrainingSession:
         from loractl.daemon.telemetry import Progress, Requests, Telemetry
 
         self.cfg = cfg
+        self.base_cfg = base_cfg or cfg
         self.fresh = fresh
         self.rung = rung
         self.show_progress = show_progress
@@ -194,7 +200,7 @@ class TrainingSession:
             model.load_weights(cfg.resume_adapter_file, strict=False)
         self._write_adapter_config()
 
-        total = cfg.total_examples(len(datasets.train))
+        total = self.base_cfg.total_examples(len(datasets.train))
         plan = LoopPlan(
             total_examples=total,
             batch_size=cfg.batch_size,
