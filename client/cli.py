@@ -37,6 +37,60 @@ def parse_assignments(assignments: tuple[str, ...]) -> dict:
     return overrides
 
 
+SCALAR_KINDS = ("int", "float", "bool", "str", "size", "path", "choice")
+# Keys that make no sense as a flag on `train` (the trainer always trains).
+NOT_FLAGS = frozenset({"train"})
+
+
+def schema_flags() -> list:
+    """Fields of the job schema that `loractl train` exposes as flags, with their help text."""
+    from loractl.config import iter_fields
+
+    return [
+        info
+        for info in iter_fields()
+        if info.name not in NOT_FLAGS and info.kind.rstrip("?").split(":")[0].split("|")[0]
+        in SCALAR_KINDS
+    ]
+
+
+def schema_options(command):
+    """Add one option per scalar schema field; values are validated by the schema, not here."""
+    for info in reversed(schema_flags()):
+        flag = info.name.replace("_", "-")
+        if info.kind.startswith("bool"):
+            option = click.option(
+                f"--{flag}/--no-{flag}", info.name, default=None, help=info.help
+            )
+        else:
+            option = click.option(
+                f"--{flag}", info.name, default=None, metavar=info.kind.upper(), help=info.help
+            )
+        command = option(command)
+    return command
+
+
+def overrides_from_flags(values: dict) -> dict:
+    """Flag values (strings, parsed as YAML scalars) into config overrides."""
+    kinds = {info.name: info.kind for info in schema_flags()}
+    overrides = {}
+    for name, value in values.items():
+        if value is None or name not in kinds:
+            continue
+        if isinstance(value, str):
+            kind = kinds[name]
+            if kind.startswith("path") and Path(value).expanduser().exists():
+                # A path typed on the command line is relative to where the user stands.
+                value = str(Path(value).expanduser().resolve())
+            elif not kind.startswith(("str", "path", "choice")):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass  # left as a string, so the schema names the key in its error
+        overrides[name] = value
+    return overrides
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loractl")
 def main() -> None:
@@ -58,7 +112,8 @@ def main() -> None:
 @click.option("--attempt", hidden=True, type=int, default=0)
 @click.option("--rung", hidden=True, type=int, default=0)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json) -> None:
+@schema_options
+def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json, **flags) -> None:
     """Train CONFIG in the foreground, resuming from its newest valid checkpoint.
 
     SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits; running the
@@ -69,7 +124,7 @@ def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json)
     code = run(
         config,
         fresh=fresh,
-        overrides=parse_assignments(assignments),
+        overrides={**overrides_from_flags(flags), **parse_assignments(assignments)},
         telemetry_endpoint=telemetry,
         job_id=job_id,
         attempt=attempt,

@@ -1,0 +1,108 @@
+"""Tests for the loractl command line (commands that need no daemon)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from loractl.client.cli import main, overrides_from_flags, parse_assignments, schema_flags
+from loractl.config import load_config
+from loractl.protocol import ExitCode
+
+
+@pytest.fixture
+def job(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"model": "model", "data": "data"}))
+    return path
+
+
+def flag_value(info, tmp_path):
+    """A non-default command-line string for a schema field, and the value it must become."""
+    kind = info.kind.rstrip("?")
+    if info.name == "resume_adapter_file":
+        target = tmp_path / "start.safetensors"
+        target.write_bytes(b"x")
+        return str(target), str(target)
+    if kind.startswith("path"):
+        target = tmp_path / f"dir-{info.name}"
+        target.mkdir(exist_ok=True)
+        return str(target), str(target)
+    if kind.startswith("choice:"):
+        choice = next(c for c in kind.split(":", 1)[1].split("|") if c != info.default)
+        return choice, choice
+    if kind == "bool":
+        return (not info.default), (not info.default)
+    if kind == "int":
+        return "70", 70
+    if kind == "float":
+        return "2.5", 2.5
+    if kind == "size":
+        return "2MB", 2_000_000  # decimal units, as mlx-lm parses them
+    return "abc", "abc"
+
+
+def test_every_scalar_schema_field_is_a_train_flag_that_reaches_the_config(job, tmp_path):
+    """Each scalar schema field has a `train` flag, and its value arrives in the config."""
+    flags = schema_flags()
+    assert {"batch_size", "max_seq_length", "grad_accumulation_steps", "memory_budget_mb"} <= {
+        info.name for info in flags
+    }
+    option_names = {p.name for p in main.commands["train"].params}
+    for info in flags:
+        assert info.name in option_names
+        raw, expected = flag_value(info, tmp_path)
+        cfg = load_config(job, overrides_from_flags({info.name: raw}))
+        assert cfg.to_dict()[info.name] == expected, info.name
+
+
+def test_set_assignments_nest_and_parse_yaml_values():
+    """--set a.b=4 becomes {'a': {'b': 4}} with YAML typing."""
+    assert parse_assignments(("lora_parameters.rank=4", "grad_checkpoint=true")) == {
+        "lora_parameters": {"rank": 4},
+        "grad_checkpoint": True,
+    }
+
+
+def test_config_validate_reports_errors_with_exit_78(tmp_path):
+    """`config validate` names the bad key in one line and exits 78."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndata: d\nbatch_sise: 2\n")
+    result = CliRunner().invoke(main, ["config", "validate", str(bad)])
+    assert result.exit_code == ExitCode.CONFIG_ERROR
+    assert "batch_size" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_config_validate_json_shows_the_effective_ladder(job):
+    """`config validate --json` prints the config and the ladder it would use."""
+    result = CliRunner().invoke(main, ["config", "validate", "--json", str(job)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ok"] is True
+    assert data["config"]["batch_size"] == 4
+    assert isinstance(data["ladder"], list)
+
+
+def test_version_json():
+    """`version --json` prints the package and protocol versions."""
+    result = CliRunner().invoke(main, ["version", "--json"])
+    data = json.loads(result.output)
+    assert data["version"] and data["protocol"] == 1
+
+
+def test_the_client_imports_no_mlx():
+    """Importing the CLI and building its commands pulls in neither mlx nor mlx_lm."""
+    code = (
+        "import sys, loractl.client.cli as c; c.schema_flags(); "
+        "print([m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
