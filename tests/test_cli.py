@@ -35,6 +35,8 @@ def flag_value(info, tmp_path):
         target = tmp_path / f"dir-{info.name}"
         target.mkdir(exist_ok=True)
         return str(target), str(target)
+    if info.name == "report_to":
+        return "wandb", "wandb"
     if kind.startswith("choice:"):
         choice = next(c for c in kind.split(":", 1)[1].split("|") if c != info.default)
         return choice, choice
