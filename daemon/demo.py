@@ -82,7 +82,7 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
     from loractl.daemon.tinymodel import prepare
 
     preset = preset or "ladder"
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     console.rule("[bold]loractl demo")
     console.print(f"building a tiny [bold]{preset}[/] model, tokenizer and data in {directory}")
     tic = time.perf_counter()
