@@ -437,7 +437,7 @@ class TrainerHooks:
         self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
 
     def before_micro_step(self, state, indices) -> None:
-        self._fault.maybe_fail(state.step + 1)
+        self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
         if self._trace is not None:
             self._trace.write(
                 json.dumps({"start": state.examples_seen, "indices": list(indices)}) + "\n"
@@ -581,11 +581,14 @@ class TrainerHooks:
 
 
 class FaultInjector:
-    """Raises a Metal-style allocation failure on chosen steps, for tests of the retry path.
+    """Failures on chosen steps, for tests of the paths that handle them.
 
-    Set ``LORACTL_FAULT_OOM="STEP:COUNT[,STEP:COUNT]"``: the micro-steps of optimizer step
-    STEP fail COUNT times in total. Metal's messages cannot be produced on Linux, so the test
-    suite fakes them here, with the real message text.
+    ``LORACTL_FAULT_OOM="STEP:COUNT[,STEP:COUNT]"``: the micro-steps of optimizer step STEP
+    raise a Metal allocation failure COUNT times in total. Metal's messages cannot be produced
+    on Linux, so the suite fakes them here, with the real message text.
+    ``LORACTL_FAULT_SEGV="ATTEMPT:STEP"``: attempt ATTEMPT (as numbered by the supervisor)
+    sends itself a real SIGSEGV at optimizer step STEP, as MLX's CPU backend does when malloc
+    fails.
     """
 
     MESSAGE = (
@@ -593,8 +596,9 @@ class FaultInjector:
         "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"
     )
 
-    def __init__(self, plan: dict[int, int]):
+    def __init__(self, plan: dict[int, int], segv: tuple[int, int] | None = None):
         self.remaining = dict(plan)
+        self.segv = segv
 
     @classmethod
     def from_env(cls) -> FaultInjector:
@@ -603,9 +607,15 @@ class FaultInjector:
         for item in filter(None, spec.split(",")):
             step, count = item.split(":")
             plan[int(step)] = int(count)
+        segv = os.environ.get("LORACTL_FAULT_SEGV")
+        if segv:
+            attempt, step = segv.split(":")
+            return cls(plan, (int(attempt), int(step)))
         return cls(plan)
 
-    def maybe_fail(self, step: int) -> None:
+    def maybe_fail(self, step: int, attempt: int = 0) -> None:
+        if self.segv is not None and self.segv == (attempt, step):
+            os.kill(os.getpid(), signal.SIGSEGV)
         if self.remaining.get(step, 0) > 0:
             self.remaining[step] -= 1
             raise RuntimeError(self.MESSAGE)
