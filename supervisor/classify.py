@@ -70,9 +70,7 @@ NEAR_BUDGET_FRACTION = 0.9
 
 # Signals the kernel or the allocator deliver when memory runs out: the Linux OOM killer and
 # macOS jetsam send SIGKILL, MLX's CPU backend segfaults when malloc fails, Metal aborts.
-MEMORY_SIGNALS = frozenset(
-    {_signal.SIGKILL, _signal.SIGSEGV, _signal.SIGABRT, _signal.SIGBUS}
-)
+MEMORY_SIGNALS = frozenset({_signal.SIGKILL, _signal.SIGSEGV, _signal.SIGABRT, _signal.SIGBUS})
 # Signals someone sends on purpose; the trainer traps SIGTERM and SIGINT once it is running,
 # so dying of them means it was killed before its handlers were installed.
 EXTERNAL_SIGNALS = frozenset(
@@ -178,8 +176,7 @@ def _external_words(ev: ExitEvidence) -> str:
         # Only SIGTERM, SIGINT, SIGHUP and SIGQUIT get here with evidence, and those are sent on
         # purpose, never by the kernel for lack of memory.
         return (
-            f"{_how(ev)}, killed from outside (a deliberate signal, despite "
-            f"{_evidence_words(ev)})"
+            f"{_how(ev)}, killed from outside (a deliberate signal, despite {_evidence_words(ev)})"
         )
     return f"{_how(ev)}, killed from outside: {_no_evidence_words(ev)}"
 
@@ -226,77 +223,103 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "done",
         lambda ev: ev.exit_code == ExitCode.DONE,
-        Cause.DONE, retry=False, step_down=False,
+        Cause.DONE,
+        retry=False,
+        step_down=False,
         explain=lambda ev: "exit 0: training finished",
     ),
     # The supervisor's own actions are certain knowledge and outrank any guess from the symptoms.
     Rule(
         "hang",
         lambda ev: ev.hang_detected,
-        Cause.HANG, retry=True, step_down=False,
-        explain=lambda ev: f"killed by the supervisor for no heartbeat or no progress, "
-        f"then {_how(ev)}",
+        Cause.HANG,
+        retry=True,
+        step_down=False,
+        explain=lambda ev: (
+            f"killed by the supervisor for no heartbeat or no progress, then {_how(ev)}"
+        ),
     ),
     Rule(
         "memory_guard",
         lambda ev: ev.memory_guard_stop,
-        Cause.MEMORY, retry=True, step_down=True,
+        Cause.MEMORY,
+        retry=True,
+        step_down=True,
         explain=_guard_words,
     ),
     Rule(
         "stopped",
         lambda ev: ev.exit_code == ExitCode.STOPPED and ev.user_stop,
-        Cause.STOPPED, retry=False, step_down=False,
+        Cause.STOPPED,
+        retry=False,
+        step_down=False,
         explain=lambda ev: "exit 82: stopped on request after a checkpoint",
     ),
     # Asked to stop, it did not make it to a clean exit in the grace period and was killed.
     Rule(
         "stopped_by_signal",
         lambda ev: ev.user_stop and ev.exit_code is None,
-        Cause.STOPPED, retry=False, step_down=False,
+        Cause.STOPPED,
+        retry=False,
+        step_down=False,
         explain=lambda ev: f"stopped on request, ended by {_how(ev)}",
     ),
     # Exit 82 is the trainer's SIGTERM handler; nobody here asked, so someone else sent it.
     Rule(
         "stopped_externally",
         lambda ev: ev.exit_code == ExitCode.STOPPED,
-        Cause.KILLED_EXTERNALLY, retry=True, step_down=False,
+        Cause.KILLED_EXTERNALLY,
+        retry=True,
+        step_down=False,
         explain=lambda ev: "exit 82: stopped by a SIGTERM that loractl did not send",
     ),
     Rule(
         "data_error",
         lambda ev: ev.exit_code == ExitCode.DATA_ERROR,
-        Cause.DATA_ERROR, retry=False, step_down=False,
+        Cause.DATA_ERROR,
+        retry=False,
+        step_down=False,
         explain=lambda ev: _with_tail("exit 65 (data error)", ev),
     ),
     Rule(
         "config_error",
         lambda ev: ev.exit_code == ExitCode.CONFIG_ERROR,
-        Cause.CONFIG_ERROR, retry=False, step_down=False,
+        Cause.CONFIG_ERROR,
+        retry=False,
+        step_down=False,
         explain=lambda ev: _with_tail("exit 78 (config error)", ev),
     ),
     Rule(
         "out_of_memory_exit",
         lambda ev: ev.exit_code == ExitCode.OUT_OF_MEMORY,
-        Cause.MEMORY, retry=True, step_down=True,
-        explain=lambda ev: "exit 75: the trainer caught an allocation failure"
-        + ("" if ev.last_footprint_mb is None else f"; {_footprint_words(ev)}"),
+        Cause.MEMORY,
+        retry=True,
+        step_down=True,
+        explain=lambda ev: (
+            "exit 75: the trainer caught an allocation failure"
+            + ("" if ev.last_footprint_mb is None else f"; {_footprint_words(ev)}")
+        ),
     ),
     # Checked before the memory text: the watchdog is also a Metal command-buffer failure, and a
     # smaller rung would not make a too-long command buffer any shorter.
     Rule(
         "gpu_watchdog_text",
         lambda ev: is_gpu_watchdog(ev.stderr_tail),
-        Cause.GPU_WATCHDOG, retry=True, step_down=False,
+        Cause.GPU_WATCHDOG,
+        retry=True,
+        step_down=False,
         explain=lambda ev: _with_tail(
-            f"{_how(ev)} after the GPU watchdog killed a command buffer", ev,
+            f"{_how(ev)} after the GPU watchdog killed a command buffer",
+            ev,
             GPU_WATCHDOG_PATTERNS,
         ),
     ),
     Rule(
         "memory_error_text",
         lambda ev: is_memory_error_text(ev.stderr_tail),
-        Cause.MEMORY, retry=True, step_down=True,
+        Cause.MEMORY,
+        retry=True,
+        step_down=True,
         explain=lambda ev: _with_tail(
             f"{_how(ev)} after an allocation failure", ev, MEMORY_ERROR_PATTERNS
         ),
@@ -304,19 +327,25 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "signal_with_memory_evidence",
         lambda ev: _sig_in(MEMORY_SIGNALS)(ev) and bool(memory_evidence(ev)),
-        Cause.MEMORY, retry=True, step_down=True,
+        Cause.MEMORY,
+        retry=True,
+        step_down=True,
         explain=lambda ev: f"{_how(ev)} with {_evidence_words(ev)}",
     ),
     Rule(
         "external_signal",
         _sig_in(EXTERNAL_SIGNALS),
-        Cause.KILLED_EXTERNALLY, retry=True, step_down=False,
+        Cause.KILLED_EXTERNALLY,
+        retry=True,
+        step_down=False,
         explain=_external_words,
     ),
     Rule(
         "fault_signal",
         _sig_in(FAULT_SIGNALS),
-        Cause.CRASH, retry=True, step_down=False,
+        Cause.CRASH,
+        retry=True,
+        step_down=False,
         explain=lambda ev: _with_tail(
             f"{_how(ev)}, a crash: {_no_evidence_words(ev)}", ev, sep="; last stderr: "
         ),
@@ -325,14 +354,18 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "vanished",
         lambda ev: ev.exit_code is None and ev.signal is None,
-        Cause.KILLED_EXTERNALLY, retry=True, step_down=False,
+        Cause.KILLED_EXTERNALLY,
+        retry=True,
+        step_down=False,
         explain=lambda ev: "the trainer vanished and its exit status is unknown",
     ),
     # Last, and always true, so every exit gets a verdict.
     Rule(
         "other_failure",
         lambda ev: True,
-        Cause.CRASH, retry=True, step_down=False,
+        Cause.CRASH,
+        retry=True,
+        step_down=False,
         explain=lambda ev: _with_tail(f"{_how(ev)}, a crash", ev),
     ),
 )

@@ -55,9 +55,7 @@ def parse_memory_pressure_output(text: str) -> dict[str, int]:
     spaces, which are ignored.
     """
     result: dict[str, int] = {}
-    header = re.search(
-        r"The system has (\d+) \((\d+) pages with a page size of (\d+)\)", text
-    )
+    header = re.search(r"The system has (\d+) \((\d+) pages with a page size of (\d+)\)", text)
     if header:
         result["total_bytes"] = int(header.group(1))
         result["total_pages"] = int(header.group(2))
@@ -109,9 +107,7 @@ AVAILABLE_CRITICAL_FRACTION = 0.05
 AVAILABLE_WARN_FRACTION = 0.15
 
 
-def pressure_from_available(
-    mem_available_mb: float | None, mem_total_mb: float | None
-) -> Pressure:
+def pressure_from_available(mem_available_mb: float | None, mem_total_mb: float | None) -> Pressure:
     """Pressure judged from available memory alone: under 5% critical, under 15% warn."""
     if mem_available_mb is None or not mem_total_mb:
         return Pressure.NORMAL

@@ -1,0 +1,69 @@
+"""The fallback ladder and the restart policy: pure functions, no processes, no mlx.
+
+Rung 0 is the job as submitted; rung k applies the first k rungs of the job's ladder on top
+of each other (the recipe's rungs accumulate: accumulation 2 *and* seq 128 *and* rank 4).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from loractl.config import JobConfig
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def rung_count(cfg: JobConfig) -> int:
+    """How many rungs there are, counting the submitted settings as rung 0."""
+    return 1 + len(cfg.effective_ladder())
+
+
+def rung_overrides(cfg: JobConfig, rung: int) -> dict:
+    """The config overrides that put a job on ``rung``."""
+    overrides: dict = {}
+    for step in cfg.effective_ladder()[:rung]:
+        overrides = merge(overrides, step)
+    return overrides
+
+
+def effective_config(cfg: JobConfig, rung: int) -> JobConfig:
+    overrides = rung_overrides(cfg, rung)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def describe_rung(cfg: JobConfig, rung: int) -> str:
+    if rung == 0:
+        return "as submitted"
+    step = cfg.effective_ladder()[rung - 1]
+    parts = []
+    for key, value in step.items():
+        if isinstance(value, dict):
+            parts.extend(f"{key}.{k}={v}" for k, v in value.items())
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Exponential backoff with jitter, capped."""
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    jitter: float = 0.2
+
+    def delay(self, consecutive_failures: int, rng: random.Random | None = None) -> float:
+        if consecutive_failures <= 0:
+            return 0.0
+        raw = min(self.cap_s, self.base_s * 2 ** (consecutive_failures - 1))
+        spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
+        return min(self.cap_s, raw * spread)

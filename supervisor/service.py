@@ -1,0 +1,958 @@
+"""The supervisor: one loop that owns the sockets, the queue and the trainer child.
+
+Uvicorn-style: signal handlers only set flags (and poke a wake-up pipe); request handlers only
+change the store or queue an action; one loop reaps the child, reads heartbeats, runs the
+watchdog (heartbeats, progress, memory) and fires timers. Nothing here imports mlx.
+
+Safety rules it keeps:
+- the pidfile flock is taken before any socket is bound (binding a live ipc:// endpoint
+  silently steals it);
+- a job never has two trainers: on start it re-adopts a live, heartbeating trainer of a job
+  it was running (same pid and start time), and only otherwise resumes from the checkpoint;
+- a handler never takes the loop down: every exception becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+import yaml
+import zmq
+
+from loractl import __version__
+from loractl.config import ConfigError, JobConfig, load_config
+from loractl.memory import footprint_mb, total_mb
+from loractl.paths import Layout
+from loractl.protocol import (
+    ErrorCode,
+    Heartbeat,
+    ListRequest,
+    Message,
+    ProtocolError,
+    Reply,
+    ShowRequest,
+    ShutdownRequest,
+    StatusRequest,
+    SubmitRequest,
+    TrainerCommand,
+    TrainerEvent,
+    decode,
+)
+from loractl.supervisor.classify import Cause, ExitEvidence, classify, signal_name
+from loractl.supervisor.ladder import (
+    RestartPolicy,
+    describe_rung,
+    effective_config,
+    rung_count,
+    rung_overrides,
+)
+from loractl.supervisor.pressure import Pressure, cgroup_oom_kill_count, read_system_memory
+from loractl.supervisor.store import Job, JobNotFound, JobState, Store, new_job_id
+
+log = structlog.get_logger("loractl.supervisor")
+
+STDERR_TAIL_BYTES = 8192
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Supervisor tunables. Each can be set with LORACTL_<NAME> (tests shorten the timers)."""
+
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    early_death_limit: int = 3
+    stop_grace_s: float = 60.0  # SIGTERM -> SIGKILL when the trainer should checkpoint first
+    hang_grace_s: float = 5.0  # a hung trainer will not checkpoint; do not wait long
+    startup_timeout_s: float = 300.0  # spawn -> first heartbeat
+    stall_min_s: float = 120.0
+    stall_factor: float = 10.0
+    tick_s: float = 0.1
+    guard_interval_s: float = 0.2
+    pressure_interval_s: float = 1.0
+    warn_action_interval_s: float = 30.0
+    default_budget_fraction: float = 0.7
+    exit_timeout_s: float = 90.0
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        values = {}
+        for name, spec in cls.__dataclass_fields__.items():
+            raw = os.environ.get(f"LORACTL_{name.upper()}")
+            if raw is not None:
+                values[name] = type(spec.default)(raw)
+        return cls(**values)
+
+
+@dataclass
+class Trainer:
+    """The live trainer of the running job, as the watchdog sees it."""
+
+    job_id: str
+    pid: int
+    attempt: int
+    rung: int
+    popen: subprocess.Popen | None  # None when adopted from a previous supervisor
+    stderr_path: Path
+    budget_mb: float
+    heartbeat_timeout: float
+    spawned_at: float = field(default_factory=time.monotonic)
+    last_heartbeat: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    step: int = -1
+    examples_seen: int = 0
+    last_checkpoint_step: int | None = None
+    max_step_seconds: float = 0.0
+    max_eval_seconds: float = 0.0
+    phase: str = "starting"
+    footprints: deque = field(default_factory=lambda: deque(maxlen=50))
+    peak_mb: float = 0.0
+    stop_reason: str | None = None  # memory | hang | user-pause | user-cancel | shutdown
+    stop_sent_at: float | None = None
+    kill_at: float | None = None
+    done_event: bool = False
+    cgroup_oom_at_start: int | None = None
+    pressure_seen: str = "normal"
+
+    @property
+    def recent_footprint(self) -> float | None:
+        return max(self.footprints) if self.footprints else None
+
+
+class Supervisor:
+    def __init__(self, home: str | Path | None = None, settings: Settings | None = None):
+        self.layout = Layout.at(home)
+        self.settings = settings or Settings.from_env()
+        self.policy = RestartPolicy(self.settings.backoff_base_s, self.settings.backoff_cap_s)
+        self.trainer: Trainer | None = None
+        self.shutdown_requested = False
+        self.child_exited = False
+        self.dropped_frames = 0
+        self.started_at = time.time()
+        self._lock_fd: int | None = None
+        self._next_guard = 0.0
+        self._next_pressure = 0.0
+        self._last_warn_action = 0.0
+        self._system = None
+        self._backoff_until: dict[str, float] = {}
+        self.handlers = {
+            StatusRequest: self.handle_status,
+            ListRequest: self.handle_list,
+            SubmitRequest: self.handle_submit,
+            ShowRequest: self.handle_show,
+            ShutdownRequest: self.handle_shutdown,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def acquire_lock(self) -> None:
+        self.layout.ensure()
+        fd = os.open(self.layout.pidfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = self.layout.pidfile.read_text().strip() or "?"
+            raise AlreadyRunning(
+                f"a supervisor (pid {owner}) is already running for {self.layout.home}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def run(self) -> int:
+        self.acquire_lock()
+        self.store = Store(self.layout.database)
+        context = zmq.Context.instance()
+        self.control = context.socket(zmq.ROUTER)
+        self.telemetry = context.socket(zmq.ROUTER)
+        self.telemetry.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.events = context.socket(zmq.PUB)
+        for sock in (self.control, self.telemetry, self.events):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.control.bind(self.layout.control)
+        self.telemetry.bind(self.layout.telemetry)
+        self.events.bind(self.layout.events)
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGCHLD, self._on_child)
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.telemetry, zmq.POLLIN)
+        poller.register(wake_read, zmq.POLLIN)
+        log.info("supervisor started", pid=os.getpid(), home=str(self.layout.home))
+        print(
+            f"loractl supervisor {__version__} (pid {os.getpid()}) serving {self.layout.home}",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            self.recover()
+            while not self._finished_shutdown():
+                ready = dict(poller.poll(int(self.settings.tick_s * 1000)))
+                if wake_read in ready or wake_read.fileno() in ready:
+                    try:
+                        wake_read.recv(4096)
+                    except BlockingIOError:
+                        pass
+                if self.telemetry in ready:
+                    self.drain_telemetry()
+                if self.control in ready:
+                    self.drain_control()
+                self.tick()
+        finally:
+            signal.set_wakeup_fd(-1)
+            wake_read.close()
+            wake_write.close()
+            for sock in (self.control, self.telemetry, self.events):
+                sock.close()
+            self.store.close()
+            os.close(self._lock_fd)
+        log.info("supervisor stopped")
+        return 0
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.shutdown_requested = True
+
+    def _on_child(self, signum, frame) -> None:
+        self.child_exited = True
+
+    def _finished_shutdown(self) -> bool:
+        if not self.shutdown_requested:
+            return False
+        if self.trainer is None:
+            return True
+        if self.trainer.stop_reason is None:
+            self.stop_trainer("shutdown", grace=self.settings.exit_timeout_s)
+        return False
+
+    # -- recovery after a restart ----------------------------------------------------------
+
+    def recover(self) -> None:
+        """Resolve every job a previous supervisor left active: adopt its trainer or resume."""
+        for job in self.store.active():
+            if job.state == JobState.BACKOFF:
+                continue  # the timer is simply re-armed by tick()
+            if job.trainer_pid and self._is_our_trainer(job):
+                cfg = self._load_job_config(job)
+                self.trainer = Trainer(
+                    job_id=job.id,
+                    pid=job.trainer_pid,
+                    attempt=job.attempt,
+                    rung=job.rung,
+                    popen=None,
+                    stderr_path=self._stderr_path(job.id, job.attempt),
+                    budget_mb=self._budget(cfg),
+                    heartbeat_timeout=cfg.heartbeat_timeout,
+                    last_heartbeat=time.monotonic(),  # give it one timeout to speak up
+                    step=job.step,
+                    last_checkpoint_step=job.last_checkpoint_step,
+                )
+                self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)
+                log.info("re-adopted trainer", job=job.id, pid=job.trainer_pid)
+            else:
+                self.store.transition(
+                    job.id,
+                    JobState.QUEUED,
+                    "supervisor restarted; trainer gone, resuming from checkpoint",
+                    trainer_pid=None,
+                )
+
+    def _is_our_trainer(self, job: Job) -> bool:
+        try:
+            proc = psutil.Process(job.trainer_pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if job.trainer_started_at and abs(proc.create_time() - job.trainer_started_at) > 1:
+                return False  # the pid was reused
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        return "loractl.daemon.trainer" in cmdline and job.id in cmdline
+
+    # -- the loop's periodic work -----------------------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.reap()
+        if self.trainer is not None:
+            if now >= self._next_guard:
+                self._next_guard = now + self.settings.guard_interval_s
+                self.guard_memory()
+            self.check_liveness()
+            self.escalate_stop()
+        if self.shutdown_requested:
+            return
+        for job in self.store.list({JobState.BACKOFF}):
+            if now >= self._backoff_until.get(job.id, 0.0) and self.trainer is None:
+                self.spawn(job)
+        if self.trainer is None:
+            job = self.store.next_queued()
+            if job is not None:
+                self.spawn(job)
+
+    def system_memory(self):
+        now = time.monotonic()
+        if self._system is None or now >= self._next_pressure:
+            self._next_pressure = now + self.settings.pressure_interval_s
+            self._system = read_system_memory()
+        return self._system
+
+    # -- spawning ---------------------------------------------------------------------------
+
+    def _load_job_config(self, job: Job) -> JobConfig:
+        return load_config(job.config_path)
+
+    def _budget(self, cfg: JobConfig) -> float:
+        if cfg.memory_budget_mb:
+            return float(cfg.memory_budget_mb)
+        return total_mb() * self.settings.default_budget_fraction
+
+    def _stderr_path(self, job_id: str, attempt: int) -> Path:
+        return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.stderr"
+
+    def spawn(self, job: Job) -> None:
+        try:
+            cfg = self._load_job_config(job)
+        except ConfigError as exc:
+            self._fail(job, "config_error", f"config no longer loads: {exc}")
+            return
+        attempt = job.attempt + 1
+        stderr_path = self._stderr_path(job.id, attempt)
+        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "loractl.daemon.trainer",
+            job.config_path,
+            "--telemetry",
+            self.layout.telemetry,
+            "--job-id",
+            job.id,
+            "--attempt",
+            str(attempt),
+            "--rung",
+            str(job.rung),
+            "--overrides",
+            json.dumps(rung_overrides(cfg, job.rung)),
+        ]
+        with stderr_path.open("ab") as stderr:
+            # A new session: a signal aimed at the supervisor's process group (Ctrl-C, launchd
+            # stopping the agent) must not kill the trainer before it can checkpoint.
+            popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+                cwd=self.layout.job_dir(job.id),
+            )
+        try:
+            started_at = psutil.Process(popen.pid).create_time()
+        except psutil.NoSuchProcess:
+            started_at = None
+        self.trainer = Trainer(
+            job_id=job.id,
+            pid=popen.pid,
+            attempt=attempt,
+            rung=job.rung,
+            popen=popen,
+            stderr_path=stderr_path,
+            budget_mb=self._budget(cfg),
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            last_checkpoint_step=job.last_checkpoint_step,
+            # The trainer shares our cgroup, and our pid outlives it for the exit check.
+            cgroup_oom_at_start=cgroup_oom_kill_count(os.getpid()),
+        )
+        self.store.transition(
+            job.id,
+            JobState.STARTING,
+            f"attempt {attempt} on rung {job.rung} ({describe_rung(cfg, job.rung)})",
+            attempt=attempt,
+            trainer_pid=popen.pid,
+            trainer_started_at=started_at,
+        )
+        self.publish("job", job_id=job.id, state="starting", pid=popen.pid)
+        log.info("spawned trainer", job=job.id, pid=popen.pid, attempt=attempt, rung=job.rung)
+
+    # -- telemetry ------------------------------------------------------------------------
+
+    def drain_telemetry(self) -> None:
+        while True:
+            try:
+                frames = self.telemetry.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode(frames[-1])
+            except ProtocolError as exc:
+                self.dropped_frames += 1
+                log.warning("dropped telemetry frame", reason=exc.reason)
+                continue
+            trainer = self.trainer
+            if trainer is None or getattr(message, "pid", None) != trainer.pid:
+                self._stray(message)
+                continue
+            if isinstance(message, Heartbeat):
+                self.on_heartbeat(trainer, message)
+            elif isinstance(message, TrainerEvent):
+                self.on_trainer_event(trainer, message)
+
+    def _stray(self, message: Message) -> None:
+        """A trainer we do not own is talking. If it is an orphan of one of our jobs, stop it:
+        one job must never have two trainers."""
+        pid = getattr(message, "pid", 0)
+        job_id = getattr(message, "job_id", "")
+        if not pid or not job_id:
+            self.dropped_frames += 1
+            return
+        if self.trainer is not None and self.trainer.pid != pid:
+            log.warning("stray trainer; stopping it", pid=pid, job=job_id)
+            self.send_command(pid, "stop")
+
+    def on_heartbeat(self, trainer: Trainer, beat: Heartbeat) -> None:
+        now = time.monotonic()
+        first = trainer.last_heartbeat is None or trainer.phase == "starting"
+        trainer.last_heartbeat = now
+        if beat.step != trainer.step:
+            trainer.step = beat.step
+            trainer.last_progress = now
+        trainer.phase = beat.phase
+        trainer.examples_seen = beat.examples_seen
+        if beat.step_seconds:
+            trainer.max_step_seconds = max(trainer.max_step_seconds, beat.step_seconds)
+        if beat.eval_seconds:
+            trainer.max_eval_seconds = max(trainer.max_eval_seconds, beat.eval_seconds)
+        if beat.footprint_mb:
+            trainer.footprints.append(beat.footprint_mb)
+            self._note_peak(trainer, beat.footprint_mb)
+        if beat.last_checkpoint_step is not None:
+            trainer.last_checkpoint_step = beat.last_checkpoint_step
+        job = self.store.get(trainer.job_id)
+        if job.state == JobState.STARTING and first:
+            self.store.transition(job.id, JobState.RUNNING, "first heartbeat", early_deaths=0)
+            self.publish("job", job_id=job.id, state="running")
+        self.store.update(
+            job.id,
+            step=beat.step,
+            examples_seen=beat.examples_seen,
+            total_examples=beat.total_examples,
+            last_checkpoint_step=trainer.last_checkpoint_step,
+        )
+        self.publish("heartbeat", **beat.to_dict())
+
+    def on_trainer_event(self, trainer: Trainer, event: TrainerEvent) -> None:
+        if event.kind == "checkpoint":
+            trainer.last_checkpoint_step = event.step
+            trainer.last_progress = time.monotonic()
+            self.store.update(trainer.job_id, last_checkpoint_step=event.step)
+        elif event.kind == "done":
+            trainer.done_event = True
+        elif event.kind in ("oom_retry", "error"):
+            self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail)
+        self.publish("trainer_event", **event.to_dict())
+
+    def _note_peak(self, trainer: Trainer, footprint: float) -> None:
+        if footprint > trainer.peak_mb * 1.01:
+            trainer.peak_mb = footprint
+            self.store.note_peak(trainer.job_id, trainer.rung, footprint)
+
+    def send_command(self, pid: int, action: str) -> bool:
+        try:
+            self.telemetry.send_multipart(
+                [f"trainer-{pid}".encode(), TrainerCommand(action=action).encode()], zmq.NOBLOCK
+            )
+            return True
+        except zmq.ZMQError:
+            return False  # not connected (yet, or any more): signals still work
+
+    # -- watchdog ---------------------------------------------------------------------------
+
+    def guard_memory(self) -> None:
+        trainer = self.trainer
+        try:
+            footprint = footprint_mb(trainer.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
+            return
+        except psutil.AccessDenied:
+            footprint = None
+        if footprint:
+            trainer.footprints.append(footprint)
+            self._note_peak(trainer, footprint)
+        system = self.system_memory()
+        if system.pressure != Pressure.NORMAL:
+            trainer.pressure_seen = str(system.pressure)
+        if trainer.stop_reason is not None:
+            return
+        if footprint and footprint > trainer.budget_mb:
+            self.store.record(
+                trainer.job_id,
+                "memory_guard",
+                action="stop",
+                footprint_mb=round(footprint, 1),
+                budget_mb=round(trainer.budget_mb, 1),
+            )
+            log.warning(
+                "over budget; stopping trainer", footprint=footprint, budget=trainer.budget_mb
+            )
+            self.stop_trainer("memory", grace=self.settings.stop_grace_s)
+            return
+        if system.pressure == Pressure.CRITICAL and self._biggest_consumer(trainer.pid):
+            self.store.record(trainer.job_id, "memory_guard", action="stop", pressure="critical")
+            self.stop_trainer("memory", grace=self.settings.stop_grace_s)
+            return
+        if system.pressure == Pressure.WARN:
+            now = time.monotonic()
+            if now - self._last_warn_action >= self.settings.warn_action_interval_s:
+                self._last_warn_action = now
+                self.send_command(trainer.pid, "checkpoint_now")
+                self.send_command(trainer.pid, "clear_cache")
+                self.store.record(
+                    trainer.job_id,
+                    "memory_guard",
+                    action="checkpoint+clear_cache",
+                    pressure="warn",
+                )
+
+    @staticmethod
+    def _biggest_consumer(pid: int) -> bool:
+        biggest = max(
+            psutil.process_iter(["pid", "memory_info"]),
+            key=lambda p: p.info["memory_info"].rss if p.info["memory_info"] else 0,
+            default=None,
+        )
+        return biggest is not None and biggest.info["pid"] == pid
+
+    def check_liveness(self) -> None:
+        trainer = self.trainer
+        if trainer.stop_reason is not None:
+            return
+        now = time.monotonic()
+        if trainer.last_heartbeat is None:
+            if now - trainer.spawned_at > self.settings.startup_timeout_s:
+                self._hang(
+                    trainer, f"no heartbeat {self.settings.startup_timeout_s:.0f} s after start"
+                )
+            return
+        silent = now - trainer.last_heartbeat
+        if silent > trainer.heartbeat_timeout:
+            self._hang(trainer, f"no heartbeat for {silent:.1f} s")
+            return
+        if trainer.phase in ("train", "eval") and trainer.step >= 0:
+            stall = max(
+                self.settings.stall_min_s,
+                self.settings.stall_factor * (trainer.max_step_seconds + trainer.max_eval_seconds),
+            )
+            if now - trainer.last_progress > stall:
+                self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
+
+    def _hang(self, trainer: Trainer, why: str) -> None:
+        self.store.record(trainer.job_id, "hang_detected", reason=why, pid=trainer.pid)
+        log.warning("trainer hung", why=why, pid=trainer.pid)
+        self.stop_trainer("hang", grace=self.settings.hang_grace_s)
+
+    def stop_trainer(self, reason: str, grace: float) -> None:
+        trainer = self.trainer
+        trainer.stop_reason = reason
+        trainer.stop_sent_at = time.monotonic()
+        trainer.kill_at = trainer.stop_sent_at + grace
+        self.send_command(trainer.pid, "stop")
+        try:
+            os.kill(trainer.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def escalate_stop(self) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.kill_at is None or time.monotonic() < trainer.kill_at:
+            return
+        log.warning("grace period over; SIGKILL", pid=trainer.pid, reason=trainer.stop_reason)
+        trainer.kill_at = None
+        try:
+            os.kill(trainer.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # -- exits ------------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        if trainer.popen is not None:
+            code = trainer.popen.poll()
+            if code is None:
+                return
+            exit_code, signum = (code, None) if code >= 0 else (None, -code)
+        else:
+            try:
+                proc = psutil.Process(trainer.pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                pass
+            # Not our child: its exit status is lost. A "done" event says it finished.
+            exit_code, signum = (0, None) if trainer.done_event else (None, None)
+        self.child_exited = False
+        self.trainer = None
+        self.on_exit(trainer, exit_code, signum)
+
+    def _stderr_tail(self, trainer: Trainer) -> str:
+        try:
+            with trainer.stderr_path.open("rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - STDERR_TAIL_BYTES))
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def on_exit(self, trainer: Trainer, exit_code: int | None, signum: int | None) -> None:
+        job = self.store.get(trainer.job_id)
+        tail = self._stderr_tail(trainer)
+        oom_kills = cgroup_oom_kill_count(os.getpid())
+        oom_delta = (
+            oom_kills - trainer.cgroup_oom_at_start
+            if oom_kills is not None and trainer.cgroup_oom_at_start is not None
+            else 0
+        )
+        evidence = ExitEvidence(
+            exit_code=exit_code,
+            signal=signum,
+            stderr_tail=tail,
+            last_footprint_mb=trainer.recent_footprint,
+            budget_mb=trainer.budget_mb,
+            pressure=trainer.pressure_seen,
+            cgroup_oom_kills_delta=oom_delta,
+            hang_detected=trainer.stop_reason == "hang",
+            memory_guard_stop=trainer.stop_reason == "memory",
+            user_stop=trainer.stop_reason in ("shutdown", "user-pause", "user-cancel"),
+        )
+        verdict = classify(evidence)
+        log.info(
+            "trainer exited",
+            job=job.id,
+            pid=trainer.pid,
+            exit_code=exit_code,
+            signal=signal_name(signum) if signum else None,
+            cause=str(verdict.cause),
+            rule=verdict.rule,
+        )
+        self.store.update(
+            job.id, trainer_pid=None, last_checkpoint_step=trainer.last_checkpoint_step
+        )
+        if verdict.cause == Cause.DONE:
+            self.store.transition(
+                job.id, JobState.COMPLETED, "trainer finished", outcome="success", reason=""
+            )
+            self.publish("job", job_id=job.id, state="completed")
+            return
+        if verdict.cause == Cause.STOPPED:
+            target = {
+                "shutdown": (JobState.QUEUED, "supervisor shutting down; will resume"),
+            }.get(trainer.stop_reason, (JobState.QUEUED, "stopped"))
+            self.store.transition(job.id, target[0], target[1])
+            return
+        crash = {
+            "cause": str(verdict.cause),
+            "rule": verdict.rule,
+            "explanation": verdict.explanation,
+            "exit_code": exit_code,
+            "signal": signal_name(signum) if signum else None,
+            "step": trainer.step if trainer.step >= 0 else job.step,
+            "checkpoint_step": trainer.last_checkpoint_step,
+            "rung": trainer.rung,
+            "attempt": trainer.attempt,
+            "pid": trainer.pid,
+            "footprint_mb": trainer.recent_footprint,
+            "at": time.time(),
+        }
+        job = self.store.add_crash(job.id, crash)
+        self.publish("crash", job_id=job.id, **crash)
+        if not verdict.retry:
+            self._fail(job, str(verdict.cause), f"{verdict.explanation}\n{_last_lines(tail)}")
+            return
+        if trainer.last_heartbeat is None:
+            early = job.early_deaths + 1
+            if early >= self.settings.early_death_limit:
+                self._fail(
+                    job,
+                    "early_death",
+                    f"the trainer died before its first heartbeat {early} times in a row; "
+                    f"last stderr:\n{_last_lines(tail)}",
+                )
+                return
+            job = self.store.update(job.id, early_deaths=early)
+        cfg = self._load_job_config(job)
+        if verdict.step_down:
+            if job.rung + 1 >= rung_count(cfg):
+                self._fail(job, "memory", self._ladder_exhausted(job, cfg))
+                return
+            new_rung = job.rung + 1
+            self.store.record(
+                job.id,
+                "ladder_step",
+                from_rung=job.rung,
+                to_rung=new_rung,
+                change=describe_rung(cfg, new_rung),
+                cause=verdict.explanation,
+            )
+            self.store.transition(
+                job.id,
+                JobState.BACKOFF,
+                f"memory: stepping down to rung {new_rung} ({describe_rung(cfg, new_rung)})",
+                rung=new_rung,
+                retries_on_rung=0,
+            )
+            self._backoff_until[job.id] = time.monotonic()
+            return
+        previous = [c for c in job.crashes[:-1] if c.get("rung") == job.rung]
+        advanced = not previous or (
+            (trainer.last_checkpoint_step or -1) > (previous[-1].get("checkpoint_step") or -1)
+        )
+        retries = 1 if advanced else job.retries_on_rung + 1
+        if retries > cfg.max_retries:
+            self._fail(
+                job,
+                str(verdict.cause),
+                f"{retries - 1} retries on rung {job.rung} without a new checkpoint; last: "
+                f"{verdict.explanation}\n{_last_lines(tail)}",
+            )
+            return
+        delay = self.policy.delay(retries)
+        self._backoff_until[job.id] = time.monotonic() + delay
+        self.store.transition(
+            job.id,
+            JobState.BACKOFF,
+            f"{verdict.cause}: {verdict.explanation}; restarting in {delay:.1f} s",
+            retries_on_rung=retries,
+        )
+
+    def _ladder_exhausted(self, job: Job, cfg: JobConfig) -> str:
+        lines = ["out of memory on every rung of the ladder:"]
+        for rung in range(rung_count(cfg)):
+            peak = job.peak_memory_mb.get(str(rung))
+            shown = f"peak {peak:.0f} MB" if peak else "no reading"
+            lines.append(f"  rung {rung} ({describe_rung(cfg, rung)}): {shown}")
+        lines.append(
+            "add a rung (grad_checkpoint: true, fewer num_layers, smaller batch_size) "
+            "or raise memory_budget_mb"
+        )
+        return "\n".join(lines)
+
+    def _fail(self, job: Job, cause: str, reason: str) -> None:
+        self.store.transition(
+            job.id, JobState.FAILED, f"failed: {cause}", outcome=f"failed:{cause}", reason=reason
+        )
+        self.publish("job", job_id=job.id, state="failed", reason=reason)
+        log.error("job failed", job=job.id, cause=cause, reason=reason)
+
+    # -- control channel --------------------------------------------------------------------
+
+    def drain_control(self) -> None:
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                self.dropped_frames += 1
+                continue
+            envelope, payload = frames[:-1], frames[-1]
+            reply = self.dispatch(payload)
+            try:
+                self.control.send_multipart([*envelope, reply.encode()], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.dropped_frames += 1
+
+    def dispatch(self, payload: bytes) -> Reply:
+        """The one place a request becomes a reply; no exception escapes it."""
+        try:
+            request = decode(payload)
+        except ProtocolError as exc:
+            self.dropped_frames += 1
+            return Reply.failure("", exc.code, exc.reason)
+        handler = self.handlers.get(type(request))
+        if handler is None:
+            return Reply.failure(
+                request.id, ErrorCode.UNKNOWN_TYPE, f"{request.type} is not a request"
+            )
+        try:
+            return handler(request)
+        except JobNotFound as exc:
+            return Reply.failure(request.id, ErrorCode.NOT_FOUND, str(exc.args[0]))
+        except (ConfigError, ValueError) as exc:
+            return Reply.failure(request.id, ErrorCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a handler bug must not take the daemon down
+            log.exception("handler failed", request=request.type)
+            return Reply.failure(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def handle_status(self, request: StatusRequest) -> Reply:
+        jobs = self.store.list()
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[str(job.state)] = counts.get(str(job.state), 0) + 1
+        running = self.trainer.job_id if self.trainer else None
+        return Reply.success(
+            request.id,
+            version=__version__,
+            pid=os.getpid(),
+            home=str(self.layout.home),
+            uptime_s=round(time.time() - self.started_at, 1),
+            jobs=counts,
+            running=running,
+            trainer_pid=self.trainer.pid if self.trainer else None,
+            dropped_frames=self.dropped_frames,
+            pressure=str(self.system_memory().pressure),
+        )
+
+    def handle_list(self, request: ListRequest) -> Reply:
+        states = {JobState(s) for s in request.states} if request.states else None
+        return Reply.success(
+            request.id, jobs=[self._summary(job) for job in self.store.list(states)]
+        )
+
+    def handle_submit(self, request: SubmitRequest) -> Reply:
+        source = Path(request.config_path)
+        cfg = load_config(source)
+        job = self.enqueue(source, cfg, priority=request.priority)
+        return Reply.success(request.id, id=job.id, name=job.name, state=str(job.state))
+
+    def enqueue(self, source: Path, cfg: JobConfig, priority: int | None = None) -> Job:
+        """Store a normalized copy of the config in a job folder, then queue the job."""
+        job_id = new_job_id()
+        folder = self.layout.job_dir(job_id)
+        staging = folder.with_name(f".{job_id}.tmp")
+        staging.mkdir(parents=True)
+        data = cfg.to_dict()
+        if not _sets_key(source, "adapter_path"):
+            data["adapter_path"] = str(folder / "adapters")
+        (staging / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        os.replace(staging, folder)
+        return self.store.add_job(
+            job_id=job_id,
+            name=cfg.name,
+            config_path=str(folder / "config.yaml"),
+            job_dir=str(folder),
+            priority=cfg.priority if priority is None else priority,
+        )
+
+    def handle_show(self, request: ShowRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        return Reply.success(request.id, job=self.describe(job))
+
+    def handle_shutdown(self, request: ShutdownRequest) -> Reply:
+        self.shutdown_requested = True
+        return Reply.success(request.id, pid=os.getpid())
+
+    def _summary(self, job: Job) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "name": job.name,
+            "state": str(job.state),
+            "outcome": job.outcome,
+            "priority": job.priority,
+            "rung": job.rung,
+            "attempts": job.attempt,
+            "progress": {
+                "examples_seen": job.examples_seen,
+                "total_examples": job.total_examples,
+                "step": job.step,
+            },
+        }
+
+    def describe(self, job: Job) -> dict[str, Any]:
+        try:
+            cfg = self._load_job_config(job)
+            effective = effective_config(cfg, job.rung).to_dict()
+            ladder = [
+                {
+                    "rung": rung,
+                    "change": describe_rung(cfg, rung),
+                    "peak_memory_mb": job.peak_memory_mb.get(str(rung)),
+                }
+                for rung in range(rung_count(cfg))
+            ]
+        except ConfigError as exc:
+            effective, ladder = {"error": str(exc)}, []
+        adapter_path = effective.get("adapter_path")
+        return {
+            **self._summary(job),
+            "reason": job.reason,
+            "effective_config": effective,
+            "trainer_pid": self.trainer.pid
+            if self.trainer and self.trainer.job_id == job.id
+            else None,
+            "crashes": job.crashes,
+            "peak_memory_mb": job.peak_memory_mb,
+            "ladder": ladder,
+            "adapter_path": adapter_path,
+            "use_with": (
+                f"mlx_lm.generate --model {effective.get('model')} --adapter-path {adapter_path}"
+                if adapter_path
+                else None
+            ),
+            "job_dir": job.job_dir,
+            "last_checkpoint_step": job.last_checkpoint_step,
+            "history": self.store.events(job.id),
+        }
+
+    def publish(self, topic: str, **data: Any) -> None:
+        try:
+            self.events.send_multipart(
+                [topic.encode(), json.dumps(data, default=str).encode()], zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            pass
+
+
+def _sets_key(path: Path, key: str) -> bool:
+    """Whether the user's file names ``key`` itself (rather than taking its default)."""
+    import tomllib
+
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and key in data
+
+
+def _last_lines(text: str, count: int = 8) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[-count:])
+
+
+def main(home: str | None = None) -> int:
+    supervisor = Supervisor(home)
+    try:
+        return supervisor.run()
+    except AlreadyRunning as exc:
+        print(f"loractl: {exc}", file=sys.stderr)
+        return 3

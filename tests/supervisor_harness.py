@@ -1,0 +1,105 @@
+"""A real supervisor process for tests, with helpers to drive and inspect it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from conftest import wait_for
+from loractl.client.control import request
+from loractl.paths import Layout
+from loractl.protocol import ShowRequest, StatusRequest, SubmitRequest
+
+# Short timers so tests run in seconds; every one is a supervisor setting users can set too.
+FAST = {
+    "LORACTL_BACKOFF_BASE_S": "0.2",
+    "LORACTL_BACKOFF_CAP_S": "2",
+    "LORACTL_HANG_GRACE_S": "1",
+    "LORACTL_STOP_GRACE_S": "30",
+    "LORACTL_EXIT_TIMEOUT_S": "20",
+    "LORACTL_STALL_MIN_S": "60",
+}
+
+
+class SupervisorProcess:
+    def __init__(self, home: Path, **env: str):
+        self.home = home
+        self.layout = Layout.at(home)
+        self.env = {**os.environ, **FAST, **env}
+        self.env.pop("LORACTL_HOME", None)
+        self.proc: subprocess.Popen | None = None
+        self.log = home.parent / f"{home.name}-supervisor.log"
+
+    def start(self) -> SupervisorProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        handle = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loractl.client.cli", "--home", str(self.home), "daemon", "run"],
+            env=self.env,
+            stdout=handle,
+            stderr=handle,
+        )
+        handle.close()
+        wait_for(self._answers, timeout=30, interval=0.05)
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited: {self.log.read_text()}")
+        try:
+            request(self.layout, StatusRequest(), timeout=0.5)
+            return True
+        except Exception:
+            return False
+
+    def submit(self, config: Path) -> str:
+        return request(self.layout, SubmitRequest(config_path=str(config))).data["id"]
+
+    def show(self, job_id: str) -> dict:
+        return request(self.layout, ShowRequest(job=job_id), timeout=10).data["job"]
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float) -> dict:
+        return wait_for(
+            lambda: (job := self.show(job_id))["state"] in states and job, timeout, interval=0.1
+        )
+
+    def trainer_pid(self, job_id: str, timeout: float = 60) -> int:
+        return wait_for(lambda: self.show(job_id)["trainer_pid"], timeout, interval=0.05)
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for proc in trainers_of(self.home):
+            proc.kill()
+
+    def debug(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def trainers_of(home: Path) -> list[psutil.Process]:
+    """Live trainer processes whose config lives under ``home``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "loractl.daemon.trainer" in cmdline and str(home) in cmdline:
+            found.append(proc)
+    return found

@@ -1,0 +1,220 @@
+"""The real supervisor over the real trainer: chaos, memory step-down, hangs, its own crash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_job, run_trainer, wait_for
+from loractl.daemon.tinymodel import prepare
+from supervisor_harness import SupervisorProcess, trainers_of
+
+CHAOS_JOB = {"iters": 600, "checkpoint_every": 2, "grad_accumulation_steps": 4, "max_retries": 5}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    sup = SupervisorProcess(tmp_path / "home")
+    yield sup
+    sup.stop()
+
+
+def test_chaos_ten_sigkills_end_bitwise_equal_and_never_step_the_ladder(
+    tiny_workspace, tmp_path, supervisor
+):
+    """Ten SIGKILLs of the real trainer: the job completes, exact, every crash external."""
+    config = make_job(tiny_workspace, tmp_path / "src", **CHAOS_JOB)
+    reference = make_job(tiny_workspace, tmp_path / "ref", **CHAOS_JOB)
+    result = run_trainer(reference, "--fresh")
+    assert result.returncode == 0, result.stderr
+
+    supervisor.start()
+    job_id = supervisor.submit(config)
+    rng = random.Random()
+    kills = 0
+    last_step = -1
+    while kills < 10:
+        # Wait for a fresh checkpoint since the last kill, then strike at a random moment.
+        job = wait_for(
+            lambda after=last_step: (
+                (j := supervisor.show(job_id))["trainer_pid"]
+                and (j["last_checkpoint_step"] or -1) > after
+                and j
+            ),
+            timeout=90,
+            interval=0.05,
+        )
+        time.sleep(rng.uniform(0, 0.3))
+        pid = job["trainer_pid"]
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        kills += 1
+        last_step = job["last_checkpoint_step"]
+        wait_for(lambda p=pid: supervisor.show(job_id)["trainer_pid"] != p, 30)
+        assert supervisor.show(job_id)["state"] != "completed", "job ended before 10 kills"
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=240)
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert len(job["crashes"]) == 10
+    assert {c["cause"] for c in job["crashes"]} == {"killed_externally"}
+    assert job["rung"] == 0
+    assert not [e for e in job["history"] if e["kind"] == "ladder_step"]
+    produced = Path(job["adapter_path"]) / "adapters.safetensors"
+    assert digest(produced) == digest(tmp_path / "ref" / "adapters" / "adapters.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ladder_workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ladder")
+    prepare(root, preset="ladder", seed=0)
+    return root
+
+
+def test_real_memory_pressure_steps_down_to_the_rung_that_fits(
+    ladder_workspace, tmp_path, supervisor
+):
+    """A budget between seq-256 and seq-128 footprints ends the job on the seq-128 rung."""
+    config = make_job(
+        ladder_workspace,
+        tmp_path / "src",
+        iters=24,
+        memory_budget_mb=172,
+        val_batches=1,
+        checkpoint_every=1,
+    )
+    supervisor.start()
+    job_id = supervisor.submit(config)
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=400)
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert job["rung"] == 2
+    assert job["effective_config"]["max_seq_length"] == 128
+    memory_crashes = [c for c in job["crashes"] if c["cause"] == "memory"]
+    assert len(memory_crashes) == 2
+    peaks = job["peak_memory_mb"]
+    assert peaks["0"] > 172 and peaks["1"] > 172 and peaks["2"] <= 172, peaks
+    steps = [e for e in job["history"] if e["kind"] == "ladder_step"]
+    assert [s["detail"]["to_rung"] for s in steps] == [1, 2]
+
+
+def test_segfault_is_memory_only_with_memory_evidence(tiny_workspace, tmp_path, supervisor):
+    """A real SIGSEGV with low readings is a crash (retried on the same rung); near the
+    budget it is memory and steps down."""
+    supervisor.env["LORACTL_FAULT_SEGV"] = "1:6"
+    supervisor.start()
+    low = make_job(tiny_workspace, tmp_path / "low", iters=120, memory_budget_mb=100_000)
+    job_id = supervisor.submit(low)
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=180)
+    assert job["state"] == "completed", job["reason"]
+    assert [c["cause"] for c in job["crashes"]] == ["crash"]
+    assert job["crashes"][0]["signal"] == "SIGSEGV"
+    assert job["rung"] == 0
+    footprint = job["peak_memory_mb"]["0"]
+
+    near = make_job(
+        tiny_workspace, tmp_path / "near", iters=120, memory_budget_mb=int(footprint / 0.95) + 1
+    )
+    job_id = supervisor.submit(near)
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=180)
+    assert job["state"] == "completed", job["reason"]
+    assert [c["cause"] for c in job["crashes"]] == ["memory"], job["crashes"]
+    assert job["rung"] == 1
+
+
+def test_stopped_trainer_is_detected_as_hung_and_restarted(tiny_workspace, tmp_path, supervisor):
+    """SIGSTOP freezes the trainer; the watchdog notices within heartbeat_timeout + 2 s."""
+    config = make_job(
+        tiny_workspace, tmp_path / "src", iters=400, heartbeat_timeout=3.0, checkpoint_every=5
+    )
+    supervisor.start()
+    job_id = supervisor.submit(config)
+    wait_for(lambda: supervisor.show(job_id)["progress"]["step"] >= 5, 60)
+    pid = supervisor.show(job_id)["trainer_pid"]
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    job = wait_for(
+        lambda: (j := supervisor.show(job_id))["crashes"] and j, timeout=20, interval=0.05
+    )
+    hang = [e for e in job["history"] if e["kind"] == "hang_detected"][0]
+    assert hang["at"] - stopped_at < 3.0 + 2.0
+    assert job["crashes"][0]["cause"] == "hang"
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=180)
+    assert job["state"] == "completed", job["reason"]
+    assert job["attempts"] == 2
+
+
+def test_supervisor_sigkill_readopts_the_live_trainer(tiny_workspace, tmp_path, supervisor):
+    """SIGKILL the supervisor mid-job and restart it: the same trainer finishes the job, never
+    two trainers at once, and no example is consumed twice."""
+    trace = tmp_path / "trace.jsonl"
+    supervisor.env["LORACTL_TRACE_EXAMPLES"] = str(trace)
+    config = make_job(tiny_workspace, tmp_path / "src", iters=800, checkpoint_every=5)
+    supervisor.start()
+    job_id = supervisor.submit(config)
+    seen_pids: set[int] = set()
+    most_at_once = 0
+    done = threading.Event()
+
+    def census():
+        nonlocal most_at_once
+        while not done.is_set():
+            live = trainers_of(supervisor.home)
+            most_at_once = max(most_at_once, len(live))
+            seen_pids.update(p.pid for p in live)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=census, daemon=True)
+    watcher.start()
+    try:
+        wait_for(lambda: supervisor.show(job_id)["progress"]["step"] >= 10, 60)
+        pid = supervisor.show(job_id)["trainer_pid"]
+        supervisor.kill()
+        time.sleep(1.0)
+        supervisor.start()
+        job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=240)
+    finally:
+        done.set()
+        watcher.join()
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert seen_pids == {pid}
+    assert most_at_once == 1
+    assert any(e["kind"] == "adopted" for e in job["history"])
+    starts = [json.loads(line)["start"] for line in trace.read_text().splitlines()]
+    assert len(starts) == len(set(starts)), "an example was consumed twice"
+    assert sorted(starts) == list(range(0, 800))
+
+
+def test_second_supervisor_refuses_to_start(tmp_path, supervisor):
+    """The pidfile lock keeps a second supervisor from stealing the sockets."""
+    supervisor.start()
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loractl.client.cli",
+            "--home",
+            str(supervisor.home),
+            "daemon",
+            "run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 3
+    assert "already running" in second.stderr
+    assert supervisor._answers(), "the first supervisor stopped answering"
