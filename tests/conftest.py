@@ -6,26 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
+from loractl.supervisor.harness import wait_for  # noqa: F401  (re-exported for tests)
+
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

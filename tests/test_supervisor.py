@@ -17,7 +17,7 @@ import pytest
 
 from conftest import make_job, run_trainer, wait_for
 from loractl.daemon.tinymodel import prepare
-from supervisor_harness import SupervisorProcess, trainers_of
+from loractl.supervisor.harness import SupervisorProcess, trainers_of
 
 CHAOS_JOB = {"iters": 600, "checkpoint_every": 2, "grad_accumulation_steps": 4, "max_retries": 5}
 

@@ -1,4 +1,4 @@
-"""A real supervisor process for tests, with helpers to drive and inspect it."""
+"""Drive a real supervisor process from tests and benchmarks (never used by the daemon)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,28 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from conftest import wait_for
 from loractl.client.control import request
 from loractl.paths import Layout
 from loractl.protocol import ShowRequest, StatusRequest, SubmitRequest
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
 
 # Short timers so tests run in seconds; every one is a supervisor setting users can set too.
 FAST = {
