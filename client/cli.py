@@ -15,7 +15,8 @@ import yaml
 
 from loractl import __version__
 from loractl.client.render import emit, fail
-from loractl.protocol import PROTOCOL_VERSION, ExitCode
+from loractl.paths import Layout
+from loractl.protocol import PROTOCOL_VERSION, ClientExit, ErrorCode, ExitCode
 
 
 def parse_assignments(assignments: tuple[str, ...]) -> dict:
@@ -49,8 +50,8 @@ def schema_flags() -> list:
     return [
         info
         for info in iter_fields()
-        if info.name not in NOT_FLAGS and info.kind.rstrip("?").split(":")[0].split("|")[0]
-        in SCALAR_KINDS
+        if info.name not in NOT_FLAGS
+        and info.kind.rstrip("?").split(":")[0].split("|")[0] in SCALAR_KINDS
     ]
 
 
@@ -59,9 +60,7 @@ def schema_options(command):
     for info in reversed(schema_flags()):
         flag = info.name.replace("_", "-")
         if info.kind.startswith("bool"):
-            option = click.option(
-                f"--{flag}/--no-{flag}", info.name, default=None, help=info.help
-            )
+            option = click.option(f"--{flag}/--no-{flag}", info.name, default=None, help=info.help)
         else:
             option = click.option(
                 f"--{flag}", info.name, default=None, metavar=info.kind.upper(), help=info.help
@@ -93,8 +92,171 @@ def overrides_from_flags(values: dict) -> dict:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loractl")
-def main() -> None:
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LORACTL_HOME",
+    help="loractl's state folder (default: per platform; env LORACTL_HOME).",
+)
+@click.pass_context
+def main(ctx, home) -> None:
     """Run LoRA fine-tuning on MLX that survives the night."""
+    ctx.obj = Layout.at(home)
+
+
+def call(ctx, message, as_json: bool, timeout: float = 5.0):
+    """Send a request; turn every failure into one line and a named exit code."""
+    from loractl.client.control import DaemonNotRunning, RequestFailed, request
+
+    try:
+        return request(ctx.obj, message, timeout=timeout).data
+    except DaemonNotRunning as exc:
+        fail(str(exc), ClientExit.DAEMON_NOT_RUNNING, as_json)
+    except RequestFailed as exc:
+        code = {
+            ErrorCode.NOT_FOUND: ClientExit.NOT_FOUND,
+            ErrorCode.INVALID_ARGUMENT: ClientExit.CONFIG_ERROR,
+        }.get(exc.code, ClientExit.REFUSED)
+        fail(str(exc), code, as_json)
+    except RuntimeError as exc:
+        fail(str(exc), ClientExit.REFUSED, as_json)
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+@main.group()
+def daemon() -> None:
+    """The supervisor that runs jobs."""
+
+
+@daemon.command("run")
+@click.pass_context
+def daemon_run(ctx) -> None:
+    """Run the supervisor in the foreground (as launchd does)."""
+    from loractl.supervisor.service import main as supervisor_main
+
+    sys.exit(supervisor_main(ctx.obj.home))
+
+
+@daemon.command("stop")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def daemon_stop(ctx, as_json) -> None:
+    """Ask the supervisor to checkpoint the running job and exit."""
+    from loractl.protocol import ShutdownRequest
+
+    emit(call(ctx, ShutdownRequest(), as_json), as_json)
+
+
+@daemon.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def daemon_status(ctx, as_json) -> None:
+    """Whether the supervisor is running, and what it is doing."""
+    from loractl.protocol import StatusRequest
+
+    emit(call(ctx, StatusRequest(), as_json), as_json)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx, as_json) -> None:
+    """The supervisor, the running job and the queue, at a glance."""
+    from loractl.protocol import StatusRequest
+
+    emit(call(ctx, StatusRequest(), as_json), as_json)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_jobs(ctx, as_json) -> None:
+    """Every job, highest priority first."""
+    from loractl.client.render import job_table
+    from loractl.protocol import ListRequest
+
+    data = call(ctx, ListRequest(), as_json)
+    if as_json:
+        emit(data, as_json)
+    else:
+        click.echo(job_table(data["jobs"]))
+
+
+@main.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--priority", type=int, default=None, help="Queue priority (higher runs first).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def submit(ctx, configs, priority, as_json) -> None:
+    """Validate CONFIG files here, then queue them; prints each job's id."""
+    from loractl.config import ConfigError, load_config
+    from loractl.protocol import SubmitRequest
+
+    for path in configs:
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            fail(str(exc), ClientExit.CONFIG_ERROR, as_json)
+    submitted = [
+        call(ctx, SubmitRequest(config_path=str(path.resolve()), priority=priority), as_json)
+        for path in configs
+    ]
+    if as_json:
+        emit(submitted[0] if len(submitted) == 1 else {"jobs": submitted}, as_json)
+    else:
+        for job in submitted:
+            click.echo(f"queued {job['id']} ({job['name']})")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show(ctx, job, as_json) -> None:
+    """Everything about JOB: state, rung, crashes, peak memory per rung, outputs, history."""
+    from loractl.client.render import job_details
+    from loractl.protocol import ShowRequest
+
+    data = call(ctx, ShowRequest(job=job), as_json)["job"]
+    if as_json:
+        emit(data, as_json)
+    else:
+        click.echo(job_details(data))
+
+
+@main.command()
+@click.argument("job")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def wait(ctx, job, timeout, as_json) -> None:
+    """Block until JOB finishes; exit 0 only if it completed."""
+    import time
+
+    from loractl.protocol import ShowRequest
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        data = call(ctx, ShowRequest(job=job), as_json)["job"]
+        if data["state"] in ("completed", "failed", "cancelled"):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            fail(f"job {data['id']} is still {data['state']}", ClientExit.TIMEOUT, as_json)
+        time.sleep(0.25)
+    result = {
+        "id": data["id"],
+        "state": data["state"],
+        "outcome": data["outcome"],
+        "reason": data["reason"],
+        "adapter_path": data["adapter_path"],
+    }
+    emit(result, as_json)
+    sys.exit(ClientExit.OK if data["state"] == "completed" else ClientExit.JOB_FAILED)
 
 
 @main.command()

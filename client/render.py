@@ -47,3 +47,54 @@ def fail(message: str, code: int, as_json: bool) -> None:
     else:
         click.echo(f"loractl: {message}", err=True)
     sys.exit(int(code))
+
+
+def job_table(jobs: list[dict[str, Any]]) -> str:
+    if not jobs:
+        return "no jobs"
+    rows = [("ID", "NAME", "STATE", "RUNG", "PROGRESS", "PRIO")]
+    for job in jobs:
+        progress = job["progress"]
+        total = progress.get("total_examples") or 0
+        done = progress.get("examples_seen") or 0
+        shown = f"{100 * done / total:.0f}%" if total else "-"
+        rows.append(
+            (job["id"], job["name"], job["state"], str(job["rung"]), shown, str(job["priority"]))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def job_details(job: dict[str, Any]) -> str:
+    progress = job["progress"]
+    lines = [
+        f"job {job['id']} ({job['name']}): {job['state']}"
+        + (f", {job['outcome']}" if job.get("outcome") else ""),
+        f"  progress: {progress['examples_seen']}/{progress['total_examples']} examples, "
+        f"step {progress['step']}, attempts {job['attempts']}",
+        f"  rung: {job['rung']}",
+    ]
+    if job.get("trainer_pid"):
+        lines.append(f"  trainer pid: {job['trainer_pid']}")
+    if job.get("ladder"):
+        lines.append("  ladder:")
+        for rung in job["ladder"]:
+            peak = rung["peak_memory_mb"]
+            marker = "->" if rung["rung"] == job["rung"] else "  "
+            shown = f"peak {peak:.0f} MB" if peak else "not run"
+            lines.append(f"   {marker} {rung['rung']}: {rung['change']:<40} {shown}")
+    if job.get("crashes"):
+        lines.append("  crashes:")
+        for crash in job["crashes"]:
+            lines.append(
+                f"    step {crash['step']} rung {crash['rung']}: {crash['cause']} "
+                f"({crash['explanation']})"
+            )
+    if job.get("reason"):
+        lines.append("  reason: " + job["reason"].replace("\n", "\n    "))
+    lines.append(f"  adapters: {job['adapter_path']}")
+    if job.get("use_with"):
+        lines.append(f"  use with: {job['use_with']}")
+    return "\n".join(lines)

@@ -10,7 +10,6 @@ and counted frame.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -169,6 +168,39 @@ class Reply(Message):
         return cls(id=request_id, ok=False, error=int(code), reason=reason)
 
 
+_JSON_TYPES = {
+    "str": str,
+    "int": int,
+    "float": (int, float),
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+}
+
+
+def _check_type(kind: str, spec, value: Any) -> None:
+    """Reject a field whose JSON type does not match its annotation (``int | None`` etc.)."""
+    annotation = str(spec.type)
+    if value is None:
+        if "None" in annotation or "Any" in annotation:
+            return
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {spec.name} may not be null")
+    allowed = [
+        _JSON_TYPES[part.strip().split("[")[0]]
+        for part in annotation.split("|")
+        if part.strip().split("[")[0] in _JSON_TYPES
+    ]
+    if not allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {spec.name} has the wrong type")
+    if not isinstance(
+        value,
+        tuple(t for group in allowed for t in (group if isinstance(group, tuple) else (group,))),
+    ):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {spec.name} has the wrong type")
+
+
 def decode(frame: bytes) -> Message:
     """Turn one frame into a message, or raise ProtocolError saying exactly why not."""
     if len(frame) > MAX_MESSAGE_BYTES:
@@ -185,8 +217,7 @@ def decode(frame: bytes) -> Message:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.VERSION_MISMATCH,
-            f"protocol version {version!r} is not supported (this side speaks "
-            f"{PROTOCOL_VERSION})",
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
         )
     kind = data.get("type")
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
@@ -195,9 +226,7 @@ def decode(frame: bytes) -> Message:
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known) - {"type"}
     if unknown:
-        raise ProtocolError(
-            ErrorCode.MALFORMED, f"{kind}: unexpected fields {sorted(unknown)}"
-        )
+        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: unexpected fields {sorted(unknown)}")
     kwargs = {name: value for name, value in data.items() if name in known}
     missing = [
         name
@@ -206,8 +235,8 @@ def decode(frame: bytes) -> Message:
     ]
     if missing:
         raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: missing fields {missing}")
-    if not isinstance(kwargs.get("id", ""), str):
-        raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: id must be a string")
+    for name, value in kwargs.items():
+        _check_type(kind, known[name], value)
     try:
         return cls(**kwargs)
     except ProtocolError:
@@ -216,10 +245,51 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {exc}") from None
 
 
-def runtime_dir() -> str:
-    """Short per-user folder for ipc:// sockets (macOS caps socket paths at 104 bytes)."""
-    base = os.environ.get("LORACTL_RUNTIME_DIR") or os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", f"loractl-{os.getuid()}"
-    )
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    return base
+class ClientExit(IntEnum):
+    """Exit codes of the loractl client, named so scripts can rely on them."""
+
+    OK = 0
+    JOB_FAILED = 1
+    USAGE = 2
+    DAEMON_NOT_RUNNING = 3
+    NOT_FOUND = 4
+    REFUSED = 5
+    TIMEOUT = 124
+    CONFIG_ERROR = 78
+
+
+# -- control requests: one dataclass per request, one handler each in the supervisor --------
+
+
+@dataclass
+class Request(Message):
+    """Base of control requests (client -> supervisor)."""
+
+
+@dataclass
+class StatusRequest(Request):
+    TYPE: ClassVar[str] = "status"
+
+
+@dataclass
+class ListRequest(Request):
+    TYPE: ClassVar[str] = "list"
+    states: list[str] | None = None
+
+
+@dataclass
+class SubmitRequest(Request):
+    TYPE: ClassVar[str] = "submit"
+    config_path: str = ""
+    priority: int | None = None
+
+
+@dataclass
+class ShowRequest(Request):
+    TYPE: ClassVar[str] = "show"
+    job: str = ""
+
+
+@dataclass
+class ShutdownRequest(Request):
+    TYPE: ClassVar[str] = "shutdown"

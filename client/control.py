@@ -1,0 +1,70 @@
+"""Talking to the supervisor: one request, one reply, never a hang.
+
+A DEALER socket with LINGER 0 and a polled timeout: if the daemon is down, the caller hears
+so within the timeout and is told how to start it.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from loractl.paths import Layout
+from loractl.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    ProtocolError,
+    Reply,
+    Request,
+    decode,
+)
+
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class DaemonNotRunning(RuntimeError):
+    def __init__(self, layout: Layout):
+        home = f" --home {layout.home}" if "LORACTL_HOME" not in __import__("os").environ else ""
+        super().__init__(
+            f"the loractl daemon is not running for {layout.home}; start it with "
+            f"`loractl{home} daemon run` (or `loractl daemon install` to keep it running)"
+        )
+
+
+class RequestFailed(RuntimeError):
+    def __init__(self, reply: Reply):
+        super().__init__(reply.reason)
+        self.reply = reply
+        self.code = ErrorCode(reply.error) if reply.error in ErrorCode._value2member_map_ else None
+
+
+def request(layout: Layout, message: Request, timeout: float = DEFAULT_TIMEOUT_S) -> Reply:
+    """Send one request and return the successful reply; raise on anything else."""
+    socket_path = layout.runtime / "control"
+    if not socket_path.exists():
+        raise DaemonNotRunning(layout)
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(layout.control)
+        sock.send(message.encode())
+        if not sock.poll(int(timeout * 1000)):
+            raise DaemonNotRunning(layout)
+        frame = sock.recv()
+    finally:
+        sock.close()
+    try:
+        reply = decode(frame)
+    except ProtocolError as exc:
+        if exc.code == ErrorCode.VERSION_MISMATCH:
+            raise RuntimeError(
+                f"the daemon speaks another protocol version (this loractl speaks "
+                f"{PROTOCOL_VERSION}); restart it with `loractl daemon stop` and "
+                "`loractl daemon run`"
+            ) from None
+        raise
+    if not isinstance(reply, Reply):
+        raise RuntimeError(f"unexpected answer of type {reply.type}")
+    if not reply.ok:
+        raise RequestFailed(reply)
+    return reply
