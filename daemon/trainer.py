@@ -73,6 +73,10 @@ def run(
     show_progress: bool | None = None,
 ) -> int:
     """Run one attempt of a job and return its exit code. Never raises."""
+    if os.environ.get("LORACTL_FAULT_EARLY_EXIT"):
+        # Test hook: die the way a broken install does, before the first heartbeat.
+        print("loractl: simulated start-up failure (LORACTL_FAULT_EARLY_EXIT)", file=sys.stderr)
+        return ExitCode.CRASH
     try:
         cfg = load_config(config_path, overrides)
         # The run's length comes from the submitted config: a ladder rung that halves

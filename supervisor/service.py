@@ -89,6 +89,9 @@ class Settings:
     warn_action_interval_s: float = 30.0
     default_budget_fraction: float = 0.7
     exit_timeout_s: float = 90.0
+    # A file holding a kern.memorystatus_vm_pressure_level value (1, 2 or 4): a stand-in for
+    # sysctl, which cannot exist off macOS, so tests can drive the memory guard.
+    pressure_level_file: str = ""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -317,7 +320,20 @@ class Supervisor:
         if self._system is None or now >= self._next_pressure:
             self._next_pressure = now + self.settings.pressure_interval_s
             self._system = read_system_memory()
+            if self.settings.pressure_level_file:
+                self._system = self._with_fake_level(self._system)
         return self._system
+
+    def _with_fake_level(self, system):
+        from dataclasses import replace
+
+        from loractl.supervisor.pressure import pressure_from_macos_level
+
+        try:
+            level = int(Path(self.settings.pressure_level_file).read_text().strip())
+        except (OSError, ValueError):
+            return system
+        return replace(system, pressure=pressure_from_macos_level(level), source="level-file")
 
     # -- spawning ---------------------------------------------------------------------------
 

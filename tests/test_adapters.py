@@ -58,3 +58,79 @@ def test_reconcile_converts_pairs_and_drops_missing_layers():
     assert fitted["layers.0.q.lora_b"].shape == (4, 40)
     assert any("rank 8 -> 4" in n for n in notes)
     assert any("2 tensors not in the model" in n for n in notes)
+
+
+def test_rank_step_down_keeps_what_was_learned(tiny_workspace, tmp_path):
+    """After an SVD rank step-down (8 -> 4) the validation loss stays near the rank-8 loss,
+    far from the untrained model's, and the trainer resumes on the new rank."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from conftest import make_job, run_trainer, trainer_env
+    from loractl.config import load_config
+    from loractl.daemon.data import load_datasets
+    from loractl.daemon.loop import LoopPlan, evaluate
+
+    config = make_job(
+        tiny_workspace, tmp_path, iters=160, learning_rate=3e-3, lr_schedule=None, val_batches=8
+    )
+    # Stop at step 30 of 40 the way a memory crash does: exit 75 after a checkpoint.
+    first = run_trainer(config, "--fresh", env=trainer_env(LORACTL_FAULT_OOM="31:2"))
+    assert first.returncode == 75, first.stderr
+    cfg = load_config(config)
+    checkpoint = tmp_path / "adapters" / "checkpoints" / "step-00000030"
+    trained = dict(mx.load(str(checkpoint / "adapters.safetensors")))
+
+    def val_loss(rank: int, weights: dict | None) -> float:
+        model, tokenizer = load(str(tiny_workspace / "model"))
+        model.freeze()
+        params = {"rank": rank, "scale": cfg.lora_parameters.scale, "dropout": 0.0}
+        linear_to_lora_layers(model, cfg.num_layers, params)
+        if weights is not None:
+            model.load_weights(list(weights.items()), strict=False)
+        else:  # the untrained model: B = 0 makes every LoRA update zero
+            zeros = {
+                k: mx.zeros_like(v)
+                for k, v in tree_flatten(model.parameters())
+                if k.endswith("lora_b")
+            }
+            model.load_weights(list(zeros.items()), strict=False)
+        data = load_datasets(cfg, tokenizer)
+        plan = LoopPlan(
+            total_examples=0,
+            batch_size=1,
+            grad_accumulation_steps=1,
+            max_seq_length=cfg.max_seq_length,
+            seed=0,
+            steps_per_eval=1,
+            val_batches=8,
+        )
+        return evaluate(model, data.valid, plan)
+
+    expected = {k: tuple(v.shape) for k, v in trained.items()}
+    for name in expected:
+        if name.endswith("lora_a"):
+            expected[name] = (expected[name][0], 4)
+        elif name.endswith("lora_b"):
+            expected[name] = (4, expected[name][1])
+    fitted, notes = reconcile({k: np.array(v) for k, v in trained.items()}, expected)
+    assert any("rank 8 -> 4" in n for n in notes)
+    untrained = val_loss(8, None)
+    rank8 = val_loss(8, trained)
+    rank4 = val_loss(4, {k: mx.array(v) for k, v in fitted.items()})
+    assert untrained - rank8 > 0.05, "training must have moved the loss for this test to mean much"
+    assert abs(rank4 - rank8) < 0.25 * (untrained - rank8), (untrained, rank8, rank4)
+
+    # The trainer itself resumes on rank 4 from that checkpoint, as the ladder would.
+    resumed = run_trainer(config, "--overrides", json.dumps({"lora_parameters": {"rank": 4}}))
+    assert resumed.returncode == 0, resumed.stderr
+    log = (tmp_path / "adapters" / "train.log").read_text()
+    assert "rank 8 -> 4 by SVD" in log
+    shapes = {
+        k: v.shape for k, v in mx.load(str(tmp_path / "adapters" / "adapters.safetensors")).items()
+    }
+    assert all(s[-1] == 4 for k, s in shapes.items() if k.endswith("lora_a"))

@@ -218,3 +218,147 @@ def test_second_supervisor_refuses_to_start(tmp_path, supervisor):
     assert second.returncode == 3
     assert "already running" in second.stderr
     assert supervisor._answers(), "the first supervisor stopped answering"
+
+
+def loractl(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loractl.client.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_submit_show_wait_round_trip(tiny_workspace, tmp_path, supervisor):
+    """`submit --json` prints the id, `wait` exits 0 on completion, `show --json` has it all."""
+    supervisor.start()
+    config = make_job(tiny_workspace, tmp_path / "src", iters=16)
+    submitted = loractl(supervisor.home, "submit", "--json", str(config))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    waited = loractl(supervisor.home, "wait", job_id, "--timeout", "120")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    shown = json.loads(loractl(supervisor.home, "show", "--json", job_id).stdout)
+    for key in (
+        "id",
+        "name",
+        "state",
+        "rung",
+        "effective_config",
+        "attempts",
+        "trainer_pid",
+        "crashes",
+        "progress",
+        "peak_memory_mb",
+        "adapter_path",
+        "history",
+    ):
+        assert key in shown, key
+    assert shown["state"] == "completed" and shown["progress"]["examples_seen"] == 16
+    assert (Path(shown["adapter_path"]) / "adapters.safetensors").exists()
+    assert "mlx_lm.generate" in loractl(supervisor.home, "show", job_id).stdout
+
+
+def test_cli_says_when_the_daemon_is_not_running(tmp_path):
+    """Without a daemon every command answers at once, in one line, naming how to start it."""
+    began = time.monotonic()
+    result = loractl(tmp_path / "nowhere", "status")
+    assert result.returncode == 3
+    assert "not running" in result.stderr and "daemon run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - began < 10
+
+
+def test_bad_data_fails_without_retry(tiny_workspace, tmp_path, supervisor):
+    """A data error (exit 65) fails the job on its first attempt, with the line in the reason."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    config = make_job(tiny_workspace, tmp_path / "src", data=str(data), batch_size=1)
+    supervisor.start()
+    job_id = supervisor.submit(config)
+    job = supervisor.wait_state(job_id, {"failed", "completed"}, timeout=120)
+    assert job["state"] == "failed" and job["outcome"] == "failed:data_error"
+    assert job["attempts"] == 1
+    assert "train.jsonl:2" in job["reason"]
+
+
+def test_deaths_before_the_first_heartbeat_fail_with_the_stderr_tail(
+    tiny_workspace, tmp_path, supervisor
+):
+    """A trainer that dies before heartbeating three times running fails the job, quoting it."""
+    supervisor.env["LORACTL_FAULT_EARLY_EXIT"] = "1"
+    supervisor.start()
+    job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "src", iters=16))
+    job = supervisor.wait_state(job_id, {"failed", "completed"}, timeout=120)
+    assert job["state"] == "failed" and job["outcome"] == "failed:early_death"
+    assert job["attempts"] == 3
+    assert "simulated start-up failure" in job["reason"]
+
+
+def test_exhausted_ladder_fails_listing_every_rung_and_its_peak(
+    tiny_workspace, tmp_path, supervisor
+):
+    """With a budget no rung fits, the job fails naming each rung tried and its peak memory."""
+    supervisor.start()
+    config = make_job(tiny_workspace, tmp_path / "src", iters=400, memory_budget_mb=64)
+    job_id = supervisor.submit(config)
+    job = supervisor.wait_state(job_id, {"failed", "completed"}, timeout=240)
+    assert job["state"] == "failed" and job["outcome"] == "failed:memory"
+    rungs = len(job["ladder"])
+    assert rungs == 4 and job["rung"] == rungs - 1
+    assert [c["cause"] for c in job["crashes"]] == ["memory"] * rungs
+    for rung in range(rungs):
+        assert f"rung {rung} (" in job["reason"]
+        assert job["peak_memory_mb"][str(rung)] > 64
+    assert "peak" in job["reason"]
+
+
+def test_pressure_warn_asks_for_a_checkpoint_and_a_cache_clear(
+    tiny_workspace, tmp_path, supervisor
+):
+    """At pressure "warn" (a fake sysctl level) the trainer checkpoints off its schedule."""
+    level = tmp_path / "pressure-level"
+    level.write_text("1")
+    supervisor.env["LORACTL_PRESSURE_LEVEL_FILE"] = str(level)
+    supervisor.start()
+    config = make_job(tiny_workspace, tmp_path / "src", iters=1200, checkpoint_every=1000)
+    job_id = supervisor.submit(config)
+    wait_for(lambda: supervisor.show(job_id)["progress"]["step"] >= 3, 60)
+    level.write_text("2")
+    job = wait_for(
+        lambda: (j := supervisor.show(job_id))["last_checkpoint_step"] and j, 30, interval=0.05
+    )
+    guard = [e for e in job["history"] if e["kind"] == "memory_guard"]
+    assert guard and guard[0]["detail"]["action"] == "checkpoint+clear_cache"
+    assert job["last_checkpoint_step"] % 1000 != 0
+    assert job["state"] == "running"
+
+
+def test_supervisor_sigterm_checkpoints_the_job_and_exits_zero(
+    tiny_workspace, tmp_path, supervisor
+):
+    """SIGTERM to the supervisor stops the trainer with a checkpoint, requeues, and exits 0."""
+    supervisor.start()
+    config = make_job(tiny_workspace, tmp_path / "src", iters=240, checkpoint_every=1000)
+    job_id = supervisor.submit(config)
+    wait_for(lambda: supervisor.show(job_id)["progress"]["step"] >= 3, 60)
+    pid = supervisor.show(job_id)["trainer_pid"]
+    supervisor.proc.send_signal(signal.SIGTERM)
+    assert supervisor.proc.wait(timeout=30) == 0
+    assert not psutil_alive(pid)
+    checkpoints = (tmp_path / "src" / "adapters" / "checkpoints").glob("step-*")
+    assert list(checkpoints), "no checkpoint written on the way out"
+    supervisor.start()
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=180)
+    assert job["state"] == "completed"
+    assert any("shutting down" in (e["cause"] or "") for e in job["history"])
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
