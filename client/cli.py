@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import click
-import yaml
 
 from loractl import __version__
 from loractl.client.render import emit, fail
@@ -19,78 +18,24 @@ from loractl.paths import Layout
 from loractl.protocol import PROTOCOL_VERSION, ClientExit, ErrorCode, ExitCode
 
 
-def parse_assignments(assignments: tuple[str, ...]) -> dict:
-    """``KEY=VALUE`` pairs (YAML values, dotted keys for nesting) into an overrides mapping."""
-    overrides: dict = {}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as exc:
-            raise click.BadParameter(f"{key}: {exc}", param_hint="--set") from None
-        target = overrides
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return overrides
+class LazyGroup(click.Group):
+    """Commands with costly imports are loaded only when they are run."""
+
+    lazy = {"train": "loractl.client.train_cmd:train"}
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
 
-SCALAR_KINDS = ("int", "float", "bool", "str", "size", "path", "choice")
-# Keys that make no sense as a flag on `train` (the trainer always trains).
-NOT_FLAGS = frozenset({"train"})
-
-
-def schema_flags() -> list:
-    """Fields of the job schema that `loractl train` exposes as flags, with their help text."""
-    from loractl.config import iter_fields
-
-    return [
-        info
-        for info in iter_fields()
-        if info.name not in NOT_FLAGS
-        and info.kind.rstrip("?").split(":")[0].split("|")[0] in SCALAR_KINDS
-    ]
-
-
-def schema_options(command):
-    """Add one option per scalar schema field; values are validated by the schema, not here."""
-    for info in reversed(schema_flags()):
-        flag = info.name.replace("_", "-")
-        if info.kind.startswith("bool"):
-            option = click.option(f"--{flag}/--no-{flag}", info.name, default=None, help=info.help)
-        else:
-            option = click.option(
-                f"--{flag}", info.name, default=None, metavar=info.kind.upper(), help=info.help
-            )
-        command = option(command)
-    return command
-
-
-def overrides_from_flags(values: dict) -> dict:
-    """Flag values (strings, parsed as YAML scalars) into config overrides."""
-    kinds = {info.name: info.kind for info in schema_flags()}
-    overrides = {}
-    for name, value in values.items():
-        if value is None or name not in kinds:
-            continue
-        if isinstance(value, str):
-            kind = kinds[name]
-            if kind.startswith("path") and Path(value).expanduser().exists():
-                # A path typed on the command line is relative to where the user stands.
-                value = str(Path(value).expanduser().resolve())
-            elif not kind.startswith(("str", "path", "choice")):
-                try:
-                    value = yaml.safe_load(value)
-                except yaml.YAMLError:
-                    pass  # left as a string, so the schema names the key in its error
-        overrides[name] = value
-    return overrides
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loractl")
 @click.option(
     "--home",
@@ -260,45 +205,6 @@ def wait(ctx, job, timeout, as_json) -> None:
 
 
 @main.command()
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--fresh", is_flag=True, help="Ignore existing checkpoints and start over.")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config key (dotted for nested keys, e.g. lora_parameters.rank=4).",
-)
-@click.option("--telemetry", hidden=True, help="Supervisor telemetry endpoint.")
-@click.option("--job-id", hidden=True, default="")
-@click.option("--attempt", hidden=True, type=int, default=0)
-@click.option("--rung", hidden=True, type=int, default=0)
-@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@schema_options
-def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json, **flags) -> None:
-    """Train CONFIG in the foreground, resuming from its newest valid checkpoint.
-
-    SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits; running the
-    same command again continues exactly where it stopped.
-    """
-    from loractl.daemon.trainer import run
-
-    code = run(
-        config,
-        fresh=fresh,
-        overrides={**overrides_from_flags(flags), **parse_assignments(assignments)},
-        telemetry_endpoint=telemetry,
-        job_id=job_id,
-        attempt=attempt,
-        rung=rung,
-        show_progress=None if not as_json else False,
-    )
-    if as_json:
-        emit({"exit_code": int(code), "outcome": ExitCode(code).name.lower()}, as_json=True)
-    sys.exit(int(code))
-
-
-@main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--prepare", is_flag=True, help="Only build the tiny model, data and job.yaml.")
 @click.option(
@@ -321,6 +227,144 @@ def demo(directory, prepare, preset, seed, as_json) -> None:
     from loractl.daemon.demo import run_demo
 
     sys.exit(run_demo(directory, preset=preset, seed=seed, as_json=as_json))
+
+
+def _job_action(name: str, request_type: str, doc: str):
+    """Build a `loractl NAME JOB` command that sends one job request and prints the reply."""
+
+    @main.command(name, help=doc)
+    @click.argument("job")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def command(ctx, job, as_json) -> None:
+        from loractl import protocol
+
+        message = getattr(protocol, request_type)(job=job)
+        data = call(ctx, message, as_json)
+        if as_json:
+            emit(data, as_json)
+        else:
+            click.echo(f"{data['id']}: {data.get('state', 'ok')}")
+
+    return command
+
+
+_job_action("cancel", "CancelRequest", "Cancel JOB; a running trainer is stopped first.")
+_job_action(
+    "pause", "PauseRequest", "Pause JOB: checkpoint and stop its trainer; `resume` continues it."
+)
+_job_action(
+    "resume", "ResumeRequest", "Queue a paused JOB again; it continues from its checkpoint."
+)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--from-rung", type=int, default=None, help="Restart on this ladder rung.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retry(ctx, job, from_rung, as_json) -> None:
+    """Queue a failed JOB again, from its checkpoint (optionally on another rung)."""
+    from loractl.protocol import RetryRequest
+
+    data = call(ctx, RetryRequest(job=job, from_rung=from_rung), as_json)
+    emit(data, as_json) if as_json else click.echo(f"{data['id']}: queued on rung {data['rung']}")
+
+
+@main.command()
+@click.argument("job")
+@click.argument("value", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def priority(ctx, job, value, as_json) -> None:
+    """Set JOB's queue priority (higher runs first)."""
+    from loractl.protocol import PriorityRequest
+
+    data = call(ctx, PriorityRequest(job=job, priority=value), as_json)
+    emit(data, as_json) if as_json else click.echo(f"{data['id']}: priority {data['priority']}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history(ctx, job, as_json) -> None:
+    """JOB's events: transitions, crashes and their causes, ladder steps."""
+    from loractl.client.render import history_table
+    from loractl.protocol import HistoryRequest
+
+    data = call(ctx, HistoryRequest(job=job), as_json)
+    emit(data, as_json) if as_json else click.echo(history_table(data["events"]))
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ladder(ctx, job, as_json) -> None:
+    """JOB's fallback rungs, with the peak memory measured on each."""
+    from loractl.client.render import ladder_table
+    from loractl.protocol import LadderRequest
+
+    data = call(ctx, LadderRequest(job=job), as_json)
+    emit(data, as_json) if as_json else click.echo(ladder_table(data["ladder"], data["rung"]))
+
+
+@main.command()
+@click.option("--adapters", is_flag=True, help="Also delete the finished jobs' adapters.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def clean(ctx, adapters, as_json) -> None:
+    """Forget finished jobs (completed, failed, cancelled); keeps adapters unless asked."""
+    from loractl.protocol import CleanRequest
+
+    data = call(ctx, CleanRequest(adapters=adapters), as_json)
+    emit(data, as_json) if as_json else click.echo(f"removed {len(data['removed'])} jobs")
+
+
+@main.command()
+@click.argument("job")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("--lines", "-n", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Raw JSON log records.")
+@click.pass_context
+def logs(ctx, job, follow, lines, as_json) -> None:
+    """JOB's training log (structlog records, one per step, checkpoint and evaluation)."""
+    from loractl.client.logs import follow_log, tail_log
+    from loractl.protocol import ShowRequest
+
+    data = call(ctx, ShowRequest(job=job), as_json)["job"]
+    log_path = Path(data["adapter_path"]) / "train.log"
+    for line in tail_log(log_path, lines, as_json):
+        click.echo(line)
+    if follow:
+        try:
+            for line in follow_log(log_path, as_json):
+                click.echo(line)
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.pass_context
+def watch(ctx, job) -> None:
+    """A live view of JOB (or of whatever runs): progress, loss, tok/s, memory, rung, ETA."""
+    from loractl.client.watch import run_watch
+
+    sys.exit(run_watch(ctx.obj, job))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell) -> None:
+    """Print the shell completion script: eval "$(loractl completion zsh)"."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "_LORACTL_COMPLETE": f"{shell}_source"}
+    result = subprocess.run([sys.argv[0]], env=env, capture_output=True, text=True)
+    click.echo(result.stdout, nl=False)
 
 
 @main.group()

@@ -26,7 +26,7 @@ class DaemonNotRunning(RuntimeError):
         home = f" --home {layout.home}" if "LORACTL_HOME" not in __import__("os").environ else ""
         super().__init__(
             f"the loractl daemon is not running for {layout.home}; start it with "
-            f"`loractl{home} daemon run` (or `loractl daemon install` to keep it running)"
+            f"`loractl{home} daemon run`"
         )
 
 

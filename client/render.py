@@ -98,3 +98,29 @@ def job_details(job: dict[str, Any]) -> str:
     if job.get("use_with"):
         lines.append(f"  use with: {job['use_with']}")
     return "\n".join(lines)
+
+
+def history_table(events: list[dict[str, Any]]) -> str:
+    import datetime
+
+    lines = []
+    for event in events:
+        when = datetime.datetime.fromtimestamp(event["at"]).strftime("%Y-%m-%d %H:%M:%S")
+        move = f"{event['from_state']} -> {event['to_state']}" if event.get("to_state") else ""
+        detail = event.get("detail") or {}
+        extra = ", ".join(f"{k}={v}" for k, v in detail.items() if k not in ("crashes",))
+        lines.append(
+            f"{when}  {event['kind']:<14} {move:<24} rung {event.get('rung')} "
+            f"step {event.get('step')}  {event.get('cause') or ''} {extra}".rstrip()
+        )
+    return "\n".join(lines) or "no events"
+
+
+def ladder_table(ladder: list[dict[str, Any]], current: int) -> str:
+    lines = []
+    for rung in ladder:
+        peak = rung.get("peak_memory_mb")
+        marker = "->" if rung["rung"] == current else "  "
+        shown = f"peak {peak:.0f} MB" if peak else "not run yet"
+        lines.append(f"{marker} rung {rung['rung']}: {rung['change']:<40} {shown}")
+    return "\n".join(lines)

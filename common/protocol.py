@@ -293,3 +293,53 @@ class ShowRequest(Request):
 @dataclass
 class ShutdownRequest(Request):
     TYPE: ClassVar[str] = "shutdown"
+
+
+@dataclass
+class JobRequest(Request):
+    """A request about one job, named by id, unique id prefix or name."""
+
+    job: str = ""
+
+
+@dataclass
+class CancelRequest(JobRequest):
+    TYPE: ClassVar[str] = "cancel"
+
+
+@dataclass
+class PauseRequest(JobRequest):
+    TYPE: ClassVar[str] = "pause"
+
+
+@dataclass
+class ResumeRequest(JobRequest):
+    TYPE: ClassVar[str] = "resume"
+
+
+@dataclass
+class RetryRequest(JobRequest):
+    TYPE: ClassVar[str] = "retry"
+    from_rung: int | None = None
+
+
+@dataclass
+class PriorityRequest(JobRequest):
+    TYPE: ClassVar[str] = "priority"
+    priority: int = 0
+
+
+@dataclass
+class HistoryRequest(JobRequest):
+    TYPE: ClassVar[str] = "history"
+
+
+@dataclass
+class LadderRequest(JobRequest):
+    TYPE: ClassVar[str] = "ladder"
+
+
+@dataclass
+class CleanRequest(Request):
+    TYPE: ClassVar[str] = "clean"
+    adapters: bool = False

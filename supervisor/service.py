@@ -37,12 +37,20 @@ from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import footprint_mb, total_mb
 from loractl.paths import Layout
 from loractl.protocol import (
+    CancelRequest,
+    CleanRequest,
     ErrorCode,
     Heartbeat,
+    HistoryRequest,
+    LadderRequest,
     ListRequest,
     Message,
+    PauseRequest,
+    PriorityRequest,
     ProtocolError,
     Reply,
+    ResumeRequest,
+    RetryRequest,
     ShowRequest,
     ShutdownRequest,
     StatusRequest,
@@ -60,7 +68,15 @@ from loractl.supervisor.ladder import (
     rung_overrides,
 )
 from loractl.supervisor.pressure import Pressure, cgroup_oom_kill_count, read_system_memory
-from loractl.supervisor.store import Job, JobNotFound, JobState, Store, new_job_id
+from loractl.supervisor.store import (
+    TERMINAL,
+    InvalidState,
+    Job,
+    JobNotFound,
+    JobState,
+    Store,
+    new_job_id,
+)
 
 log = structlog.get_logger("loractl.supervisor")
 
@@ -160,6 +176,14 @@ class Supervisor:
             SubmitRequest: self.handle_submit,
             ShowRequest: self.handle_show,
             ShutdownRequest: self.handle_shutdown,
+            CancelRequest: self.handle_cancel,
+            PauseRequest: self.handle_pause,
+            ResumeRequest: self.handle_resume,
+            RetryRequest: self.handle_retry,
+            PriorityRequest: self.handle_priority,
+            HistoryRequest: self.handle_history,
+            LadderRequest: self.handle_ladder,
+            CleanRequest: self.handle_clean,
         }
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -685,10 +709,17 @@ class Supervisor:
             self.publish("job", job_id=job.id, state="completed")
             return
         if verdict.cause == Cause.STOPPED:
-            target = {
-                "shutdown": (JobState.QUEUED, "supervisor shutting down; will resume"),
-            }.get(trainer.stop_reason, (JobState.QUEUED, "stopped"))
-            self.store.transition(job.id, target[0], target[1])
+            if trainer.stop_reason == "user-pause":
+                self.store.transition(job.id, JobState.PAUSED, "paused by the user; checkpointed")
+            elif trainer.stop_reason == "user-cancel":
+                self.store.transition(
+                    job.id, JobState.CANCELLED, "cancelled by the user", outcome="cancelled"
+                )
+            else:
+                self.store.transition(
+                    job.id, JobState.QUEUED, "supervisor shutting down; will resume"
+                )
+            self.publish("job", job_id=job.id, state=str(self.store.get(job.id).state))
             return
         crash = {
             "cause": str(verdict.cause),
@@ -817,7 +848,9 @@ class Supervisor:
         try:
             return handler(request)
         except JobNotFound as exc:
-            return Reply.failure(request.id, ErrorCode.NOT_FOUND, str(exc.args[0]))
+            return Reply.failure(request.id, ErrorCode.NOT_FOUND, str(exc))
+        except InvalidState as exc:
+            return Reply.failure(request.id, ErrorCode.INVALID_STATE, str(exc))
         except (ConfigError, ValueError) as exc:
             return Reply.failure(request.id, ErrorCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a handler bug must not take the daemon down
@@ -878,6 +911,89 @@ class Supervisor:
         job = self.store.resolve(request.job)
         return Reply.success(request.id, job=self.describe(job))
 
+    def _running(self, job: Job) -> bool:
+        return self.trainer is not None and self.trainer.job_id == job.id
+
+    def handle_cancel(self, request: CancelRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        if self._running(job):
+            self.stop_trainer("user-cancel", grace=self.settings.stop_grace_s)
+            return Reply.success(request.id, id=job.id, state="stopping")
+        job = self.store.transition(
+            job.id, JobState.CANCELLED, "cancelled by the user", outcome="cancelled"
+        )
+        self.publish("job", job_id=job.id, state="cancelled")
+        return Reply.success(request.id, id=job.id, state=str(job.state))
+
+    def handle_pause(self, request: PauseRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        if self._running(job):
+            self.stop_trainer("user-pause", grace=self.settings.stop_grace_s)
+            return Reply.success(request.id, id=job.id, state="stopping")
+        job = self.store.transition(job.id, JobState.PAUSED, "paused by the user")
+        return Reply.success(request.id, id=job.id, state=str(job.state))
+
+    def handle_resume(self, request: ResumeRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        job = self.store.transition(
+            job.id, JobState.QUEUED, "resumed by the user; continues from its checkpoint"
+        )
+        return Reply.success(request.id, id=job.id, state=str(job.state))
+
+    def handle_retry(self, request: RetryRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        rung = job.rung if request.from_rung is None else request.from_rung
+        cfg = self._load_job_config(job)
+        if not 0 <= rung < rung_count(cfg):
+            raise ValueError(
+                f"rung {rung} does not exist; this job has rungs 0-{rung_count(cfg) - 1}"
+            )
+        job = self.store.transition(
+            job.id,
+            JobState.QUEUED,
+            f"retried by the user from rung {rung}",
+            rung=rung,
+            retries_on_rung=0,
+            early_deaths=0,
+            outcome=None,
+            reason="",
+        )
+        return Reply.success(request.id, id=job.id, state=str(job.state), rung=rung)
+
+    def handle_priority(self, request: PriorityRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        job = self.store.set_priority(job.id, request.priority)
+        return Reply.success(request.id, id=job.id, priority=job.priority)
+
+    def handle_history(self, request: HistoryRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        return Reply.success(request.id, id=job.id, events=self.store.events(job.id))
+
+    def handle_ladder(self, request: LadderRequest) -> Reply:
+        job = self.store.resolve(request.job)
+        described = self.describe(job)
+        return Reply.success(request.id, id=job.id, rung=job.rung, ladder=described["ladder"])
+
+    def handle_clean(self, request: CleanRequest) -> Reply:
+        import shutil
+
+        removed = []
+        for job in self.store.list(set(TERMINAL)):
+            folder = Path(job.job_dir)
+            if folder.is_dir() and folder.parent == self.layout.jobs:
+                for entry in folder.iterdir():
+                    if entry.name == "adapters" and not request.adapters:
+                        continue  # the adapters are what the user trained for
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                if request.adapters or not any(folder.iterdir()):
+                    shutil.rmtree(folder, ignore_errors=True)
+            self.store.delete(job.id)
+            removed.append(job.id)
+        return Reply.success(request.id, removed=removed, adapters_removed=request.adapters)
+
     def handle_shutdown(self, request: ShutdownRequest) -> Reply:
         self.shutdown_requested = True
         return Reply.success(request.id, pid=os.getpid())
@@ -930,6 +1046,7 @@ class Supervisor:
                 else None
             ),
             "job_dir": job.job_dir,
+            "budget_mb": round(self._budget(cfg), 1) if "error" not in effective else None,
             "last_checkpoint_step": job.last_checkpoint_step,
             "history": self.store.events(job.id),
         }

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from loractl.client.cli import main, overrides_from_flags, parse_assignments, schema_flags
+from loractl.client.cli import main
+from loractl.client.train_cmd import overrides_from_flags, parse_assignments, schema_flags
 from loractl.config import load_config
 from loractl.protocol import ExitCode
 
@@ -57,7 +58,7 @@ def test_every_scalar_schema_field_is_a_train_flag_that_reaches_the_config(job, 
     assert {"batch_size", "max_seq_length", "grad_accumulation_steps", "memory_budget_mb"} <= {
         info.name for info in flags
     }
-    option_names = {p.name for p in main.commands["train"].params}
+    option_names = {p.name for p in main.get_command(None, "train").params}
     for info in flags:
         assert info.name in option_names
         raw, expected = flag_value(info, tmp_path)
@@ -103,7 +104,7 @@ def test_version_json():
 def test_the_client_imports_no_mlx():
     """Importing the CLI and building its commands pulls in neither mlx nor mlx_lm."""
     code = (
-        "import sys, loractl.client.cli as c; c.schema_flags(); "
+        "import sys, loractl.client.cli as c, loractl.client.train_cmd as t; t.schema_flags(); "
         "print([m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
