@@ -1,0 +1,530 @@
+"""`loractl watch`: a live terminal view of one job, or of whatever job is running.
+
+Three layers, so the view can be tested without a daemon or a terminal: ``WatchState`` folds
+events and control replies into a plain snapshot dict (no I/O), ``render`` turns a snapshot
+into a rich renderable (no I/O), and ``run_watch`` does the sockets, the polling and the
+terminal. Nothing here imports mlx.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from loractl.paths import Layout
+from loractl.protocol import MAX_MESSAGE_BYTES, ClientExit, ErrorCode
+
+TERMINAL = ("completed", "failed", "cancelled")
+ACTIVE = ("starting", "running")
+# The supervisor publishes events as they happen, but a SUB socket silently drops what it
+# missed (slow joiner, reconnects), so the control channel is asked again this often.
+REPOLL_S = 2.0
+REQUEST_TIMEOUT_S = 1.0
+# Long enough to smooth out evaluation and checkpoint pauses, short enough to follow a rung
+# change that makes each step slower.
+RATE_WINDOW_S = 60.0
+MAX_CRASHES_SHOWN = 3
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+
+
+def examples_rate(samples: list[tuple[float, int]]) -> float | None:
+    """Examples per second over the samples (time, examples_seen), or None if unknown."""
+    if len(samples) < 2:
+        return None
+    (t0, n0), (t1, n1) = samples[0], samples[-1]
+    if t1 <= t0 or n1 <= n0:
+        return None
+    return (n1 - n0) / (t1 - t0)
+
+
+def eta_seconds(seen: int, total: int, rate: float | None) -> float | None:
+    if not rate or not total or seen >= total:
+        return None
+    return (total - seen) / rate
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} MB"
+
+
+def job_budget_mb(job: dict[str, Any]) -> float | None:
+    """The budget the supervisor enforces; older daemons only have it in the config."""
+    budget = job.get("budget_mb")
+    if budget is None:
+        budget = (job.get("effective_config") or {}).get("memory_budget_mb")
+    return budget
+
+
+def _state_style(state: str) -> str:
+    return {
+        "running": "bold green",
+        "starting": "green",
+        "completed": "bold green",
+        "failed": "bold red",
+        "cancelled": "yellow",
+        "paused": "yellow",
+        "queued": "cyan",
+    }.get(state, "bold")
+
+
+def _pressure_text(pressure: str) -> Text:
+    style = {"normal": "green", "warn": "yellow", "critical": "bold red"}.get(pressure, "")
+    return Text.assemble("memory pressure ", (pressure, style))
+
+
+def _memory_text(footprint: float | None, budget: float | None, peak: float | None) -> Text:
+    text = Text(_mb(footprint))
+    if budget:
+        ratio = (footprint or 0) / budget
+        style = "green" if ratio < 0.8 else "yellow" if ratio < 0.95 else "bold red"
+        text = Text.assemble(
+            (_mb(footprint), style), f" / {_mb(budget)} budget", (f" ({ratio:.0%})", style)
+        )
+    else:
+        text.append(" (no budget)")
+    if peak is not None:
+        text.append(f"  ·  MLX peak {_mb(peak)}")
+    return text
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def render(snapshot: dict[str, Any]) -> RenderableType:
+    """The whole view for one snapshot (see ``WatchState.snapshot`` for its keys)."""
+    job = snapshot.get("job")
+    footer = Text("Ctrl-C to quit", style="dim")
+    if snapshot.get("daemon_lost"):
+        footer = Text.assemble(("daemon not answering; retrying", "bold red"), "  ·  ", footer)
+    elif snapshot.get("heartbeat_age_s") is not None:
+        footer.append(f"  ·  heartbeat {snapshot['heartbeat_age_s']:.1f}s ago")
+    if job is None:
+        return Panel(_idle(snapshot), title="loractl watch", subtitle=footer, expand=True)
+    title = Text.assemble(
+        "job ", (job.get("id", "?"), "bold"), f" ({job.get('name', '?')})  ", _state_line(snapshot)
+    )
+    return Panel(_job_table(snapshot), title=title, subtitle=footer, expand=True)
+
+
+def _state_line(snapshot: dict[str, Any]) -> Text:
+    job = snapshot["job"]
+    state = job.get("state", "?")
+    text = Text(state, style=_state_style(state))
+    beat = snapshot.get("heartbeat")
+    if beat and state in ACTIVE and beat.get("phase"):
+        text.append(f" ({beat['phase']})")
+    return text
+
+
+def _idle(snapshot: dict[str, Any]) -> RenderableType:
+    lines: list[RenderableType] = [Text("idle: no job is running", style="bold")]
+    queue = snapshot.get("queue") or {}
+    if queue:
+        counts = ", ".join(f"{count} {state}" for state, count in sorted(queue.items()))
+        lines.append(Text(f"jobs: {counts}"))
+    if snapshot.get("pressure"):
+        lines.append(Text.assemble("system ", _pressure_text(snapshot["pressure"])))
+    last = snapshot.get("last_job")
+    if last:
+        lines.append(
+            Text.assemble(
+                f"last job {last.get('id')} ({last.get('name')}): ",
+                (last.get("state", "?"), _state_style(last.get("state", ""))),
+            )
+        )
+    if snapshot.get("message"):
+        lines.append(Text(snapshot["message"], style="yellow"))
+    return Group(*lines)
+
+
+def _job_table(snapshot: dict[str, Any]) -> Table:
+    job = snapshot["job"]
+    beat = snapshot.get("heartbeat") or {}
+    progress = job.get("progress") or {}
+    seen = beat.get("examples_seen", progress.get("examples_seen")) or 0
+    total = beat.get("total_examples") or progress.get("total_examples") or 0
+    step = beat.get("step", progress.get("step"))
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+
+    rung = job.get("rung", 0)
+    ladder = job.get("ladder") or []
+    change = next((r.get("change") for r in ladder if r.get("rung") == rung), None)
+    rung_text = Text(str(rung))
+    if change:
+        rung_text.append(f": {change}", style="cyan" if rung else "")
+    below = len(ladder) - 1 - rung
+    if below > 0:
+        rung_text.append(f"  ({below} cheaper rung{'s' if below > 1 else ''} left)", style="dim")
+    grid.add_row("rung", rung_text)
+
+    bar = ProgressBar(total=total or None, completed=seen, width=40)
+    percent = f"{100 * seen / total:.0f}%" if total else "-"
+    counts = Text(f" {percent}  {seen:,}/{total:,} examples" if total else f" {seen:,} examples")
+    if step is not None:
+        counts.append(f"  ·  step {step}")
+    row = Table.grid()
+    row.add_row(bar, counts)
+    grid.add_row("progress", row)
+
+    loss = beat.get("loss")
+    loss_text = Text("-" if loss is None else f"{loss:.3f}")
+    if snapshot.get("val_loss") is not None:
+        loss_text.append(f"  (val {snapshot['val_loss']:.3f})")
+    grid.add_row("loss", loss_text)
+
+    speed = Text(f"{beat.get('tokens_per_sec') or 0:,.0f} tok/s")
+    if snapshot.get("rate"):
+        speed.append(f"  ·  {snapshot['rate']:.2f} examples/s")
+    if beat.get("step_seconds"):
+        speed.append(f"  ·  {beat['step_seconds']:.2f} s/step")
+    grid.add_row("speed", speed)
+    grid.add_row("ETA", format_duration(snapshot.get("eta_s")))
+
+    peaks = job.get("peak_memory_mb") or {}
+    memory = _memory_text(beat.get("footprint_mb"), job_budget_mb(job), beat.get("mlx_peak_mb"))
+    if peaks.get(str(rung)) is not None:
+        memory.append(f"  ·  rung peak {_mb(peaks[str(rung)])}")
+    grid.add_row("memory", memory)
+    if snapshot.get("pressure"):
+        grid.add_row("system", _pressure_text(snapshot["pressure"]))
+
+    checkpoint = beat.get("last_checkpoint_step")
+    if checkpoint is None:
+        checkpoint = job.get("last_checkpoint_step")
+    grid.add_row("checkpoint", "none yet" if checkpoint is None else f"step {checkpoint}")
+
+    crashes = job.get("crashes") or []
+    if crashes:
+        lines = Text()
+        for crash in crashes[-MAX_CRASHES_SHOWN:]:
+            if lines:
+                lines.append("\n")
+            lines.append(f"step {crash.get('step')} rung {crash.get('rung')}: ")
+            lines.append(str(crash.get("cause")), style="red")
+            if crash.get("explanation"):
+                lines.append(f" - {crash['explanation']}")
+        hidden = len(crashes) - MAX_CRASHES_SHOWN
+        label = f"crashes ({len(crashes)})" if hidden > 0 else "crashes"
+        grid.add_row(label, lines)
+    if job.get("state") in TERMINAL and job.get("reason"):
+        grid.add_row("reason", Text(job["reason"].splitlines()[0]))
+    if job.get("state") == "completed" and job.get("adapter_path"):
+        grid.add_row("adapters", job["adapter_path"])
+    if snapshot.get("message"):
+        grid.add_row("", Text(snapshot["message"], style="yellow"))
+    return grid
+
+
+# -- state: events and replies folded into a snapshot ----------------------------------------
+
+
+class WatchState:
+    """What the view knows. Fed by events and control replies; no I/O of its own."""
+
+    def __init__(self, job_ref: str | None):
+        self.job_ref = job_ref
+        self.follow = job_ref is None
+        self.job: dict[str, Any] | None = None
+        self.last_job: dict[str, Any] | None = None
+        self.running: str | None = None
+        self.pressure: str | None = None
+        self.queue: dict[str, int] = {}
+        self.heartbeat: dict[str, Any] | None = None
+        self.heartbeat_at: float | None = None
+        self.val_loss: float | None = None
+        self.samples: deque[tuple[float, int]] = deque()
+        self.daemon_lost = False
+        self.message = ""
+
+    @property
+    def job_id(self) -> str | None:
+        return self.job.get("id") if self.job else None
+
+    def target(self) -> str | None:
+        """The job to ask about: the named one, else the running one, else the last one
+        until it ends (so a job waiting out a crash backoff does not flicker to idle)."""
+        if not self.follow:
+            return self.job_id or self.job_ref
+        if self.running:
+            return self.running
+        if self.job and self.job.get("state") not in TERMINAL:
+            return self.job_id
+        return None
+
+    def _switch(self, job_id: str) -> None:
+        if self.job is not None and self.job_id != job_id:
+            self.last_job = self.job
+        self.job = {"id": job_id, "name": "?", "state": "starting"}
+        self.heartbeat = None
+        self.heartbeat_at = None
+        self.val_loss = None
+        self.samples.clear()
+
+    def apply_status(self, data: dict[str, Any]) -> None:
+        self.daemon_lost = False
+        self.running = data.get("running")
+        self.pressure = data.get("pressure")
+        self.queue = data.get("jobs") or {}
+        if self.follow:
+            if self.running and self.running != self.job_id:
+                self._switch(self.running)
+            elif not self.running and self.target() is None and self.job is not None:
+                self.last_job, self.job = self.job, None
+
+    def apply_show(self, job: dict[str, Any]) -> None:
+        self.daemon_lost = False
+        self.message = ""
+        if self.job_id and job.get("id") != self.job_id:
+            self._switch(job["id"])
+        self.job = job
+        if self.follow and job.get("state") in TERMINAL and not self.running:
+            self.last_job, self.job = job, None
+
+    def apply_event(self, topic: str, data: dict[str, Any], now: float) -> bool:
+        """Fold in one published event; True when the picture changed enough to re-poll."""
+        job_id = data.get("job_id")
+        if topic == "heartbeat":
+            if self.follow and job_id and job_id != self.job_id:
+                self._switch(job_id)
+                self.running = job_id
+                return True
+            if job_id != self.job_id:
+                return False
+            self.heartbeat, self.heartbeat_at = data, now
+            self._sample(now, int(data.get("examples_seen") or 0))
+            return False
+        if topic == "job":
+            state = data.get("state")
+            if self.follow and state in ACTIVE and job_id and job_id != self.job_id:
+                self._switch(job_id)
+                self.running = job_id
+                return True
+            if job_id == self.job_id and self.job is not None:
+                self.job = {**self.job, "state": state}
+                return True
+            return False
+        if topic == "crash":
+            if job_id == self.job_id and self.job is not None:
+                crash = {k: v for k, v in data.items() if k != "job_id"}
+                self.job = {**self.job, "crashes": [*(self.job.get("crashes") or []), crash]}
+                self.heartbeat = None
+                self.samples.clear()
+                return True
+            return False
+        if topic == "trainer_event" and job_id == self.job_id and self.job is not None:
+            kind = data.get("kind")
+            detail = data.get("detail") or {}
+            if kind == "eval" and detail.get("val_loss") is not None:
+                self.val_loss = detail["val_loss"]
+            beat = self.heartbeat
+            if beat is not None and (data.get("step") or 0) > (beat.get("step") or 0):
+                # Heartbeats come about once a second; an event can be several steps newer.
+                seen = max(data.get("examples_seen") or 0, beat.get("examples_seen") or 0)
+                self.heartbeat = {**beat, "step": data["step"], "examples_seen": seen}
+            if kind == "checkpoint" and self.heartbeat is not None:
+                self.heartbeat = {**self.heartbeat, "last_checkpoint_step": data.get("step")}
+            return kind in ("done", "stopped", "error")
+        return False
+
+    def _sample(self, now: float, seen: int) -> None:
+        # A restart from a checkpoint rewinds examples_seen: the old rate no longer applies.
+        if self.samples and seen < self.samples[-1][1]:
+            self.samples.clear()
+        self.samples.append((now, seen))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_S:
+            self.samples.popleft()
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        beat = self.heartbeat
+        rate = examples_rate(list(self.samples))
+        eta = None
+        if self.job is not None and self.job.get("state") in ACTIVE:
+            progress = self.job.get("progress") or {}
+            seen = (beat or progress).get("examples_seen") or 0
+            total = (beat or {}).get("total_examples") or progress.get("total_examples") or 0
+            eta = eta_seconds(seen, total, rate)
+        active = self.job is not None and self.job.get("state") in ACTIVE
+        return {
+            "job": self.job,
+            "heartbeat": beat if active else None,
+            "heartbeat_age_s": (
+                now - self.heartbeat_at if active and self.heartbeat_at is not None else None
+            ),
+            "rate": rate if active else None,
+            "eta_s": eta,
+            "val_loss": self.val_loss,
+            "pressure": self.pressure,
+            "queue": self.queue,
+            "last_job": self.last_job,
+            "daemon_lost": self.daemon_lost,
+            "message": self.message,
+        }
+
+    def outcome(self) -> int | None:
+        """The exit code once the watched job has ended, else None."""
+        job = self.job if self.job is not None else (self.last_job if self.follow else None)
+        if job is None or job.get("state") not in TERMINAL:
+            return None
+        return int(ClientExit.OK if job["state"] == "completed" else ClientExit.JOB_FAILED)
+
+
+# -- the I/O loop ----------------------------------------------------------------------------
+
+
+def _poll(layout: Layout, state: WatchState) -> None:
+    from loractl.client.control import request
+    from loractl.protocol import ShowRequest, StatusRequest
+
+    state.apply_status(request(layout, StatusRequest(), timeout=REQUEST_TIMEOUT_S).data)
+    target = state.target()
+    if target:
+        reply = request(layout, ShowRequest(job=target), timeout=REQUEST_TIMEOUT_S)
+        state.apply_show(reply.data["job"])
+
+
+def _subscribe(layout: Layout):
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    # LINGER 0: quitting must never wait on the socket; MAXMSGSIZE: the view trusts nobody.
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    for topic in (b"heartbeat", b"job", b"crash", b"trainer_event"):
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+    sock.connect(layout.events)
+    return sock
+
+
+def _drain(sock, state: WatchState, now: float, limit: int = 500) -> bool:
+    """Apply every queued event (bounded, so a flood cannot starve the screen)."""
+    import zmq
+
+    repoll = False
+    for _ in range(limit):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        if len(frames) != 2:
+            continue
+        try:
+            data = json.loads(frames[1])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict):
+            repoll |= state.apply_event(frames[0].decode("ascii", "replace"), data, now)
+    return repoll
+
+
+def run_watch(
+    layout: Layout,
+    job_ref: str | None,
+    *,
+    console: Console | None = None,
+    refresh_per_second: float = 4,
+    exit_when_done: bool = False,
+) -> int:
+    """Show JOB (or the running job) live until Ctrl-C; returns the process exit code.
+
+    0 on Ctrl-C; 3 if the daemon is not running; 4 if JOB does not exist. With
+    ``exit_when_done``, 0 once the job completes and 1 once it fails or is cancelled.
+    """
+    from rich.live import Live
+
+    from loractl.client.control import DaemonNotRunning, RequestFailed
+
+    console = console or Console()
+    errors = console if console.file is not sys.stdout else Console(stderr=True)
+    state = WatchState(job_ref)
+    sock = None
+    try:
+        # Subscribe before the first poll, so nothing between the two goes unseen.
+        sock = _subscribe(layout)
+        try:
+            _poll(layout, state)
+        except DaemonNotRunning as exc:
+            errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
+            return int(ClientExit.DAEMON_NOT_RUNNING)
+        except RequestFailed as exc:
+            errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
+            if exc.code == ErrorCode.NOT_FOUND:
+                return int(ClientExit.NOT_FOUND)
+            return int(ClientExit.REFUSED)
+        except RuntimeError as exc:
+            errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
+            return int(ClientExit.REFUSED)
+        period = 1.0 / max(refresh_per_second, 0.5)
+        next_poll = time.monotonic() + REPOLL_S
+        with Live(
+            render(state.snapshot(time.monotonic())),
+            console=console,
+            refresh_per_second=refresh_per_second,
+            transient=False,
+        ) as live:
+            while True:
+                if exit_when_done and (code := state.outcome()) is not None:
+                    live.update(render(state.snapshot(time.monotonic())), refresh=True)
+                    return code
+                wait = max(0.0, min(period, next_poll - time.monotonic()))
+                repoll = False
+                if sock.poll(int(wait * 1000)):
+                    repoll = _drain(sock, state, time.monotonic())
+                now = time.monotonic()
+                if repoll or now >= next_poll:
+                    next_poll = now + REPOLL_S
+                    try:
+                        _poll(layout, state)
+                    except DaemonNotRunning:
+                        state.daemon_lost = True
+                    except RuntimeError as exc:  # a refusal or another protocol version
+                        state.message = str(exc)
+                live.update(render(state.snapshot(time.monotonic())))
+    except KeyboardInterrupt:
+        # Live's context manager has already put the cursor back; Ctrl-C is the normal exit.
+        return int(ClientExit.OK)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the view without the click CLI: ``python -c 'from loractl.client.watch import
+    main; main()' [--home HOME] [JOB]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="loractl-watch", description="A live view of a job.")
+    parser.add_argument("--home", default=None, help="loractl's state folder")
+    parser.add_argument("job", nargs="?", default=None, help="job id, id prefix or name")
+    args = parser.parse_args(argv)
+    sys.exit(run_watch(Layout.at(args.home), args.job))
+
+
+if __name__ == "__main__":
+    main()
