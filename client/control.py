@@ -10,6 +10,7 @@ import zmq
 
 from loractl.paths import Layout
 from loractl.protocol import (
+    MAX_REPLY_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
@@ -54,7 +55,7 @@ def request(layout: Layout, message: Request, timeout: float = DEFAULT_TIMEOUT_S
     finally:
         sock.close()
     try:
-        reply = decode(frame)
+        reply = decode(frame, limit=MAX_REPLY_BYTES)
     except ProtocolError as exc:
         if exc.code == ErrorCode.VERSION_MISMATCH:
             raise RuntimeError(

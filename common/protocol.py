@@ -18,8 +18,10 @@ from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 
-# A heartbeat is a few hundred bytes; anything near this size is garbage or an attack.
+# A request or heartbeat is a few hundred bytes; anything near this size is garbage or an
+# attack. Replies (a 500-job list, a long history) come from the trusted side and may be big.
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
 class ErrorCode(IntEnum):
@@ -201,12 +203,10 @@ def _check_type(kind: str, spec, value: Any) -> None:
         raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {spec.name} has the wrong type")
 
 
-def decode(frame: bytes) -> Message:
+def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> Message:
     """Turn one frame into a message, or raise ProtocolError saying exactly why not."""
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}"
-        )
+    if len(frame) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(frame)} bytes exceeds {limit}")
     try:
         data = json.loads(frame)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -108,13 +108,19 @@ class Settings:
     # A file holding a kern.memorystatus_vm_pressure_level value (1, 2 or 4): a stand-in for
     # sysctl, which cannot exist off macOS, so tests can drive the memory guard.
     pressure_level_file: str = ""
+    # Accept and queue jobs but start none (maintenance, or testing the intake on its own).
+    hold_queue: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
         values = {}
         for name, spec in cls.__dataclass_fields__.items():
             raw = os.environ.get(f"LORACTL_{name.upper()}")
-            if raw is not None:
+            if raw is None:
+                continue
+            if isinstance(spec.default, bool):
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
                 values[name] = type(spec.default)(raw)
         return cls(**values)
 
@@ -234,8 +240,25 @@ class Supervisor:
             file=sys.stderr,
             flush=True,
         )
+        from loractl.supervisor.inbox import Inbox
+
+        def wake() -> None:
+            try:
+                wake_write.send(b"\0")
+            except BlockingIOError:
+                pass  # the loop is already due to wake up
+
+        self.inbox = Inbox(
+            self.layout.inbox,
+            self.layout.home,
+            enqueue=self.enqueue_claimed,
+            is_known=self._known_job,
+            new_id=new_job_id,
+            wake=wake,
+        )
         try:
             self.recover()
+            self.inbox.start()
             while not self._finished_shutdown():
                 ready = dict(poller.poll(int(self.settings.tick_s * 1000)))
                 if wake_read in ready or wake_read.fileno() in ready:
@@ -249,6 +272,7 @@ class Supervisor:
                     self.drain_control()
                 self.tick()
         finally:
+            self.inbox.stop()
             signal.set_wakeup_fd(-1)
             wake_read.close()
             wake_write.close()
@@ -323,13 +347,15 @@ class Supervisor:
     def tick(self) -> None:
         now = time.monotonic()
         self.reap()
+        for result in self.inbox.poll():
+            self._report_intake(result)
         if self.trainer is not None:
             if now >= self._next_guard:
                 self._next_guard = now + self.settings.guard_interval_s
                 self.guard_memory()
             self.check_liveness()
             self.escalate_stop()
-        if self.shutdown_requested:
+        if self.shutdown_requested or self.settings.hold_queue:
             return
         for job in self.store.list({JobState.BACKOFF}):
             if now >= self._backoff_until.get(job.id, 0.0) and self.trainer is None:
@@ -888,11 +914,44 @@ class Supervisor:
         job = self.enqueue(source, cfg, priority=request.priority)
         return Reply.success(request.id, id=job.id, name=job.name, state=str(job.state))
 
-    def enqueue(self, source: Path, cfg: JobConfig, priority: int | None = None) -> Job:
-        """Store a normalized copy of the config in a job folder, then queue the job."""
-        job_id = new_job_id()
+    def _known_job(self, job_id: str) -> bool:
+        try:
+            self.store.get(job_id)
+            return True
+        except JobNotFound:
+            return False
+
+    def enqueue_claimed(self, job_id: str, claimed: Path, cfg: JobConfig) -> None:
+        """The inbox's way in: idempotent per job id, so a crash mid-intake never doubles."""
+        if not self._known_job(job_id):
+            self.enqueue(claimed, cfg, job_id=job_id)
+
+    def _report_intake(self, result) -> None:
+        from loractl.supervisor.inbox import Accepted
+
+        if isinstance(result, Accepted):
+            log.info("inbox: queued", job=result.job_id, source=result.source)
+            self.publish("job", job_id=result.job_id, state="queued", source=result.source)
+        else:
+            log.warning("inbox: rejected", name=result.name, reason=result.reason)
+            self.publish("rejected", name=result.name, reason=result.reason)
+
+    def enqueue(
+        self, source: Path, cfg: JobConfig, priority: int | None = None, job_id: str | None = None
+    ) -> Job:
+        """Store a normalized copy of the config in a job folder, then queue the job.
+
+        Paths in the copy are absolute (the loader resolved them against the source's folder),
+        so the job no longer depends on where its file came from.
+        """
+        import shutil
+
+        job_id = job_id or new_job_id()
         folder = self.layout.job_dir(job_id)
         staging = folder.with_name(f".{job_id}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        if folder.exists():
+            shutil.rmtree(folder)  # left by a crash before the row was written: no job yet
         staging.mkdir(parents=True)
         data = cfg.to_dict()
         if not _sets_key(source, "adapter_path"):
