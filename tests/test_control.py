@@ -190,3 +190,21 @@ def test_fuzzed_frames_get_an_answer_and_the_daemon_keeps_serving(live, frame):
         sock.close()
     assert live.proc.poll() is None
     assert request(live.layout, StatusRequest(), timeout=5).ok
+
+
+def test_wrong_version_is_refused_by_name_and_counted(live):
+    """A request of another protocol version gets a VERSION_MISMATCH reply and is counted."""
+    before = request(live.layout, StatusRequest()).data["dropped_frames"]
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(live.layout.control)
+        sock.send(json.dumps({"type": "status", "id": "old", "v": PROTOCOL_VERSION + 1}).encode())
+        assert sock.poll(5000)
+        reply = decode(sock.recv())
+    finally:
+        sock.close()
+    assert not reply.ok and reply.error == ErrorCode.VERSION_MISMATCH
+    assert "protocol version" in reply.reason
+    assert request(live.layout, StatusRequest()).data["dropped_frames"] > before
