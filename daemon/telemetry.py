@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 import zmq
@@ -26,59 +26,30 @@ from loractl.protocol import (
     ProtocolError,
     TrainerCommand,
     TrainerEvent,
-    decode,
+    new_id,
 )
+from loractl.wire import drain
 
 log = structlog.get_logger("loractl.telemetry")
 
 
-@dataclass
-class Progress:
-    """What the loop last reported; plain attribute writes, read by the heartbeat thread."""
+# The loop's progress is a Heartbeat kept up to date in place (plain attribute writes, read by
+# the heartbeat thread), so the fields are declared once, in the protocol.
+Progress = Heartbeat
 
-    job_id: str = ""
-    attempt: int = 0
-    rung: int = 0
-    phase: str = "loading"
-    step: int = 0
-    examples_seen: int = 0
-    total_examples: int = 0
-    epoch: int = 0
-    loss: float | None = None
-    tokens_per_sec: float = 0.0
-    step_seconds: float | None = None
-    eval_seconds: float | None = None
-    mlx_active_mb: float = 0.0
-    mlx_peak_mb: float = 0.0
-    mlx_cache_mb: float = 0.0
-    last_checkpoint_step: int | None = None
 
-    def heartbeat(self) -> Heartbeat:
-        pid = os.getpid()
-        try:
-            footprint = footprint_mb(pid)
-        except Exception:  # a reading must never kill the heartbeat
-            footprint = 0.0
-        return Heartbeat(
-            job_id=self.job_id,
-            attempt=self.attempt,
-            pid=pid,
-            phase=self.phase,
-            step=self.step,
-            examples_seen=self.examples_seen,
-            total_examples=self.total_examples,
-            epoch=self.epoch,
-            loss=self.loss,
-            tokens_per_sec=self.tokens_per_sec,
-            step_seconds=self.step_seconds,
-            eval_seconds=self.eval_seconds,
-            mlx_active_mb=self.mlx_active_mb,
-            mlx_peak_mb=self.mlx_peak_mb,
-            mlx_cache_mb=self.mlx_cache_mb,
-            footprint_mb=footprint,
-            last_checkpoint_step=self.last_checkpoint_step,
-            rung=self.rung,
-        )
+def new_progress(job_id: str, attempt: int, rung: int) -> Heartbeat:
+    return Heartbeat(job_id=job_id, attempt=attempt, rung=rung, phase="loading", pid=os.getpid())
+
+
+def fresh_heartbeat(progress: Heartbeat) -> Heartbeat:
+    """A copy of the progress to send now, with a new id and a fresh footprint reading."""
+    pid = os.getpid()
+    try:
+        footprint = footprint_mb(pid)
+    except Exception:  # a reading must never kill the heartbeat
+        footprint = 0.0
+    return replace(progress, id=new_id(), pid=pid, footprint_mb=footprint, sent_at=time.time())
 
 
 @dataclass
@@ -157,10 +128,10 @@ class Telemetry:
                 self._flush_events(sock)
                 now = time.monotonic()
                 if now >= next_beat:
-                    self._send(sock, self.progress.heartbeat().encode())
+                    self._send(sock, fresh_heartbeat(self.progress).encode())
                     next_beat = now + self.interval
                 if self._closing.is_set():
-                    self._send(sock, self.progress.heartbeat().encode())
+                    self._send(sock, fresh_heartbeat(self.progress).encode())
                     self._flush_events(sock)
                     return
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
@@ -185,19 +156,13 @@ class Telemetry:
             self._send(sock, event.encode())
 
     def _receive(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = decode(frames[-1])
-            except ProtocolError as exc:
-                self.dropped_frames += 1
-                log.warning("dropped frame", reason=exc.reason)
-                continue
+        for _frames, message in drain(sock, self._drop):
             if isinstance(message, TrainerCommand):
                 log.info("command received", action=message.action)
                 self.requests.apply(message.action)
             else:
                 self.dropped_frames += 1
+
+    def _drop(self, error: ProtocolError) -> None:
+        self.dropped_frames += 1
+        log.warning("dropped frame", reason=error.reason)

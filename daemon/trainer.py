@@ -122,14 +122,14 @@ class TrainingSession:
         rung: int,
         show_progress: bool,
     ):
-        from loractl.daemon.telemetry import Progress, Requests, Telemetry
+        from loractl.daemon.telemetry import Requests, Telemetry, new_progress
 
         self.cfg = cfg
         self.base_cfg = base_cfg or cfg
         self.fresh = fresh
         self.rung = rung
         self.show_progress = show_progress
-        self.progress = Progress(job_id=job_id, attempt=attempt, rung=rung)
+        self.progress = new_progress(job_id, attempt, rung)
         self.requests = Requests()
         self.telemetry = Telemetry(
             telemetry_endpoint, self.progress, self.requests, cfg.heartbeat_interval

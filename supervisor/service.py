@@ -77,6 +77,7 @@ from loractl.supervisor.store import (
     Store,
     new_job_id,
 )
+from loractl.wire import drain
 
 log = structlog.get_logger("loractl.supervisor")
 
@@ -464,18 +465,12 @@ class Supervisor:
 
     # -- telemetry ------------------------------------------------------------------------
 
+    def _drop(self, error: ProtocolError) -> None:
+        self.dropped_frames += 1
+        log.warning("dropped telemetry frame", reason=error.reason)
+
     def drain_telemetry(self) -> None:
-        while True:
-            try:
-                frames = self.telemetry.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = decode(frames[-1])
-            except ProtocolError as exc:
-                self.dropped_frames += 1
-                log.warning("dropped telemetry frame", reason=exc.reason)
-                continue
+        for _frames, message in drain(self.telemetry, self._drop):
             trainer = self.trainer
             if trainer is None or getattr(message, "pid", None) != trainer.pid:
                 self._stray(message)
