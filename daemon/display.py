@@ -6,16 +6,6 @@ from __future__ import annotations
 import sys
 import time
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 PLAIN_EVERY_SECONDS = 10.0
 
 
@@ -23,11 +13,22 @@ class Display:
     def __init__(self, enabled: bool, total_examples: int, start_examples: int = 0):
         self.enabled = enabled
         self.total = total_examples
-        self._console = Console(file=sys.stderr)
         self._last_plain = 0.0
-        self._bar: Progress | None = None
+        self._bar = None
         self._task = None
         if enabled:
+            # rich only when there is a terminal to draw on: a supervised trainer saves the
+            # import and its memory.
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
             self._bar = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
@@ -36,7 +37,7 @@ class Display:
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
-                console=self._console,
+                console=Console(file=sys.stderr),
                 transient=False,
             )
             self._task = self._bar.add_task(

@@ -1,0 +1,648 @@
+"""Overhead benchmark: loractl's trainer against mlx-lm's own ``mlx_lm.lora`` trainer.
+
+Usage::
+
+    .venv/bin/python bench/overhead.py [--preset ladder|tiny] [--rounds 3] [--iters N]
+                                       [--checkpoint-every N] [--warmup 2] [--seed 0]
+                                       [--ours-overrides JSON] [--out DIR] [--keep]
+
+Defaults per preset: ladder 48 iterations (12 optimizer steps of about 5 s on 2 CPU cores,
+a checkpoint every 5), tiny 480 iterations (120 steps of about 0.2 s, a checkpoint every 10).
+
+What runs. One tiny random Llama model and its data set are built once with
+``loractl.daemon.tinymodel.prepare``. Then, for each round, both trainers run the same job, each
+in its own fresh subprocess with its own empty adapter folder: ``python -m
+loractl.daemon.trainer job.yaml --fresh --telemetry ipc://...`` ("ours") and mlx-lm's
+``lora.main()`` with ``-c mlx.yaml --train`` ("theirs"). The order alternates (ours first in odd
+rounds, theirs first in even rounds) so slow drift of the machine hits both alike.
+
+Same work. Both configs come from the same dict: model, data, iters, batch size, gradient
+accumulation, max_seq_length, LoRA rank/scale/dropout/layers, optimizer, learning-rate
+schedule and seed. The mlx-lm config keeps only the keys mlx-lm knows (``CONFIG_DEFAULTS``).
+Every training sample of the tinymodel presets is longer than max_seq_length, so every
+micro-batch of either trainer is the same 256-token shape and carries the same number of loss
+tokens; the script checks that both trainers report the same token total. Validation is off
+in both (``val_batches: 0``: loractl skips it, mlx-lm runs zero batches at iterations 1 and
+``iters``). Operational overhead stays ON for ours: heartbeats every second to a ZeroMQ ROUTER
+that this process binds and drains in a thread, the per-step JSON log line, the memory checks
+and cleanup cadence, and a full checkpoint (adapters + optimizer state + state.json, fsynced
+and renamed into place, plus the adapter file) every ``--checkpoint-every`` optimizer steps.
+mlx-lm saves its adapters every ``save_every = checkpoint_every * grad_accumulation_steps``
+iterations, the same cadence, and reports every ``grad_accumulation_steps`` iterations, i.e.
+once per optimizer step like our step record.
+
+Throughput (tokens/s). Both are measured the same way, as wall clock inside the child between
+per-optimizer-step records, so everything between two steps (checkpoints, saves, logging,
+heartbeat thread, gc, cache clearing) counts:
+
+- ours: the ``step`` records of ``train.log`` (structlog ISO timestamps); tokens of a step are
+  ``tokens_per_sec * step_seconds`` as logged (rounded to an integer; exact here);
+- theirs: mlx-lm's supported ``TrainingCallback`` hook, installed by a three-line wrapper that
+  replaces ``mlx_lm.lora.get_reporting_callbacks`` (the wandb/swanlab factory) with a callback
+  that prints ``time.time()``, the iteration, the exact ``trained_tokens`` and
+  ``peak_memory``. Nothing else in mlx-lm is touched; the training loop is mlx-lm's.
+
+The first ``--warmup`` optimizer steps (default 2: graph compilation, first allocations) are
+skipped: throughput = tokens of steps warmup+1..N / (time of record N - time of record warmup).
+Model loading, data loading and process start-up are therefore excluded for both.
+``throughput_ratio`` is the median over rounds of the per-round ratio ours/theirs (each round
+pairs two runs taken back to back).
+
+Noise. Wall-clock throughput is only as good as the machine is quiet. For each run the script
+also reports the trainer's own CPU use and ``other``: the CPU cores that everything else kept
+busy meanwhile (from /proc/stat, minus the child's rusage), and, as diagnostics, tokens/s at
+the median step interval (robust to bursts, blind to the odd slow checkpoint step) and tokens
+per CPU-second of the trainer over the same window (the child's utime+stime, all threads,
+sampled from /proc every 50 ms and interpolated at the two record times), which foreign load
+disturbs much less. It warns when the median ``other`` exceeds 0.25 cores.
+
+Memory. Peak RSS of each child from ``os.wait4`` (the kernel's ru_maxrss of that one process,
+not the cumulative RUSAGE_CHILDREN), and the MLX allocator peak (``mx.get_peak_memory``): ours
+from the largest ``mlx_peak_mb`` in the step records, theirs from the callback's
+``peak_memory`` (reported in GB of 1e9 bytes; converted to MiB). ``peak_memory_ratio`` is
+median peak RSS ours / median peak RSS theirs.
+
+Targets: throughput_ratio >= 0.97 and peak RSS ours <= 1.05x theirs. The script always exits 0
+(it is a benchmark, not a test); the last line is ``throughput_ratio=<ours/theirs>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+MIB = 1024 * 1024
+CPU_SAMPLE_SECONDS = 0.05
+NOISY_OTHER_CPUS = 0.25
+MARKER = "LORACTL_BENCH "
+THROUGHPUT_TARGET = 0.97
+MEMORY_TARGET = 1.05
+
+# Per preset: iterations (minibatches) and checkpoint cadence in optimizer steps. A ladder
+# step (4 micro-batches of 256 tokens) takes about 5 s on 2 CPU cores, a tiny one 0.15 s.
+DEFAULTS = {
+    "ladder": {"iters": 48, "checkpoint_every": 5},
+    "tiny": {"iters": 480, "checkpoint_every": 10},
+}
+
+# Runs mlx-lm's own CLI entry point with one reporting callback. mlx_lm.lora.run() builds its
+# callback with get_reporting_callbacks(); returning ours from it is the supported hook.
+THEIRS_WRAPPER = f"""\
+import json, sys, time
+import mlx_lm.lora as lora
+
+class BenchReport(lora.TrainingCallback):
+    def on_train_loss_report(self, info):
+        record = {{k: info[k] for k in ("iteration", "trained_tokens", "peak_memory")}}
+        record["t"] = time.time()
+        print({MARKER!r} + json.dumps(record), flush=True)
+
+lora.get_reporting_callbacks = lambda *args, **kwargs: BenchReport()
+sys.argv = ["mlx_lm.lora", "-c", sys.argv[1], "--train"]
+lora.main()
+"""
+
+
+@dataclass
+class Run:
+    """One trainer run's figures."""
+
+    trainer: str
+    round: int
+    returncode: int
+    wall_seconds: float
+    peak_rss_mb: float
+    mlx_peak_mb: float = float("nan")
+    steps: int = 0
+    total_tokens: int = 0
+    window_steps: int = 0
+    window_tokens: int = 0
+    window_seconds: float = float("nan")
+    tokens_per_sec: float = float("nan")
+    median_step_tokens_per_sec: float = float("nan")
+    cpu_tokens_per_sec: float = float("nan")
+    child_cpus: float = float("nan")
+    other_cpus: float = float("nan")
+    saves: int = 0
+    heartbeats: int = 0
+    error: str = ""
+    step_times: list[float] = field(default_factory=list)
+    # (time.time(), CPU seconds of the child so far), sampled while it runs.
+    cpu_samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+
+class HeartbeatSink:
+    """A ZeroMQ ROUTER in a thread that counts and drops whatever the trainer sends."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+
+        self.endpoint = endpoint
+        self._context = zmq.Context()
+        self._sock = self._context.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(endpoint)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._count = 0
+        self._thread = threading.Thread(target=self._drain, name="heartbeat-sink", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(200):
+                continue
+            while True:
+                try:
+                    self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                with self._lock:
+                    self._count += 1
+
+    def take(self) -> int:
+        """Messages received since the last call."""
+        with self._lock:
+            count, self._count = self._count, 0
+        return count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+        self._context.term()
+
+
+# -- configs -------------------------------------------------------------------------------
+
+
+def make_configs(base: dict, args, paths: dict[str, Path]) -> tuple[dict, dict]:
+    """The shared job settings, as our job config and as an mlx_lm.lora-only config."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    ga = int(base["grad_accumulation_steps"])
+    common = dict(base)
+    common.update(
+        model=str(paths["model"].resolve()),
+        data=str(paths["data"].resolve()),
+        iters=args.iters,
+        lr_schedule={
+            "name": "cosine_decay",
+            "arguments": [float(base["learning_rate"]), args.iters // ga],
+        },
+        val_batches=0,
+        steps_per_eval=10**6,
+        steps_per_report=ga,
+        save_every=args.checkpoint_every * ga,
+        seed=args.seed,
+    )
+    ours = dict(common)
+    ours.update(
+        name=f"bench-{args.preset}",
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=3,
+        heartbeat_interval=1.0,
+    )
+    ours.update(args.ours_overrides)
+    theirs = {k: v for k, v in common.items() if k in CONFIG_DEFAULTS}
+    return ours, theirs
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORACTL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (Linux), else nan."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process, all threads (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            text = handle.read()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def spawn(cmd: list[str], cwd: Path, output: Path, trainer: str, rnd: int) -> Run:
+    """Run ``cmd`` to the end; a Run with its exit code, wall time, peak RSS and CPU use."""
+    busy = busy_cpu_seconds()
+    tic = time.perf_counter()
+    samples: list[tuple[float, float]] = []
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=child_env(), stdout=sink, stderr=subprocess.STDOUT
+        )
+        while True:
+            # wait4 gives this child's own ru_maxrss (KiB on Linux, bytes on macOS), not the
+            # running maximum over all children that RUSAGE_CHILDREN would give.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            cpu = process_cpu_seconds(proc.pid)
+            if cpu is not None:
+                samples.append((time.time(), cpu))
+            time.sleep(CPU_SAMPLE_SECONDS)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - tic
+    busy = busy_cpu_seconds() - busy
+    child_cpu = usage.ru_utime + usage.ru_stime
+    scale = 1 if sys.platform == "darwin" else 1024
+    return Run(
+        trainer,
+        rnd,
+        proc.returncode,
+        wall,
+        usage.ru_maxrss * scale / MIB,
+        child_cpus=child_cpu / wall,
+        # Whatever else kept the CPUs busy meanwhile (other processes, this one's threads):
+        # the noise indicator. On an idle machine it stays near 0.
+        other_cpus=max(0.0, busy - child_cpu) / wall,
+        cpu_samples=samples,
+    )
+
+
+def cpu_at(samples: list[tuple[float, float]], t: float) -> float:
+    """The child's CPU seconds at wall time ``t``, interpolated between samples."""
+    for (t0, c0), (t1, c1) in zip(samples, samples[1:], strict=False):
+        if t0 <= t <= t1:
+            return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
+    return float("nan")
+
+
+def window(records: list[tuple[float, int]], warmup: int) -> tuple[int, int, float, float]:
+    """(steps, tokens, start, end) from the end of step ``warmup`` to the last step."""
+    if len(records) < warmup + 2:
+        raise ValueError(f"only {len(records)} step records; need at least {warmup + 2}")
+    start = records[warmup - 1][0] if warmup > 0 else records[0][0]
+    body = records[warmup:] if warmup > 0 else records[1:]
+    return len(body), sum(tokens for _, tokens in body), start, records[-1][0]
+
+
+def run_ours(cfg: Path, run_dir: Path, sink: HeartbeatSink, rnd: int, warmup: int) -> Run:
+    cmd = [
+        sys.executable, "-m", "loractl.daemon.trainer", str(cfg), "--fresh",
+        "--telemetry", sink.endpoint, "--job-id", f"bench-{rnd}",
+    ]  # fmt: skip
+    sink.take()
+    result = spawn(cmd, run_dir, run_dir / "ours.out", "ours", rnd)
+    result.heartbeats = sink.take()
+    log = run_dir / "adapters-ours" / "train.log"
+    records: list[tuple[float, int]] = []
+    peaks: list[float] = []
+    for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
+        event = json.loads(line)
+        kind = event.get("event")
+        if kind == "step":
+            t = datetime.fromisoformat(event["timestamp"]).timestamp()
+            records.append((t, round(event["tokens_per_sec"] * event["step_seconds"])))
+            peaks.append(event["mlx_peak_mb"])
+        elif kind == "checkpoint":
+            result.saves += 1
+    return finish(result, records, max(peaks, default=float("nan")), warmup, run_dir / "ours.out")
+
+
+def run_theirs(cfg: Path, run_dir: Path, rnd: int, warmup: int) -> Run:
+    cmd = [sys.executable, "-c", THEIRS_WRAPPER, str(cfg)]
+    result = spawn(cmd, run_dir, run_dir / "theirs.out", "theirs", rnd)
+    records: list[tuple[float, int]] = []
+    peak = float("nan")
+    previous = 0
+    text = (run_dir / "theirs.out").read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
+        if line.startswith(MARKER):
+            event = json.loads(line[len(MARKER) :])
+            records.append((event["t"], event["trained_tokens"] - previous))
+            previous = event["trained_tokens"]
+            peak = event["peak_memory"] * 1e9 / MIB
+        elif "save" in line and "_adapters.safetensors" in line:
+            result.saves += 1
+    return finish(result, records, peak, warmup, run_dir / "theirs.out")
+
+
+def finish(result: Run, records, mlx_peak: float, warmup: int, output: Path) -> Run:
+    result.mlx_peak_mb = mlx_peak
+    result.steps = len(records)
+    result.total_tokens = sum(tokens for _, tokens in records)
+    result.step_times = [round(b[0] - a[0], 4) for a, b in zip(records, records[1:], strict=False)]
+    try:
+        result.window_steps, result.window_tokens, start, end = window(records, warmup)
+        result.window_seconds = end - start
+        result.tokens_per_sec = result.window_tokens / result.window_seconds
+        cpu = cpu_at(result.cpu_samples, end) - cpu_at(result.cpu_samples, start)
+        if cpu > 0:
+            result.cpu_tokens_per_sec = result.window_tokens / cpu
+        # Robust to bursts of foreign load, but blind to the occasional slow step (a
+        # checkpoint): shown for diagnosis, not used for the ratio.
+        intervals = result.step_times[max(warmup - 1, 0) :]
+        result.median_step_tokens_per_sec = (
+            result.window_tokens / result.window_steps / statistics.median(intervals)
+        )
+    except ValueError as exc:
+        result.error = str(exc)
+    if result.returncode != 0 or result.error:
+        tail = output.read_text(encoding="utf-8", errors="replace")[-2000:]
+        result.error = (result.error + f" (exit {result.returncode})\n{tail}").strip()
+    return result
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "nan" if value != value else f"{value:,.{digits}f}"
+
+
+def print_table(runs: list[Run]) -> None:
+    head = (
+        f"{'round':>5}  {'trainer':<7}  {'tok/s':>8}  {'med-step':>8}  {'cpu-tok/s':>9}  "
+        f"{'window':>13}  "
+        f"{'tokens':>7}  {'RSS MiB':>7}  {'MLX MiB':>7}  {'wall s':>6}  {'saves':>5}  "
+        f"{'hb':>3}  {'cpu':>4}  {'other':>5}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        span = f"{r.window_steps} st/{fmt(r.window_seconds)}s"
+        print(
+            f"{r.round:>5}  {r.trainer:<7}  {fmt(r.tokens_per_sec):>8}  "
+            f"{fmt(r.median_step_tokens_per_sec):>8}  {fmt(r.cpu_tokens_per_sec):>9}  "
+            f"{span:>13}  {r.total_tokens:>7}  "
+            f"{fmt(r.peak_rss_mb):>7}  {fmt(r.mlx_peak_mb):>7}  {fmt(r.wall_seconds):>6}  "
+            f"{r.saves:>5}  {r.heartbeats if r.trainer == 'ours' else '-':>3}  "
+            f"{fmt(r.child_cpus, 2):>4}  {fmt(r.other_cpus, 2):>5}"
+        )
+    print(
+        "tok/s: tokens / wall time over the timed window (the figure compared); med-step: "
+        "the same\nat the median step interval; cpu-tok/s: tokens per CPU-second of the "
+        "trainer process\n(all threads) over the same window, which foreign load disturbs "
+        "far less; saves:\ncheckpoints (ours) or adapter saves (theirs); hb: heartbeats "
+        "received; cpu: the\ntrainer's CPU use in cores; other: CPU cores kept busy by "
+        "everything else meanwhile\n(the noise indicator; ~0 on an idle machine)."
+    )
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(runs: list[Run], rounds: int) -> dict:
+    by = {t: [r for r in runs if r.trainer == t] for t in ("ours", "theirs")}
+    med = {
+        t: {
+            key: median([getattr(r, key) for r in rs])
+            for key in (
+                "tokens_per_sec",
+                "median_step_tokens_per_sec",
+                "cpu_tokens_per_sec",
+                "peak_rss_mb",
+                "mlx_peak_mb",
+                "wall_seconds",
+                "other_cpus",
+            )
+        }
+        for t, rs in by.items()
+    }
+    paired, paired_steps, paired_cpu = [], [], []
+    for rnd in range(1, rounds + 1):
+        pair = {r.trainer: r for r in runs if r.round == rnd}
+        if len(pair) == 2:
+            paired.append(pair["ours"].tokens_per_sec / pair["theirs"].tokens_per_sec)
+            paired_cpu.append(pair["ours"].cpu_tokens_per_sec / pair["theirs"].cpu_tokens_per_sec)
+            paired_steps.append(
+                pair["ours"].median_step_tokens_per_sec / pair["theirs"].median_step_tokens_per_sec
+            )
+    return {
+        "medians": med,
+        "round_ratios": paired,
+        "throughput_ratio": median(paired),
+        "median_step_ratios": paired_steps,
+        "median_step_ratio": median(paired_steps),
+        "cpu_ratios": paired_cpu,
+        "cpu_ratio": median(paired_cpu),
+        "throughput_ratio_of_medians": med["ours"]["tokens_per_sec"]
+        / med["theirs"]["tokens_per_sec"],
+        "peak_memory_ratio": med["ours"]["peak_rss_mb"] / med["theirs"]["peak_rss_mb"],
+        "mlx_peak_ratio": med["ours"]["mlx_peak_mb"] / med["theirs"]["mlx_peak_mb"],
+    }
+
+
+def machine() -> dict:
+    import mlx.core as mx
+    from mlx_lm import __version__ as mlx_lm_version
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        ram = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+    except ImportError:
+        ram = "?"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "ram": ram,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/overhead.py",
+        description="Throughput and peak memory of loractl's trainer against mlx_lm.lora.",
+    )
+    parser.add_argument("--preset", default="ladder", choices=sorted(DEFAULTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, help="minibatches per run (preset default)")
+    parser.add_argument(
+        "--checkpoint-every", type=int, help="optimizer steps between checkpoints/saves"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ours-overrides",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="extra keys for our job config only, for experiments: '{\"cleanup_every\": 50}'",
+    )
+    parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    defaults = DEFAULTS[args.preset]
+    args.iters = args.iters or defaults["iters"]
+    args.checkpoint_every = args.checkpoint_every or defaults["checkpoint_every"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loractl.daemon.tinymodel import prepare
+
+    args = parse_args(argv)
+    if args.out is None:
+        out = Path(tempfile.mkdtemp(prefix="loractl-bench-"))
+        keep = args.keep
+    else:
+        out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        keep = True
+    print(f"work folder: {out} ({'kept' if keep else 'removed at the end'})")
+    try:
+        return bench(args, out, prepare)
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def bench(args, out: Path, prepare) -> int:
+    info = machine()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    paths = prepare(out / "fixture", preset=args.preset, seed=args.seed)
+    base = yaml.safe_load(paths["config"].read_text(encoding="utf-8"))
+    ga = int(base["grad_accumulation_steps"])
+    args.iters -= args.iters % ga
+    ours_cfg, theirs_cfg = make_configs(base, args, paths)
+    print(
+        f"preset={args.preset} rounds={args.rounds} iters={args.iters} "
+        f"batch_size={base['batch_size']} grad_accumulation_steps={ga} "
+        f"optimizer_steps={args.iters // ga} max_seq_length={base['max_seq_length']} "
+        f"checkpoint_every={args.checkpoint_every} steps (save_every={args.checkpoint_every * ga}"
+        f" iters) warmup={args.warmup} steps"
+        + (f" ours_overrides={json.dumps(args.ours_overrides)}" if args.ours_overrides else "")
+    )
+    endpoint = f"ipc://{out / 'hb.sock'}"
+    sink = HeartbeatSink(endpoint)
+    runs: list[Run] = []
+    try:
+        for rnd in range(1, args.rounds + 1):
+            order = ("ours", "theirs") if rnd % 2 else ("theirs", "ours")
+            for trainer in order:
+                run_dir = out / f"round{rnd}-{trainer}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                if trainer == "ours":
+                    cfg = dict(ours_cfg, adapter_path=str(run_dir / "adapters-ours"))
+                    path = write_yaml(run_dir / "job.yaml", cfg)
+                    result = run_ours(path, run_dir, sink, rnd, args.warmup)
+                else:
+                    cfg = dict(theirs_cfg, adapter_path=str(run_dir / "adapters-theirs"))
+                    path = write_yaml(run_dir / "mlx.yaml", cfg)
+                    result = run_theirs(path, run_dir, rnd, args.warmup)
+                runs.append(result)
+                print(
+                    f"  round {rnd} {trainer:<6}: {fmt(result.tokens_per_sec)} tok/s, "
+                    f"peak RSS {fmt(result.peak_rss_mb)} MiB, wall {fmt(result.wall_seconds)} s",
+                    flush=True,
+                )
+                if result.error:
+                    print(f"  ERROR in {trainer}: {result.error}", flush=True)
+    finally:
+        sink.close()
+
+    summary = summarize(runs, args.rounds)
+    print()
+    print_table(runs)
+    print("-" * 20)
+    for trainer, med in summary["medians"].items():
+        print(
+            f"median {trainer:<6}: {fmt(med['tokens_per_sec'])} tok/s "
+            f"(median step {fmt(med['median_step_tokens_per_sec'])}, per CPU-second "
+            f"{fmt(med['cpu_tokens_per_sec'])}), peak RSS "
+            f"{fmt(med['peak_rss_mb'])} MiB, MLX peak {fmt(med['mlx_peak_mb'])} MiB, "
+            f"wall {fmt(med['wall_seconds'])} s, other load {fmt(med['other_cpus'], 2)} cores"
+        )
+    totals = {r.trainer: r.total_tokens for r in runs}
+    same = len({r.total_tokens for r in runs}) == 1
+    print(f"tokens trained per run: {totals} ({'equal' if same else 'DIFFERENT'})")
+    print("per-round throughput ratios: " + ", ".join(fmt(x, 4) for x in summary["round_ratios"]))
+    print(f"throughput ratio of medians: {fmt(summary['throughput_ratio_of_medians'], 4)}")
+    print(
+        "median-step ratios (diagnostic): "
+        + ", ".join(fmt(x, 4) for x in summary["median_step_ratios"])
+        + f" (median {fmt(summary['median_step_ratio'], 4)})"
+    )
+    print(
+        "tokens per CPU-second ratios (diagnostic): "
+        + ", ".join(fmt(x, 4) for x in summary["cpu_ratios"])
+        + f" (median {fmt(summary['cpu_ratio'], 4)})"
+    )
+    busy = max(med["other_cpus"] for med in summary["medians"].values())
+    if busy > NOISY_OTHER_CPUS:
+        print(
+            f"WARNING: other processes kept {fmt(busy, 2)} cores busy (median) during the "
+            "runs;\nwall-clock figures are noisy, trust the per-CPU-second ratio more."
+        )
+    print(f"mlx_peak_ratio={fmt(summary['mlx_peak_ratio'], 4)}")
+    tp_ok = summary["throughput_ratio"] >= THROUGHPUT_TARGET
+    mem_ok = summary["peak_memory_ratio"] <= MEMORY_TARGET
+    print(
+        f"targets: throughput >= {THROUGHPUT_TARGET}: {'MET' if tp_ok else 'NOT MET'}; "
+        f"peak RSS <= {MEMORY_TARGET}x: {'MET' if mem_ok else 'NOT MET'}"
+    )
+    record = {
+        "machine": info,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "runs": [{k: v for k, v in asdict(r).items() if k != "cpu_samples"} for r in runs],
+        "summary": summary,
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"peak_memory_ratio={fmt(summary['peak_memory_ratio'], 4)}")
+    print(f"throughput_ratio={fmt(summary['throughput_ratio'], 4)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
