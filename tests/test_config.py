@@ -1117,3 +1117,19 @@ def test_mlx_lm_args_match_adapter_config_shape(job_dir):
     assert minimal(job_dir, fine_tune_type="full").mlx_lm_args()["lora_parameters"] is None
     args["batch_size"] = 99
     assert cfg.batch_size == 4
+
+
+@pytest.mark.parametrize(("filename", "content", "expected", "line"), MALFORMED)
+def test_malformed_config_exits_78_from_the_cli_without_traceback(
+    job_dir, filename, content, expected, line
+):
+    """`loractl config validate` on each malformed config exits 78 naming the problem."""
+    from click.testing import CliRunner
+
+    from loractl.client.cli import main
+
+    path = write(job_dir, filename, content)
+    result = CliRunner().invoke(main, ["config", "validate", str(path)])
+    assert result.exit_code == 78, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output

@@ -64,6 +64,7 @@ def test_cancel_stops_a_running_job(tiny_workspace, tmp_path, live):
     request(live.layout, CancelRequest(job=job_id))
     job = live.wait_state(job_id, {"cancelled"}, timeout=60)
     assert job["outcome"] == "cancelled" and job["trainer_pid"] is None
+    assert "cancelled by the user" in [e["cause"] for e in job["history"]]
 
 
 def test_retry_a_failed_job_from_a_chosen_rung(tiny_workspace, tmp_path, live):
