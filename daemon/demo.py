@@ -1,9 +1,11 @@
-"""``make demo``: a real job on a tiny model, killed and resumed, proven exact.
+"""``make demo``: a real job on a tiny model, killed, resumed, stepped down, proven exact.
 
-Until the supervisor lands, the demo plays its part by hand: it trains the tiny model in a
-child process, SIGKILLs it part-way (as the OOM killer would), resumes it, stops it with
-SIGTERM (as a memory guard would), resumes it again, and then shows that the final adapter is
-bitwise equal to an uninterrupted run's, and that mlx-lm loads and generates with it.
+Part one trains the tiny model in a child process, SIGKILLs it part-way (as the OOM killer
+would), resumes it, stops it with SIGTERM (as the memory guard does), resumes it again, and
+shows that the final adapter is bitwise equal to an uninterrupted run's and that mlx-lm loads
+it. Part two hands the same job to the supervisor with a memory budget that only a cheaper
+rung fits, kills its trainer once more, and shows the supervisor restarting it, classifying
+each exit and stepping down the ladder with the peak memory it measured on every rung.
 """
 
 from __future__ import annotations
@@ -153,7 +155,55 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
         f"  try: mlx_lm.generate --model {base / 'model'} "
         f"--adapter-path {directory / 'interrupted' / 'adapters'} --prompt 'the quiet river'"
     )
-    return 0 if same else 1
+    if not same:
+        return 1
+    return _supervised(base, directory)
+
+
+# Between the ladder preset's footprint at max_seq_length 256 (~190 MB) and at 128 (~155 MB).
+DEMO_BUDGET_MB = 172
+
+
+def _supervised(base: Path, directory: Path) -> int:
+    from loractl.client.render import job_details
+    from loractl.supervisor.harness import SupervisorProcess, wait_for
+
+    console.rule("6. the same job under the supervisor, with a memory budget")
+    job = _write_job(base, directory / "supervised", "adapters")
+    import yaml
+
+    data = yaml.safe_load(job.read_text())
+    data.update(memory_budget_mb=DEMO_BUDGET_MB, checkpoint_every=1, val_batches=1)
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    home = directory / "home"
+    supervisor = SupervisorProcess(home, LORACTL_BACKOFF_BASE_S="0.5").start()
+    console.print(f"  supervisor pid {supervisor.proc.pid}, home {home}")
+    try:
+        job_id = supervisor.submit(job)
+        console.print(f"  submitted {job_id} with memory_budget_mb {DEMO_BUDGET_MB}")
+        for _ in range(5):
+            # The memory guard may retire a trainer at any moment; kill whichever is live.
+            state = wait_for(
+                lambda: (j := supervisor.show(job_id))["trainer_pid"]
+                and j["progress"]["step"] >= 2
+                and j,
+                600,
+                interval=0.1,
+            )
+            try:
+                os.kill(state["trainer_pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            console.print(
+                f"  SIGKILLed trainer pid {state['trainer_pid']} on rung {state['rung']}; "
+                "the supervisor restarts it"
+            )
+            break
+        done = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=900)
+    finally:
+        supervisor.stop()
+    console.print(job_details(done))
+    return 0 if done["state"] == "completed" else 1
 
 
 if __name__ == "__main__":
