@@ -334,7 +334,10 @@ def run_ours(cfg: Path, run_dir: Path, sink: HeartbeatSink, rnd: int, warmup: in
         kind = event.get("event")
         if kind == "step":
             t = datetime.fromisoformat(event["timestamp"]).timestamp()
-            records.append((t, round(event["tokens_per_sec"] * event["step_seconds"])))
+            tokens = event.get("tokens")
+            if tokens is None:  # logs from before the exact count was recorded
+                tokens = round(event["tokens_per_sec"] * event["step_seconds"])
+            records.append((t, tokens))
             peaks.append(event["mlx_peak_mb"])
         elif kind == "checkpoint":
             result.saves += 1

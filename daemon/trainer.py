@@ -472,6 +472,7 @@ class TrainerHooks:
             step=state.step,
             examples_seen=state.examples_seen,
             loss=report.loss,
+            tokens=report.tokens,
             tokens_per_sec=round(progress.tokens_per_sec, 1),
             step_seconds=round(report.seconds, 4),
             mlx_active_mb=round(progress.mlx_active_mb, 1),
