@@ -38,10 +38,31 @@ class RequestFailed(RuntimeError):
         self.code = ErrorCode(reply.error) if reply.error in ErrorCode._value2member_map_ else None
 
 
+def supervisor_alive(layout: Layout) -> bool:
+    """Whether a supervisor holds the home's pidfile lock (a crashed one leaves its socket
+    file behind, so the file alone proves nothing)."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(layout.pidfile, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        # Held for microseconds; a supervisor starting in that instant fails its own lock
+        # and launchd simply starts it again.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def request(layout: Layout, message: Request, timeout: float = DEFAULT_TIMEOUT_S) -> Reply:
     """Send one request and return the successful reply; raise on anything else."""
     socket_path = layout.runtime / "control"
-    if not socket_path.exists():
+    if not socket_path.exists() or not supervisor_alive(layout):
         raise DaemonNotRunning(layout)
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)

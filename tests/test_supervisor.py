@@ -362,3 +362,13 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_crashed_supervisor_is_reported_at_once_not_after_a_timeout(tmp_path, supervisor):
+    """After a SIGKILL leaves the socket file behind, the client still answers immediately."""
+    supervisor.start()
+    supervisor.kill()
+    began = time.monotonic()
+    result = loractl(supervisor.home, "status")
+    assert result.returncode == 3 and "not running" in result.stderr
+    assert time.monotonic() - began < 3
