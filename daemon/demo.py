@@ -160,27 +160,31 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
     return _supervised(base, directory)
 
 
-# Between the ladder preset's footprint at max_seq_length 256 (~190 MB) and at 128 (~155 MB).
-DEMO_BUDGET_MB = 172
-
-
 def _supervised(base: Path, directory: Path) -> int:
     from loractl.client.render import job_details
-    from loractl.supervisor.harness import SupervisorProcess, wait_for
+    from loractl.supervisor.harness import SupervisorProcess, measure_footprint, wait_for
 
     console.rule("6. the same job under the supervisor, with a memory budget")
     job = _write_job(base, directory / "supervised", "adapters")
     import yaml
 
+    # A budget between the footprints at max_seq_length 256 and 128, measured here because
+    # they differ from machine to machine: only the ladder's seq-128 rung fits under it.
+    long_seq = measure_footprint(job, {"max_seq_length": 256, "val_batches": 1})
+    short_seq = measure_footprint(job, {"max_seq_length": 128, "val_batches": 1})
+    budget = int((long_seq + short_seq) / 2)
+    console.print(
+        f"  measured footprint: {long_seq:.0f} MB at seq 256, {short_seq:.0f} MB at seq 128"
+    )
     data = yaml.safe_load(job.read_text())
-    data.update(memory_budget_mb=DEMO_BUDGET_MB, checkpoint_every=1, val_batches=1)
+    data.update(memory_budget_mb=budget, checkpoint_every=1, val_batches=1)
     job.write_text(yaml.safe_dump(data, sort_keys=False))
     home = directory / "home"
     supervisor = SupervisorProcess(home, LORACTL_BACKOFF_BASE_S="0.5").start()
     console.print(f"  supervisor pid {supervisor.proc.pid}, home {home}")
     try:
         job_id = supervisor.submit(job)
-        console.print(f"  submitted {job_id} with memory_budget_mb {DEMO_BUDGET_MB}")
+        console.print(f"  submitted {job_id} with memory_budget_mb {budget}")
         for _ in range(5):
             # The memory guard may retire a trainer at any moment; kill whichever is live.
             state = wait_for(

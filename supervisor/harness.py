@@ -117,3 +117,57 @@ def trainers_of(home: Path) -> list[psutil.Process]:
         if "loractl.daemon.trainer" in cmdline and str(home) in cmdline:
             found.append(proc)
     return found
+
+
+def measure_footprint(config: Path, overrides: dict, steps: int = 3, timeout: float = 300) -> float:
+    """Peak footprint (MB) of the real trainer on ``config`` with ``overrides``, from its own
+    heartbeats over its first ``steps`` optimizer steps. Footprints differ from machine to
+    machine (library versions, allocator), so budgets in tests and the demo are set from
+    this rather than hard-coded."""
+    import json
+    import tempfile
+
+    import zmq
+
+    from loractl.protocol import Heartbeat, decode
+
+    with tempfile.TemporaryDirectory(prefix="lc-fp-", dir="/tmp") as folder:
+        endpoint = f"ipc://{folder}/t"
+        context = zmq.Context.instance()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        scratch = {"adapter_path": f"{folder}/adapters", **overrides}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "loractl.daemon.trainer",
+                str(config),
+                "--fresh",
+                "--telemetry",
+                endpoint,
+                "--overrides",
+                json.dumps(scratch),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        peak = 0.0
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if not router.poll(200):
+                    continue
+                message = decode(router.recv_multipart()[-1])
+                if isinstance(message, Heartbeat):
+                    peak = max(peak, message.footprint_mb)
+                    if message.step >= steps:
+                        break
+        finally:
+            proc.kill()
+            proc.wait()
+            router.close()
+    if not peak:
+        raise RuntimeError(f"no footprint measured for {config} with {overrides}")
+    return peak

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import make_job, run_trainer, wait_for
 from loractl.daemon.tinymodel import prepare
-from loractl.supervisor.harness import SupervisorProcess, trainers_of
+from loractl.supervisor.harness import SupervisorProcess, measure_footprint, trainers_of
 
 CHAOS_JOB = {"iters": 600, "checkpoint_every": 2, "grad_accumulation_steps": 4, "max_retries": 5}
 
@@ -89,11 +89,16 @@ def test_real_memory_pressure_steps_down_to_the_rung_that_fits(
     ladder_workspace, tmp_path, supervisor
 ):
     """A budget between seq-256 and seq-128 footprints ends the job on the seq-128 rung."""
+    probe = make_job(ladder_workspace, tmp_path / "probe", iters=24, val_batches=1)
+    long_seq = measure_footprint(probe, {"max_seq_length": 256})
+    short_seq = measure_footprint(probe, {"max_seq_length": 128})
+    assert long_seq > short_seq * 1.1, (long_seq, short_seq)
+    budget = int((long_seq + short_seq) / 2)
     config = make_job(
         ladder_workspace,
         tmp_path / "src",
         iters=24,
-        memory_budget_mb=172,
+        memory_budget_mb=budget,
         val_batches=1,
         checkpoint_every=1,
     )
@@ -106,7 +111,7 @@ def test_real_memory_pressure_steps_down_to_the_rung_that_fits(
     memory_crashes = [c for c in job["crashes"] if c["cause"] == "memory"]
     assert len(memory_crashes) == 2
     peaks = job["peak_memory_mb"]
-    assert peaks["0"] > 172 and peaks["1"] > 172 and peaks["2"] <= 172, peaks
+    assert peaks["0"] > budget and peaks["1"] > budget and peaks["2"] <= budget, peaks
     steps = [e for e in job["history"] if e["kind"] == "ladder_step"]
     assert [s["detail"]["to_rung"] for s in steps] == [1, 2]
 
