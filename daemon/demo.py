@@ -95,8 +95,7 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
     interrupted = _write_job(base, directory / "interrupted", "adapters")
     reference = _write_job(base, directory / "reference", "adapters")
     log_path = directory / "interrupted" / "adapters" / "train.log"
-    for stale in (log_path,):
-        stale.unlink(missing_ok=True)
+    log_path.unlink(missing_ok=True)
 
     import yaml
 

@@ -168,7 +168,6 @@ class Supervisor:
         self.policy = RestartPolicy(self.settings.backoff_base_s, self.settings.backoff_cap_s)
         self.trainer: Trainer | None = None
         self.shutdown_requested = False
-        self.child_exited = False
         self.dropped_frames = 0
         self.started_at = time.time()
         self._lock_fd: int | None = None
@@ -288,7 +287,9 @@ class Supervisor:
         self.shutdown_requested = True
 
     def _on_child(self, signum, frame) -> None:
-        self.child_exited = True
+        # Nothing to record: installing a handler is what makes SIGCHLD reach the wake-up fd,
+        # and the loop reaps on every wake.
+        pass
 
     def _finished_shutdown(self) -> bool:
         if not self.shutdown_requested:
@@ -675,7 +676,6 @@ class Supervisor:
                 pass
             # Not our child: its exit status is lost. A "done" event says it finished.
             exit_code, signum = (0, None) if trainer.done_event else (None, None)
-        self.child_exited = False
         self.trainer = None
         self.on_exit(trainer, exit_code, signum)
 
