@@ -382,14 +382,19 @@ def build_dataset(out_dir: Path, preset: str = "tiny", seed: int = 0, fmt: str =
     return out_dir
 
 
-def _job_yaml(p: Preset, seed: int) -> str:
+def _job_yaml(p: Preset, seed: int, out_dir: Path) -> str:
     # Written by hand, not yaml.dump, so the learning rate reads 1.0e-4 (which YAML 1.1 and
     # PyYAML parse as a float, unlike 1e-4) and the key order stays the documented one.
+    # Paths are absolute (JSON strings are valid YAML scalars, spaces included) so the file
+    # still works once copied elsewhere, into the inbox for one.
+    def where(name: str) -> str:
+        return json.dumps(str((out_dir / name).resolve()))
+
     return f"""\
 # A loractl job for the {p.name!r} tiny model; also a valid mlx_lm.lora config.
 name: {p.name}-seed{seed}
-model: model
-data: data
+model: {where("model")}
+data: {where("data")}
 fine_tune_type: lora
 optimizer: adamw
 num_layers: -1
@@ -408,7 +413,7 @@ grad_accumulation_steps: 4
 steps_per_eval: {p.steps_per_eval}
 val_batches: 2
 seed: {seed}
-adapter_path: adapters
+adapter_path: {where("adapters")}
 checkpoint_every: 2
 keep_checkpoints: 3
 """
@@ -422,7 +427,7 @@ def prepare(out_dir: Path, preset: str = "tiny", seed: int = 0) -> dict[str, Pat
     model = build_model(out_dir / "model", preset, seed)
     data = build_dataset(out_dir / "data", preset, seed, fmt="text")
     config = out_dir / "job.yaml"
-    config.write_text(_job_yaml(p, seed), encoding="utf-8")
+    config.write_text(_job_yaml(p, seed, out_dir), encoding="utf-8")
     return {"model": model, "data": data, "config": config}
 
 
