@@ -2,13 +2,20 @@
 
 A DEALER socket with LINGER 0 and a polled timeout: if the daemon is down, the caller hears
 so within the timeout and is told how to start it.
+
+Before connecting, the runtime folder is verified to be ours and mode 0700: anyone who could
+write it could bind the control socket there and answer in the daemon's place (a spoofed
+"queued" for a job that never was). A folder that fails raises UnsafeFolder, a RuntimeError
+whose one-line message names the folder, its owner and mode, and the fix.
 """
 
 from __future__ import annotations
 
+import os
+
 import zmq
 
-from loractl.paths import Layout
+from loractl.paths import Layout, UnsafeFolder
 from loractl.protocol import (
     MAX_REPLY_BYTES,
     PROTOCOL_VERSION,
@@ -21,10 +28,12 @@ from loractl.protocol import (
 
 DEFAULT_TIMEOUT_S = 5.0
 
+__all__ = ["DaemonNotRunning", "RequestFailed", "UnsafeFolder", "request", "supervisor_alive"]
+
 
 class DaemonNotRunning(RuntimeError):
     def __init__(self, layout: Layout):
-        home = f" --home {layout.home}" if "LORACTL_HOME" not in __import__("os").environ else ""
+        home = f" --home {layout.home}" if "LORACTL_HOME" not in os.environ else ""
         super().__init__(
             f"the loractl daemon is not running for {layout.home}; start it with "
             f"`loractl{home} daemon run`"
@@ -42,7 +51,6 @@ def supervisor_alive(layout: Layout) -> bool:
     """Whether a supervisor holds the home's pidfile lock (a crashed one leaves its socket
     file behind, so the file alone proves nothing)."""
     import fcntl
-    import os
 
     try:
         fd = os.open(layout.pidfile, os.O_RDONLY)
@@ -60,7 +68,11 @@ def supervisor_alive(layout: Layout) -> bool:
 
 
 def request(layout: Layout, message: Request, timeout: float = DEFAULT_TIMEOUT_S) -> Reply:
-    """Send one request and return the successful reply; raise on anything else."""
+    """Send one request and return the successful reply; raise on anything else.
+
+    Raises UnsafeFolder (before any connection) when the runtime folder is not ours alone.
+    """
+    layout.check_runtime()
     socket_path = layout.runtime / "control"
     if not socket_path.exists() or not supervisor_alive(layout):
         raise DaemonNotRunning(layout)
