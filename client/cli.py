@@ -21,7 +21,12 @@ from loractl.protocol import PROTOCOL_VERSION, ClientExit, ErrorCode, ExitCode
 class LazyGroup(click.Group):
     """Commands with costly imports are loaded only when they are run."""
 
-    lazy = {"train": "loractl.client.train_cmd:train"}
+    lazy = {"train": "loractl.client.train_cmd:train", "doctor": "loractl.client.doctor:doctor"}
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if lazy is not None:
+            self.lazy = lazy
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -70,9 +75,16 @@ def call(ctx, message, as_json: bool, timeout: float = 5.0):
 # -- the daemon ------------------------------------------------------------------------------
 
 
-@main.group()
+# The service verbs load launchctl/systemctl code that `status` and `run` never need.
+_SERVICE_VERBS = {
+    name: f"loractl.client.service_cmd:{name}"
+    for name in ("install", "uninstall", "start", "restart")
+}
+
+
+@main.group(cls=LazyGroup, lazy=_SERVICE_VERBS)
 def daemon() -> None:
-    """The supervisor that runs jobs."""
+    """The supervisor that runs jobs, and the service (launchd, systemd) that keeps it up."""
 
 
 @daemon.command("run")
@@ -85,23 +97,75 @@ def daemon_run(ctx) -> None:
 
 
 @daemon.command("stop")
+@click.option(
+    "--timeout",
+    type=float,
+    default=180.0,
+    show_default=True,
+    help="How long to wait for the running job's final checkpoint.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def daemon_stop(ctx, as_json) -> None:
-    """Ask the supervisor to checkpoint the running job and exit."""
+def daemon_stop(ctx, timeout, as_json) -> None:
+    """Checkpoint the running job, then stop the supervisor (it exits 0, so launchd and
+    systemd leave it stopped until the next login or `loractl daemon start`)."""
     from loractl.protocol import ShutdownRequest
 
-    emit(call(ctx, ShutdownRequest(), as_json), as_json)
+    data = call(ctx, ShutdownRequest(), as_json)
+    stopped = wait_until_stopped(ctx.obj, timeout)
+    result = {**data, "stopped": stopped}
+    if as_json:
+        emit(result, as_json)
+    else:
+        job = data.get("checkpointing")
+        first = (
+            f"checkpointed job {job}, which resumes when the supervisor starts again; "
+            if job
+            else ""
+        )
+        if stopped:
+            click.echo(f"{first}supervisor (pid {data['pid']}) stopped".capitalize())
+        else:
+            click.echo(
+                f"asked supervisor (pid {data['pid']}) to stop; still running after {timeout:.0f} s"
+            )
+    sys.exit(ClientExit.OK if stopped else ClientExit.TIMEOUT)
+
+
+def wait_until_stopped(layout: Layout, timeout: float) -> bool:
+    """Whether the supervisor let go of its pidfile lock (it exited) within ``timeout``."""
+    import time
+
+    from loractl.client.control import supervisor_alive
+
+    deadline = time.monotonic() + timeout
+    while supervisor_alive(layout):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @daemon.command("status")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def daemon_status(ctx, as_json) -> None:
-    """Whether the supervisor is running, and what it is doing."""
+    """The service manager's view (installed, loaded, pid, last exit) and the supervisor's."""
+    from loractl.client.control import DaemonNotRunning, request
+    from loractl.client.render import service_text
+    from loractl.client.service_cmd import service_status
     from loractl.protocol import StatusRequest
 
-    emit(call(ctx, StatusRequest(), as_json), as_json)
+    service = service_status(ctx.obj)
+    try:
+        supervisor = request(ctx.obj, StatusRequest(), timeout=2.0).data
+    except DaemonNotRunning:
+        supervisor = None
+    if as_json:
+        emit({"service": service, "supervisor": supervisor}, as_json)
+    else:
+        click.echo(service_text(service, supervisor))
+    sys.exit(ClientExit.OK if supervisor else ClientExit.DAEMON_NOT_RUNNING)
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -111,25 +175,33 @@ def daemon_status(ctx, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status(ctx, as_json) -> None:
-    """The supervisor, the running job and the queue, at a glance."""
+    """The supervisor, the queue, the inbox and its recent rejections, at a glance."""
+    from loractl.client.render import status_text
     from loractl.protocol import StatusRequest
 
-    emit(call(ctx, StatusRequest(), as_json), as_json)
+    data = call(ctx, StatusRequest(), as_json)
+    emit(data, as_json) if as_json else click.echo(status_text(data))
 
 
 @main.command("list")
+@click.option(
+    "--rejected", is_flag=True, help="Also list the inbox files that were rejected, and why."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def list_jobs(ctx, as_json) -> None:
+def list_jobs(ctx, rejected, as_json) -> None:
     """Every job, highest priority first."""
-    from loractl.client.render import job_table
+    from loractl.client.render import job_table, rejection_lines
     from loractl.protocol import ListRequest
 
-    data = call(ctx, ListRequest(), as_json)
+    data = call(ctx, ListRequest(rejected=rejected), as_json)
     if as_json:
         emit(data, as_json)
-    else:
-        click.echo(job_table(data["jobs"]))
+        return
+    click.echo(job_table(data["jobs"]))
+    if rejected:
+        click.echo("\nrejected from the inbox:")
+        click.echo("\n".join(rejection_lines(data["rejected"], "  ")) or "  none")
 
 
 @main.command()
@@ -323,18 +395,27 @@ def clean(ctx, adapters, as_json) -> None:
 
 
 @main.command()
-@click.argument("job")
+@click.argument("job", required=False)
+@click.option("--daemon", "of_daemon", is_flag=True, help="The supervisor's own log instead.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 @click.option("--lines", "-n", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Raw JSON log records.")
 @click.pass_context
-def logs(ctx, job, follow, lines, as_json) -> None:
-    """JOB's training log (structlog records, one per step, checkpoint and evaluation)."""
+def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
+    """JOB's training log (one record per step, checkpoint and evaluation), or with --daemon
+    the supervisor's (spawns, exits and their causes, ladder steps; it rotates at 5 MB)."""
     from loractl.client.logs import follow_log, tail_log
     from loractl.protocol import ShowRequest
 
-    data = call(ctx, ShowRequest(job=job), as_json)["job"]
-    log_path = Path(data["adapter_path"]) / "train.log"
+    if of_daemon == bool(job):
+        fail("name a JOB, or pass --daemon for the supervisor's log", ClientExit.USAGE, as_json)
+    if of_daemon:
+        from loractl.supervisor.logfile import LOG_NAME
+
+        log_path = ctx.obj.logs / LOG_NAME
+    else:
+        data = call(ctx, ShowRequest(job=job), as_json)["job"]
+        log_path = Path(data["adapter_path"]) / "train.log"
     for line in tail_log(log_path, lines, as_json):
         click.echo(line)
     if follow:
@@ -347,11 +428,19 @@ def logs(ctx, job, follow, lines, as_json) -> None:
 
 @main.command()
 @click.argument("job", required=False)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per event instead of the live view."
+)
 @click.pass_context
-def watch(ctx, job) -> None:
-    """A live view of JOB (or of whatever runs): progress, loss, tok/s, memory, rung, ETA."""
-    from loractl.client.watch import run_watch
+def watch(ctx, job, as_json) -> None:
+    """A live view of JOB (or of whatever runs): progress, loss, tok/s, memory, rung, ETA.
 
+    Without a terminal (piped, in a log) it prints one plain line per event instead; with a
+    JOB it then exits when the job ends (0 completed, 1 failed or cancelled)."""
+    from loractl.client.watch import run_watch, run_watch_lines
+
+    if as_json or not sys.stdout.isatty():
+        sys.exit(run_watch_lines(ctx.obj, job, as_json=as_json))
     sys.exit(run_watch(ctx.obj, job))
 
 

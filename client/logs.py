@@ -36,7 +36,10 @@ def follow_log(path: Path, as_json: bool, poll_s: float = 0.2) -> Iterator[str]:
     position = path.stat().st_size if path.exists() else 0
     partial = ""
     while True:
-        if path.exists() and path.stat().st_size > position:
+        size = path.stat().st_size if path.exists() else 0
+        if size < position:
+            position = 0  # rotated (the supervisor's log at 5 MB) or truncated: start over
+        if size > position:
             with path.open(encoding="utf-8", errors="replace") as handle:
                 handle.seek(position)
                 chunk = handle.read()

@@ -106,7 +106,14 @@ def history_table(events: list[dict[str, Any]]) -> str:
     lines = []
     for event in events:
         when = datetime.datetime.fromtimestamp(event["at"]).strftime("%Y-%m-%d %H:%M:%S")
-        move = f"{event['from_state']} -> {event['to_state']}" if event.get("to_state") else ""
+        move = ""
+        if event.get("to_state"):
+            # A job's first event has no state to come from.
+            move = (
+                f"{event['from_state']} -> {event['to_state']}"
+                if event.get("from_state")
+                else f"new -> {event['to_state']}"
+            )
         detail = event.get("detail") or {}
         extra = ", ".join(f"{k}={v}" for k, v in detail.items() if k not in ("crashes",))
         lines.append(
@@ -123,4 +130,68 @@ def ladder_table(ladder: list[dict[str, Any]], current: int) -> str:
         marker = "->" if rung["rung"] == current else "  "
         shown = f"peak {peak:.0f} MB" if peak else "not run yet"
         lines.append(f"{marker} rung {rung['rung']}: {rung['change']:<40} {shown}")
+    return "\n".join(lines)
+
+
+def status_text(status: dict[str, Any]) -> str:
+    """`loractl status`: the supervisor, the queue, the inbox and what it turned away."""
+    counts = status.get("jobs") or {}
+    queue = ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "no jobs"
+    lines = [
+        f"supervisor {status['version']} (pid {status['pid']}), up {status['uptime_s']:.0f} s, "
+        f"memory pressure {status.get('pressure', '?')}",
+        f"  home:    {status['home']}",
+        f"  inbox:   {status.get('inbox', '?')}  (drop .yaml/.toml/.json job configs here)",
+        f"  logs:    {status.get('logs', '?')}",
+        f"  jobs:    {queue}",
+    ]
+    if status.get("running"):
+        lines.append(f"  running: {status['running']} (trainer pid {status['trainer_pid']})")
+    rejected = status.get("rejected") or []
+    if rejected:
+        lines.append("  recently rejected from the inbox:")
+        lines.extend(rejection_lines(rejected, indent="    "))
+    return "\n".join(lines)
+
+
+def rejection_lines(rejected: list[dict[str, Any]], indent: str = "") -> list[str]:
+    import datetime
+
+    lines = []
+    for item in rejected:
+        when = datetime.datetime.fromtimestamp(item["at"]).strftime("%Y-%m-%d %H:%M")
+        reason = item["reason"].replace("\n", "\n" + indent + "    ")
+        lines.append(f"{indent}{when}  {item['name']}: {reason}")
+    return lines
+
+
+def service_text(service: dict[str, Any] | None, supervisor: dict[str, Any] | None) -> str:
+    """`loractl daemon status`: the service manager's view beside the supervisor's own."""
+    lines = []
+    if service is not None:
+        if not service.get("installed"):
+            lines.append(
+                f"service ({service.get('target')}): not installed; "
+                "`loractl daemon install` makes it start at login and restart after a crash"
+            )
+        else:
+            state = (
+                "running"
+                if service.get("running")
+                else ("loaded, not running" if service.get("loaded") else "installed, not loaded")
+            )
+            extra = []
+            if service.get("pid"):
+                extra.append(f"pid {service['pid']}")
+            if service.get("last_exit") is not None:
+                extra.append(f"last exit {service['last_exit']}")
+            shown = f" ({', '.join(extra)})" if extra else ""
+            lines.append(f"service ({service.get('target')}): {state}{shown}")
+            lines.append(f"  definition: {service.get('unit_path')}")
+        if service.get("detail"):
+            lines.append(f"  {service['detail']}")
+    if supervisor is None:
+        lines.append("supervisor: not answering")
+    else:
+        lines.append(status_text(supervisor))
     return "\n".join(lines)

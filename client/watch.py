@@ -409,14 +409,14 @@ def _poll(layout: Layout, state: WatchState) -> None:
         state.apply_show(reply.data["job"])
 
 
-def _subscribe(layout: Layout):
+def _subscribe(layout: Layout, extra_topics: tuple[bytes, ...] = ()):
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.SUB)
     # LINGER 0: quitting must never wait on the socket; MAXMSGSIZE: the view trusts nobody.
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-    for topic in (b"heartbeat", b"job", b"crash", b"trainer_event"):
+    for topic in (b"heartbeat", b"job", b"crash", b"trainer_event", *extra_topics):
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     sock.connect(layout.events)
     return sock
@@ -508,6 +508,127 @@ def run_watch(
                 live.update(render(state.snapshot(time.monotonic())))
     except KeyboardInterrupt:
         # Live's context manager has already put the cursor back; Ctrl-C is the normal exit.
+        return int(ClientExit.OK)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+# -- without a terminal: one line (or one JSON object) per event ----------------------------
+
+PLAIN_HEARTBEAT_EVERY_S = 5.0
+
+
+def event_line(topic: str, data: dict[str, Any]) -> str | None:
+    """One event as one plain line, for logs and pipes; None for events not worth a line."""
+    job = data.get("job_id") or "?"
+    if topic == "heartbeat":
+        total = data.get("total_examples") or 0
+        seen = data.get("examples_seen") or 0
+        loss = data.get("loss")
+        return (
+            f"{job} step {data.get('step')} examples {seen}/{total or '?'}"
+            + (f" loss {loss:.4f}" if isinstance(loss, int | float) else "")
+            + f" {data.get('tokens_per_sec') or 0:.0f} tok/s"
+            + f" memory {_mb(data.get('footprint_mb'))} rung {data.get('rung')}"
+        )
+    if topic == "job":
+        reason = data.get("reason")
+        return f"{job} {data.get('state')}" + (f": {reason.splitlines()[0]}" if reason else "")
+    if topic == "crash":
+        return f"{job} crashed at step {data.get('step')}: {data.get('explanation')}"
+    if topic == "trainer_event":
+        kind = data.get("kind")
+        detail = data.get("detail") or {}
+        if kind == "checkpoint":
+            return f"{job} checkpoint at step {data.get('step')}"
+        if kind == "eval" and detail.get("val_loss") is not None:
+            return f"{job} step {data.get('step')} val_loss {detail['val_loss']:.4f}"
+        return f"{job} {kind} at step {data.get('step')}"
+    if topic == "rejected":
+        return f"inbox rejected {data.get('name')}: {data.get('reason')}"
+    return None
+
+
+def run_watch_lines(
+    layout: Layout,
+    job_ref: str | None,
+    *,
+    as_json: bool = False,
+    out=None,
+    heartbeat_every_s: float = PLAIN_HEARTBEAT_EVERY_S,
+) -> int:
+    """Print events as they come, one line (or JSON object) each; for pipes and logs.
+
+    With JOB, only its events, and the exit code once it ends (0 completed, 1 failed or
+    cancelled); without, everything until Ctrl-C. Plain heartbeat lines are thinned to one
+    every ``heartbeat_every_s``; JSON carries every event.
+    """
+    from loractl.client.control import DaemonNotRunning, RequestFailed, request
+    from loractl.protocol import ShowRequest, StatusRequest
+
+    out = out or sys.stdout
+
+    def say(topic: str, data: dict[str, Any]) -> None:
+        line = json.dumps({"topic": topic, **data}) if as_json else event_line(topic, data)
+        if line is not None:
+            print(line, file=out, flush=True)
+
+    def show() -> dict[str, Any]:
+        return request(layout, ShowRequest(job=job_ref), timeout=REQUEST_TIMEOUT_S).data["job"]
+
+    def outcome(state: str | None) -> int | None:
+        if state not in TERMINAL:
+            return None
+        return int(ClientExit.OK if state == "completed" else ClientExit.JOB_FAILED)
+
+    sock = None
+    try:
+        sock = _subscribe(layout, extra_topics=(b"rejected",))
+        job_id, state = None, None
+        try:
+            request(layout, StatusRequest(), timeout=REQUEST_TIMEOUT_S)
+            if job_ref:
+                job = show()
+                job_id, state = job["id"], job["state"]
+                say("job", {"job_id": job_id, "state": state, "reason": job.get("reason")})
+        except DaemonNotRunning as exc:
+            print(f"loractl: {exc}", file=sys.stderr)
+            return int(ClientExit.DAEMON_NOT_RUNNING)
+        except RequestFailed as exc:
+            print(f"loractl: {exc}", file=sys.stderr)
+            return int(ClientExit.NOT_FOUND if exc.code == ErrorCode.NOT_FOUND else 5)
+        last_beat = 0.0
+        next_poll = time.monotonic() + REPOLL_S
+        while (code := outcome(state)) is None:
+            if sock.poll(int(REPOLL_S * 1000)):
+                frames = sock.recv_multipart()
+                try:
+                    topic, data = frames[0].decode("ascii"), json.loads(frames[1])
+                except (IndexError, UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+                if not isinstance(data, dict) or (job_id and data.get("job_id") != job_id):
+                    continue
+                if topic == "heartbeat" and not as_json:
+                    now = time.monotonic()
+                    if now - last_beat < heartbeat_every_s:
+                        continue
+                    last_beat = now
+                if topic == "job" and job_id:
+                    state = data.get("state")
+                say(topic, data)
+            if job_id and time.monotonic() >= next_poll:
+                # Events can be missed (a SUB socket drops what it was not there for).
+                next_poll = time.monotonic() + REPOLL_S
+                try:
+                    fresh = show()
+                except RuntimeError:
+                    continue
+                if fresh["state"] != state:
+                    state = fresh["state"]
+                    say("job", {"job_id": job_id, "state": state, "reason": fresh.get("reason")})
+        return code
+    except KeyboardInterrupt:
         return int(ClientExit.OK)
     finally:
         if sock is not None:

@@ -275,6 +275,7 @@ class StatusRequest(Request):
 class ListRequest(Request):
     TYPE: ClassVar[str] = "list"
     states: list[str] | None = None
+    rejected: bool = False  # also list the files the inbox rejected, with their reasons
 
 
 @dataclass

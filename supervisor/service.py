@@ -60,6 +60,7 @@ from loractl.protocol import (
     decode,
 )
 from loractl.supervisor.classify import Cause, ExitEvidence, classify, signal_name
+from loractl.supervisor.desktop import KeepAwake, Notifier, SideProcesses
 from loractl.supervisor.ladder import (
     RestartPolicy,
     describe_rung,
@@ -70,6 +71,7 @@ from loractl.supervisor.ladder import (
 from loractl.supervisor.pressure import Pressure, cgroup_oom_kill_count, read_system_memory
 from loractl.supervisor.store import (
     TERMINAL,
+    TRANSITIONS,
     InvalidState,
     Job,
     JobNotFound,
@@ -82,6 +84,26 @@ from loractl.wire import drain
 log = structlog.get_logger("loractl.supervisor")
 
 STDERR_TAIL_BYTES = 8192
+
+_LIVE = frozenset({JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.BACKOFF})
+# The states each job command may be sent from; anything else is refused with a reason
+# before the handler touches the job, so no command can leave a job in an impossible state
+# (a `resume` of a running job once queued it under its live trainer).
+COMMAND_STATES: dict[str, frozenset[JobState]] = {
+    "pause": _LIVE,
+    "cancel": _LIVE | {JobState.PAUSED},
+    "resume": frozenset({JobState.PAUSED}),
+    "retry": frozenset({JobState.FAILED, JobState.CANCELLED}),
+    "priority": _LIVE | {JobState.PAUSED},
+}
+
+
+def require_state(job: Job, command: str) -> None:
+    """Refuse ``command`` unless ``job`` is in a state the command is allowed from."""
+    allowed = COMMAND_STATES[command]
+    if job.state not in allowed:
+        names = " or ".join(sorted(str(state) for state in allowed))
+        raise InvalidState(f"cannot {command} job {job.id}: it is {job.state}, not {names}")
 
 
 class AlreadyRunning(RuntimeError):
@@ -111,6 +133,14 @@ class Settings:
     pressure_level_file: str = ""
     # Accept and queue jobs but start none (maintenance, or testing the intake on its own).
     hold_queue: bool = False
+    # Desktop notifications for jobs that set ``notify: true``; 0 turns them off for all.
+    notifications: bool = True
+    # Replaces osascript / notify-send; gets the title and the message as two arguments.
+    notify_cmd: str = ""
+    # Hold a power assertion (caffeinate, systemd-inhibit) while a trainer runs.
+    keep_awake: bool = True
+    # Replaces caffeinate / systemd-inhibit; gets the trainer's pid as its argument.
+    keep_awake_cmd: str = ""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -176,6 +206,13 @@ class Supervisor:
         self._last_warn_action = 0.0
         self._system = None
         self._backoff_until: dict[str, float] = {}
+        self.side_processes = SideProcesses()
+        self.notifier = Notifier(
+            self.side_processes, self.settings.notifications, self.settings.notify_cmd
+        )
+        self.keep_awake = KeepAwake(
+            self.side_processes, self.settings.keep_awake, self.settings.keep_awake_cmd
+        )
         self.handlers = {
             StatusRequest: self.handle_status,
             ListRequest: self.handle_list,
@@ -194,23 +231,39 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def acquire_lock(self) -> None:
+    def acquire_lock(self, wait: bool = False) -> None:
+        """Take the pidfile lock, or raise AlreadyRunning; with ``wait``, block until the
+        supervisor holding it exits. A service manager starts us with ``wait``: exiting
+        non-zero instead would have launchd restart us every ThrottleInterval, forever."""
         self.layout.ensure()
-        fd = os.open(self.layout.pidfile, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(self.layout.pidfile, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self.layout.pidfile.read_text().strip() or "?"
+                if not wait:
+                    os.close(fd)
+                    raise AlreadyRunning(
+                        f"a supervisor (pid {owner}) is already running for {self.layout.home}"
+                    ) from None
+                log.warning("waiting for the running supervisor to exit", pid=owner)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # A supervisor that stops cleanly unlinks the pidfile: a lock won on that old
+            # file locks nothing anyone else can see, so try again on the current one.
+            try:
+                current = os.stat(self.layout.pidfile).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
             os.close(fd)
-            owner = self.layout.pidfile.read_text().strip() or "?"
-            raise AlreadyRunning(
-                f"a supervisor (pid {owner}) is already running for {self.layout.home}"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def run(self) -> int:
-        self.acquire_lock()
+    def run(self, wait_for_lock: bool = False) -> int:
+        self.acquire_lock(wait=wait_for_lock)
         self.store = Store(self.layout.database)
         context = zmq.Context.instance()
         self.control = context.socket(zmq.ROUTER)
@@ -234,11 +287,12 @@ class Supervisor:
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.telemetry, zmq.POLLIN)
         poller.register(wake_read, zmq.POLLIN)
-        log.info("supervisor started", pid=os.getpid(), home=str(self.layout.home))
-        print(
-            f"loractl supervisor {__version__} (pid {os.getpid()}) serving {self.layout.home}",
-            file=sys.stderr,
-            flush=True,
+        log.info(
+            "supervisor started",
+            version=__version__,
+            pid=os.getpid(),
+            home=str(self.layout.home),
+            inbox=str(self.layout.inbox),
         )
         from loractl.supervisor.inbox import Inbox
 
@@ -267,11 +321,12 @@ class Supervisor:
                     except BlockingIOError:
                         pass
                 if self.telemetry in ready:
-                    self.drain_telemetry()
+                    self._survive("reading telemetry", self.drain_telemetry)
                 if self.control in ready:
-                    self.drain_control()
-                self.tick()
+                    self._survive("serving requests", self.drain_control)
+                self._survive("the loop's periodic work", self.tick)
         finally:
+            self.keep_awake.release()
             self.inbox.stop()
             signal.set_wakeup_fd(-1)
             wake_read.close()
@@ -279,9 +334,22 @@ class Supervisor:
             for sock in (self.control, self.telemetry, self.events):
                 sock.close()
             self.store.close()
+            self._remove_runtime_files()
+            # A clean stop leaves no pidfile: one that is left means a crash (doctor says so).
+            self.layout.pidfile.unlink(missing_ok=True)
             os.close(self._lock_fd)
         log.info("supervisor stopped")
         return 0
+
+    def _remove_runtime_files(self) -> None:
+        """Take our socket files and their folder away; we still hold the lock, so no other
+        supervisor of this home can have bound them since."""
+        for name in ("control", "events", "telemetry"):
+            (self.layout.runtime / name).unlink(missing_ok=True)
+        try:
+            self.layout.runtime.rmdir()
+        except OSError:
+            pass  # something else lives there: leave it
 
     def _on_stop_signal(self, signum, frame) -> None:
         self.shutdown_requested = True
@@ -306,7 +374,8 @@ class Supervisor:
         """Resolve every job a previous supervisor left active: adopt its trainer or resume."""
         for job in self.store.active():
             if job.state == JobState.BACKOFF:
-                continue  # the timer is simply re-armed by tick()
+                self._rearm_backoff(job)
+                continue
             if job.trainer_pid and self._is_our_trainer(job):
                 cfg = self._load_job_config(job)
                 self.trainer = Trainer(
@@ -323,6 +392,7 @@ class Supervisor:
                     last_checkpoint_step=job.last_checkpoint_step,
                 )
                 self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)
+                self.keep_awake.hold(job.trainer_pid, f"loractl is training {job.name}")
                 log.info("re-adopted trainer", job=job.id, pid=job.trainer_pid)
             else:
                 self.store.transition(
@@ -346,26 +416,79 @@ class Supervisor:
 
     # -- the loop's periodic work -----------------------------------------------------------
 
+    def _survive(self, during: str, work, *args) -> None:
+        """Run one piece of the loop's work; an exception is logged, never fatal. Errors
+        that belong to one job are caught closer to it (see ``_job_failed_internally``)."""
+        try:
+            work(*args)
+        except Exception:
+            log.exception("supervisor error; still serving", during=during)
+
     def tick(self) -> None:
         now = time.monotonic()
-        self.reap()
+        self._survive("reaping the trainer", self.reap)
+        self.side_processes.reap()
         for result in self.inbox.poll():
             self._report_intake(result)
         if self.trainer is not None:
             if now >= self._next_guard:
                 self._next_guard = now + self.settings.guard_interval_s
-                self.guard_memory()
-            self.check_liveness()
-            self.escalate_stop()
+                self._survive("guarding memory", self.guard_memory)
+            if self.trainer is not None:
+                self._survive("checking liveness", self.check_liveness)
+                self._survive("stopping the trainer", self.escalate_stop)
         if self.shutdown_requested or self.settings.hold_queue:
             return
-        for job in self.store.list({JobState.BACKOFF}):
-            if now >= self._backoff_until.get(job.id, 0.0) and self.trainer is None:
-                self.spawn(job)
         if self.trainer is None:
-            job = self.store.next_queued()
+            job = self._next_job(now)
             if job is not None:
-                self.spawn(job)
+                self._spawn_guarded(job)
+
+    def _next_job(self, now: float) -> Job | None:
+        """A job in backoff had its turn and keeps it: the queue waits out its delay."""
+        waiting = self.store.list({JobState.BACKOFF})
+        if waiting:
+            job = min(waiting, key=lambda j: self._backoff_until.get(j.id, 0.0))
+            return job if now >= self._backoff_until.get(job.id, 0.0) else None
+        return self.store.next_queued()
+
+    def _spawn_guarded(self, job: Job) -> None:
+        try:
+            self.spawn(job)
+        except Exception as exc:
+            self._job_failed_internally(job.id, "starting its trainer", exc)
+
+    def _job_failed_internally(self, job_id: str, during: str, exc: BaseException) -> None:
+        """A supervisor bug or an unexpected OS error hit one job: that job fails with the
+        reason and the traceback in its history; the supervisor and every other job go on."""
+        import traceback
+
+        log.exception("job failed inside the supervisor", job=job_id, during=during)
+        trainer = self.trainer
+        if trainer is not None and trainer.job_id == job_id:
+            # Never leave a trainer behind that nobody watches: one job, at most one trainer.
+            try:
+                os.kill(trainer.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if trainer.popen is not None:
+                trainer.popen.wait()
+            self.trainer = None
+            self.keep_awake.release()
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            self.store.record(
+                job_id,
+                "internal_error",
+                during=during,
+                error=error,
+                traceback=traceback.format_exc()[-4000:],
+            )
+            job = self.store.get(job_id)
+            if JobState.FAILED in TRANSITIONS[job.state]:
+                self._fail(job, "internal", f"supervisor error while {during}: {error}")
+        except Exception:
+            log.exception("could not record the job's failure", job=job_id)
 
     def system_memory(self):
         now = time.monotonic()
@@ -461,6 +584,7 @@ class Supervisor:
             trainer_pid=popen.pid,
             trainer_started_at=started_at,
         )
+        self.keep_awake.hold(popen.pid, f"loractl is training {job.name}")
         self.publish("job", job_id=job.id, state="starting", pid=popen.pid)
         log.info("spawned trainer", job=job.id, pid=popen.pid, attempt=attempt, rung=job.rung)
 
@@ -677,7 +801,11 @@ class Supervisor:
             # Not our child: its exit status is lost. A "done" event says it finished.
             exit_code, signum = (0, None) if trainer.done_event else (None, None)
         self.trainer = None
-        self.on_exit(trainer, exit_code, signum)
+        self.keep_awake.release()
+        try:
+            self.on_exit(trainer, exit_code, signum)
+        except Exception as exc:
+            self._job_failed_internally(trainer.job_id, "handling its trainer's exit", exc)
 
     def _stderr_tail(self, trainer: Trainer) -> str:
         try:
@@ -728,6 +856,8 @@ class Supervisor:
                 job.id, JobState.COMPLETED, "trainer finished", outcome="success", reason=""
             )
             self.publish("job", job_id=job.id, state="completed")
+            log.info("job completed", job=job.id, name=job.name, attempts=job.attempt)
+            self.notify(job, f"{job.name} completed", f"adapters in {self._adapter_path(job)}")
             return
         if verdict.cause == Cause.STOPPED:
             if trainer.stop_reason == "user-pause":
@@ -759,7 +889,7 @@ class Supervisor:
         job = self.store.add_crash(job.id, crash)
         self.publish("crash", job_id=job.id, **crash)
         if not verdict.retry:
-            self._fail(job, str(verdict.cause), f"{verdict.explanation}\n{_last_lines(tail)}")
+            self._fail(job, str(verdict.cause), _reason_with_tail(verdict.explanation, tail))
             return
         if trainer.last_heartbeat is None:
             early = job.early_deaths + 1
@@ -786,6 +916,14 @@ class Supervisor:
                 change=describe_rung(cfg, new_rung),
                 cause=verdict.explanation,
             )
+            log.warning(
+                "ladder step", job=job.id, to_rung=new_rung, change=describe_rung(cfg, new_rung)
+            )
+            self.notify(
+                job,
+                f"{job.name}: out of memory",
+                f"stepping down to rung {new_rung}: {describe_rung(cfg, new_rung)}",
+            )
             self.store.transition(
                 job.id,
                 JobState.BACKOFF,
@@ -793,7 +931,7 @@ class Supervisor:
                 rung=new_rung,
                 retries_on_rung=0,
             )
-            self._backoff_until[job.id] = time.monotonic()
+            self._arm_backoff(job.id, 0.0)
             return
         previous = [c for c in job.crashes[:-1] if c.get("rung") == job.rung]
         advanced = not previous or (
@@ -805,17 +943,29 @@ class Supervisor:
                 job,
                 str(verdict.cause),
                 f"{retries - 1} retries on rung {job.rung} without a new checkpoint; last: "
-                f"{verdict.explanation}\n{_last_lines(tail)}",
+                + _reason_with_tail(verdict.explanation, tail),
             )
             return
         delay = self.policy.delay(retries)
-        self._backoff_until[job.id] = time.monotonic() + delay
         self.store.transition(
             job.id,
             JobState.BACKOFF,
             f"{verdict.cause}: {verdict.explanation}; restarting in {delay:.1f} s",
             retries_on_rung=retries,
         )
+        self._arm_backoff(job.id, delay)
+
+    def _arm_backoff(self, job_id: str, delay: float) -> None:
+        """Set the restart time, in memory for the loop and in the history (wall clock) so a
+        restarted supervisor keeps the same deadline instead of restarting at once."""
+        self._backoff_until[job_id] = time.monotonic() + delay
+        self.store.record(job_id, "backoff", resume_at=time.time() + delay, delay_s=delay)
+
+    def _rearm_backoff(self, job: Job) -> None:
+        recorded = [e for e in self.store.events(job.id) if e["kind"] == "backoff"]
+        resume_at = recorded[-1]["detail"].get("resume_at") if recorded else None
+        remaining = max(0.0, resume_at - time.time()) if isinstance(resume_at, float) else 0.0
+        self._backoff_until[job.id] = time.monotonic() + remaining
 
     def _ladder_exhausted(self, job: Job, cfg: JobConfig) -> str:
         lines = ["out of memory on every rung of the ladder:"]
@@ -835,6 +985,22 @@ class Supervisor:
         )
         self.publish("job", job_id=job.id, state="failed", reason=reason)
         log.error("job failed", job=job.id, cause=cause, reason=reason)
+        self.notify(job, f"{job.name} failed", reason.splitlines()[0] if reason else cause)
+
+    def notify(self, job: Job, title: str, message: str) -> None:
+        """A desktop notification, for jobs whose config asks for them."""
+        try:
+            wanted = self._load_job_config(job).notify
+        except ConfigError:
+            wanted = False
+        if wanted:
+            self.notifier.send(title, message)
+
+    def _adapter_path(self, job: Job) -> str:
+        try:
+            return str(self._load_job_config(job).adapter_path)
+        except ConfigError:
+            return job.job_dir
 
     # -- control channel --------------------------------------------------------------------
 
@@ -895,12 +1061,18 @@ class Supervisor:
             trainer_pid=self.trainer.pid if self.trainer else None,
             dropped_frames=self.dropped_frames,
             pressure=str(self.system_memory().pressure),
+            inbox=str(self.layout.inbox),
+            logs=str(self.layout.logs),
+            rejected=recent_rejections(self.layout.inbox, limit=5),
         )
 
     def handle_list(self, request: ListRequest) -> Reply:
         states = {JobState(s) for s in request.states} if request.states else None
+        extra = {}
+        if request.rejected:
+            extra["rejected"] = recent_rejections(self.layout.inbox, limit=None)
         return Reply.success(
-            request.id, jobs=[self._summary(job) for job in self.store.list(states)]
+            request.id, jobs=[self._summary(job) for job in self.store.list(states)], **extra
         )
 
     def handle_submit(self, request: SubmitRequest) -> Reply:
@@ -970,6 +1142,7 @@ class Supervisor:
 
     def handle_cancel(self, request: CancelRequest) -> Reply:
         job = self.store.resolve(request.job)
+        require_state(job, "cancel")
         if self._running(job):
             self.stop_trainer("user-cancel", grace=self.settings.stop_grace_s)
             return Reply.success(request.id, id=job.id, state="stopping")
@@ -981,6 +1154,7 @@ class Supervisor:
 
     def handle_pause(self, request: PauseRequest) -> Reply:
         job = self.store.resolve(request.job)
+        require_state(job, "pause")
         if self._running(job):
             self.stop_trainer("user-pause", grace=self.settings.stop_grace_s)
             return Reply.success(request.id, id=job.id, state="stopping")
@@ -989,6 +1163,7 @@ class Supervisor:
 
     def handle_resume(self, request: ResumeRequest) -> Reply:
         job = self.store.resolve(request.job)
+        require_state(job, "resume")
         job = self.store.transition(
             job.id, JobState.QUEUED, "resumed by the user; continues from its checkpoint"
         )
@@ -996,6 +1171,7 @@ class Supervisor:
 
     def handle_retry(self, request: RetryRequest) -> Reply:
         job = self.store.resolve(request.job)
+        require_state(job, "retry")
         rung = job.rung if request.from_rung is None else request.from_rung
         cfg = self._load_job_config(job)
         if not 0 <= rung < rung_count(cfg):
@@ -1016,6 +1192,7 @@ class Supervisor:
 
     def handle_priority(self, request: PriorityRequest) -> Reply:
         job = self.store.resolve(request.job)
+        require_state(job, "priority")
         job = self.store.set_priority(job.id, request.priority)
         return Reply.success(request.id, id=job.id, priority=job.priority)
 
@@ -1050,7 +1227,8 @@ class Supervisor:
 
     def handle_shutdown(self, request: ShutdownRequest) -> Reply:
         self.shutdown_requested = True
-        return Reply.success(request.id, pid=os.getpid())
+        running = self.trainer.job_id if self.trainer else None
+        return Reply.success(request.id, pid=os.getpid(), checkpointing=running)
 
     def _summary(self, job: Job) -> dict[str, Any]:
         return {
@@ -1094,11 +1272,7 @@ class Supervisor:
             "peak_memory_mb": job.peak_memory_mb,
             "ladder": ladder,
             "adapter_path": adapter_path,
-            "use_with": (
-                f"mlx_lm.generate --model {effective.get('model')} --adapter-path {adapter_path}"
-                if adapter_path
-                else None
-            ),
+            "use_with": _use_with(effective.get("model"), adapter_path),
             "job_dir": job.job_dir,
             "budget_mb": round(self._budget(cfg), 1) if "error" not in effective else None,
             "last_checkpoint_step": job.last_checkpoint_step,
@@ -1112,6 +1286,45 @@ class Supervisor:
             )
         except zmq.ZMQError:
             pass
+
+
+def recent_rejections(inbox: Path, limit: int | None) -> list[dict[str, Any]]:
+    """Files the inbox turned away, newest first, each with the reason it wrote for it."""
+    from loractl.supervisor.inbox import REJECTED
+
+    found = []
+    try:
+        entries = list(os.scandir(inbox / REJECTED))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".error.txt") or entry.name.startswith("."):
+            continue
+        try:
+            at = entry.stat().st_mtime
+            with open(entry.path, encoding="utf-8", errors="replace") as handle:
+                reason = handle.read(4096).strip()
+        except OSError:
+            continue
+        found.append({"name": entry.name.removesuffix(".error.txt"), "reason": reason, "at": at})
+    found.sort(key=lambda item: item["at"], reverse=True)
+    return found if limit is None else found[:limit]
+
+
+def _use_with(model: str | None, adapter_path: str | None) -> str | None:
+    """How to try the adapters, once there are any, with a command that exists: the bare
+    name when it is on PATH, else the one installed beside this interpreter."""
+    import shutil
+
+    if not model or not adapter_path:
+        return None
+    if not (Path(adapter_path) / "adapters.safetensors").is_file():
+        return None
+    command = "mlx_lm.generate"
+    if shutil.which(command) is None:
+        beside = Path(sys.executable).parent / command
+        command = str(beside) if beside.is_file() else f"{sys.executable} -m mlx_lm generate"
+    return f"{command} --model {model} --adapter-path {adapter_path} --prompt 'Hello'"
 
 
 def _sets_key(path: Path, key: str) -> bool:
@@ -1136,10 +1349,38 @@ def _last_lines(text: str, count: int = 8) -> str:
     return "\n".join(lines[-count:])
 
 
-def main(home: str | None = None) -> int:
+def _reason_with_tail(explanation: str, tail: str) -> str:
+    """The verdict's one line, then the stderr lines above it for context.
+
+    The explanation quotes the decisive stderr line, shortened to fit one line; that line is
+    put back whole and not repeated below, so a reason neither ends mid-sentence nor says
+    the same thing twice.
+    """
+    lines = _last_lines(tail).splitlines()
+    headline, _, quoted = explanation.partition(": ")
+    quoted = quoted.removesuffix("...").strip()
+    if quoted:
+        matching = [line for line in lines if quoted in line]
+        if matching:
+            lines.remove(matching[-1])
+            full = matching[-1].strip()
+            explanation = f"{headline}: {full[full.index(quoted) :]}"
+    return "\n".join([explanation, *lines])
+
+
+def main(home: str | None = None, wait_for_lock: bool = False) -> int:
+    """The supervisor's entry point. Exit codes suit a keep-alive service manager: 0 only for
+    a requested stop (SIGTERM, ``loractl daemon stop``), 3 when another supervisor holds the
+    home and ``wait_for_lock`` is off, anything else is a crash worth a restart."""
+    from loractl.supervisor.logfile import configure_logging
+
+    # Everything we create (database, job configs, logs, checkpoints' folders) is the
+    # user's alone: training data and configs can be private.
+    os.umask(0o077)
     supervisor = Supervisor(home)
+    configure_logging(supervisor.layout.logs)
     try:
-        return supervisor.run()
+        return supervisor.run(wait_for_lock=wait_for_lock)
     except AlreadyRunning as exc:
         print(f"loractl: {exc}", file=sys.stderr)
         return 3

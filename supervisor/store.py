@@ -57,7 +57,9 @@ IN_FLIGHT = ACTIVE | {JobState.BACKOFF}
 
 _S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    _S.QUEUED: frozenset({_S.STARTING, _S.PAUSED, _S.CANCELLED}),
+    # -> failed: its config no longer loads (model moved, stored copy edited), so it cannot
+    # even start; failing it with the reason is the only move that keeps the queue going.
+    _S.QUEUED: frozenset({_S.STARTING, _S.PAUSED, _S.CANCELLED, _S.FAILED}),
     # -> queued: a restarted supervisor found no live trainer to adopt.
     _S.STARTING: frozenset(
         {_S.RUNNING, _S.BACKOFF, _S.FAILED, _S.COMPLETED, _S.PAUSED, _S.CANCELLED, _S.QUEUED}
@@ -68,9 +70,10 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     _S.BACKOFF: frozenset({_S.STARTING, _S.FAILED, _S.PAUSED, _S.CANCELLED, _S.QUEUED}),
     _S.PAUSED: frozenset({_S.QUEUED, _S.CANCELLED}),
+    # -> queued: `loractl retry`, from the checkpoint the job stopped at.
     _S.FAILED: frozenset({_S.QUEUED}),
     _S.COMPLETED: frozenset(),
-    _S.CANCELLED: frozenset(),
+    _S.CANCELLED: frozenset({_S.QUEUED}),
 }
 del _S
 

@@ -43,8 +43,13 @@ def loaded(job):
 
 
 def _digests(root: Path) -> dict[str, str]:
+    # job.yaml names its folder (absolute paths, so it works once copied to the inbox);
+    # with the folder taken out, it too must be identical.
+    folder = str(root.resolve()).encode()
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): hashlib.sha256(
+            p.read_bytes().replace(folder, b"<folder>") if p.name == "job.yaml" else p.read_bytes()
+        ).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -188,14 +193,15 @@ def test_dataset_formats_load_in_mlx_lm(tmp_path, loaded, fmt, keys, cls):
     assert all(0 <= offset < n for (_, offset), n in zip(processed, lengths, strict=True))
 
 
-def test_prepare_writes_job_yaml_with_relative_paths(job):
-    """prepare's job.yaml is an mlx_lm.lora-style config whose relative paths resolve."""
+def test_prepare_writes_job_yaml_with_absolute_paths(job):
+    """prepare's job.yaml is an mlx_lm.lora-style config whose paths are absolute, so it
+    still works once copied into the inbox."""
     from mlx_lm.tuner.utils import build_schedule
 
     config_path = job["config"]
     cfg = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    root = config_path.parent
-    assert cfg["model"] == "model" and cfg["data"] == "data"
+    root = config_path.parent.resolve()
+    assert cfg["model"] == str(root / "model") and cfg["data"] == str(root / "data")
     assert (root / cfg["model"]).resolve() == job["model"].resolve()
     assert (root / cfg["data"]).resolve() == job["data"].resolve()
     assert (root / cfg["model"] / "config.json").is_file()
@@ -213,7 +219,7 @@ def test_prepare_writes_job_yaml_with_relative_paths(job):
         "grad_accumulation_steps": 4,
         "val_batches": 2,
         "seed": 0,
-        "adapter_path": "adapters",
+        "adapter_path": str(root / "adapters"),
         "checkpoint_every": 2,
         "keep_checkpoints": 3,
     }
