@@ -16,10 +16,19 @@ A file goes through these steps, each one leaving the disk in a state a restart 
 At start every leftover claim is finished: deleted if the queue already knows its job id
 (the crash came after step 3), else validated and enqueued again under the same id. A crash
 therefore neither loses a job nor queues it twice.
+
+Every entry of the inbox ends one of three ways: accepted (queued), rejected (moved to
+``rejected/`` beside a ``<name>.error.txt`` that says what is wrong), or deliberately ignored:
+hidden names, ``*.tmp`` and ``*.part`` (still being written), and folders whose names do not
+look like configs (relative model and data paths may point into them). A folder named like a
+config is rejected; so is a name too long to claim, which is stored in ``rejected/`` under a
+shortened unique name (its error file must fit the file system's name limit too) and named in
+full in the error text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -57,6 +66,11 @@ _CLAIM_PREFIX = ".claim-"
 # Job ids may not contain '-': it separates the id from the original name in a claim.
 _JOB_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _CLAIM = re.compile(r"\.claim-([A-Za-z0-9_]{1,64})-(.+)", re.S)
+# Most file systems' limit on one name, in bytes, when pathconf cannot say.
+_NAME_MAX = 255
+_ERROR_SUFFIX = ".error.txt"
+# A suffix longer than this is not kept when a name is shortened for rejected/.
+_KEPT_SUFFIX_BYTES = 16
 # Events that mean "this name has (new) content"; deletions and reads change nothing to do.
 _CONTENT_EVENTS = frozenset(
     {
@@ -80,10 +94,12 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A file moved to ``rejected/``: ``name`` is the file's name, ``reason`` what is wrong."""
+    """A file moved to ``rejected/``: ``name`` is the file's name, ``reason`` what is wrong,
+    ``stored`` the name it has in ``rejected/`` (numbered on a clash, shortened if long)."""
 
     name: str
     reason: str
+    stored: str = ""
 
 
 @dataclass
@@ -95,6 +111,23 @@ class _Seen:
 def _ignored(name: str) -> bool:
     lower = name.lower()
     return name.startswith(".") or lower.endswith(_IGNORED_SUFFIXES) or name == REJECTED
+
+
+def _config_named(name: str) -> bool:
+    """Whether a name says "config": such a folder is a mistake, any other one a data folder."""
+    return name.lower().endswith(CONFIG_SUFFIXES)
+
+
+def _name_bytes(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def _fit(stem: str, tail: str, limit: int) -> str:
+    """``stem + tail`` cut inside ``stem`` (on a character boundary) to fit ``limit`` bytes."""
+    room = limit - _name_bytes(tail)
+    while stem and _name_bytes(stem) > room:
+        stem = stem[: max(0, len(stem) - max(1, (_name_bytes(stem) - room) // 4))]
+    return stem + tail
 
 
 def _signature(path: Path) -> tuple | None:
@@ -135,12 +168,15 @@ class _Recorder(FileSystemEventHandler):
         self._inbox = inbox
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in _CONTENT_EVENTS:
+        if event.event_type not in _CONTENT_EVENTS:
             return
         path = event.dest_path if event.event_type == EVENT_TYPE_MOVED else event.src_path
         # Only the basename: FSEvents reports resolved paths (/private/var/...), so comparing
         # folders would drop events; a name that is not in the inbox is dropped at lstat.
-        self._inbox._touch(os.path.basename(os.fsdecode(path)))
+        name = os.path.basename(os.fsdecode(path))
+        if event.is_directory and not _config_named(name):
+            return  # a data folder: never taken, so nothing to wake up for
+        self._inbox._touch(name)
 
 
 class Inbox:
@@ -187,6 +223,7 @@ class Inbox:
         self._scan_due = True
         self._next_scan = 0.0
         self._observer = None
+        self._name_max = _NAME_MAX
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -194,6 +231,10 @@ class Inbox:
         """Watch the folder and schedule a full scan (files and claims left from before)."""
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.rejected.mkdir(exist_ok=True)
+        try:
+            self._name_max = os.pathconf(self.inbox, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            self._name_max = _NAME_MAX
         if self._observer is None:
             observer = Observer()
             observer.schedule(_Recorder(self), str(self.inbox), recursive=False)
@@ -294,7 +335,10 @@ class Inbox:
         for name, seen in list(self._seen.items()):
             path = self.inbox / name
             sig = _signature(path)
-            if sig is None or stat.S_ISDIR(sig[0]) or (stat.S_ISLNK(sig[0]) and path.is_dir()):
+            folder = sig is not None and (
+                stat.S_ISDIR(sig[0]) or (stat.S_ISLNK(sig[0]) and path.is_dir())
+            )
+            if sig is None or (folder and not _config_named(name)):
                 del self._seen[name]
                 continue
             if name in self._stuck:
@@ -319,7 +363,11 @@ class Inbox:
         claimed: Path | None = None
         try:
             job_id = self._fresh_id(name)
-            claimed = self.inbox / f"{_CLAIM_PREFIX}{job_id}-{name}"
+            claim_name = f"{_CLAIM_PREFIX}{job_id}-{name}"
+            if _name_bytes(claim_name) > self._name_max:
+                limit = self._name_max - (_name_bytes(claim_name) - _name_bytes(name))
+                return self._reject_long(path, name, limit)
+            claimed = self.inbox / claim_name
             try:
                 os.rename(path, claimed)
             except FileNotFoundError:
@@ -355,11 +403,24 @@ class Inbox:
                 return job_id
         raise RuntimeError("new_id() kept returning job ids that are already in use")
 
+    def _reject_long(self, path: Path, name: str, limit: int) -> Rejected | None:
+        """Reject a name too long to claim; the type's problem too, if it has one."""
+        reason = (
+            f"{_shown(name)}: the name is {_name_bytes(name)} bytes long; the inbox takes names"
+            f" of at most {limit} bytes (it renames a file to .claim-<job id>-<name> while"
+            f" reading it, and this file system allows {self._name_max} bytes per name);"
+            " rename the file and drop it in again"
+        )
+        problem = self._check_file(path, name)
+        if problem:
+            reason += f"; it is also rejected because {problem}"
+        return self._reject(path, name, reason)
+
     def _finish(self, claimed: Path, name: str, job_id: str) -> Accepted | Rejected | None:
         """Validate a claimed file, enqueue it under ``job_id``, then delete the claim."""
         problem = self._check_file(claimed, name)
         if problem:
-            return self._reject(claimed, name, problem)
+            return self._reject(claimed, name, f"{_shown(name)}: {problem}")
         try:
             cfg = load_config(claimed)
         except ConfigError as error:
@@ -397,33 +458,41 @@ class Inbox:
             log.warning("inbox_claim_not_deleted", claim=str(claimed), error=str(error))
 
     def _check_file(self, path: Path, name: str) -> str | None:
-        """What makes the file unreadable as a config before reading it, or None."""
-        name = _shown(name)
-        suffix = Path(name).suffix
+        """What makes the file unreadable as a config before reading it (without the name in
+        front), or None."""
+        suffix = Path(_shown(name)).suffix
         if suffix.lower() not in CONFIG_SUFFIXES:
             shown = f"'{suffix}'" if suffix else "(no suffix)"
             return (
-                f"{name}: unsupported file type {shown}; the inbox takes "
+                f"unsupported file type {shown}; the inbox takes "
                 + ", ".join(CONFIG_SUFFIXES[:-1])
                 + f" or {CONFIG_SUFFIXES[-1]} files"
             )
         info = os.lstat(path)
+        linked = ""
         if stat.S_ISLNK(info.st_mode):
             link = os.readlink(path)
             target = Path(os.path.realpath(path))
             if not target.exists():
-                return f"{name}: symlink to {link} cannot be followed (dangling or a loop)"
+                return f"symlink to {link} cannot be followed (dangling or a loop)"
             if not target.is_relative_to(self.home):
                 return (
-                    f"{name}: symlink to {link} points outside loractl's home {self.home};"
+                    f"symlink to {link} points outside loractl's home {self.home};"
                     " copy the file into the inbox instead"
                 )
             info = os.stat(path)
+            linked = f"symlink to {link}: "
+        if stat.S_ISDIR(info.st_mode):
+            return (
+                f"{linked}a folder, not a config file; the inbox takes one config file per job"
+                " (put the config itself here, and its model and data in a folder named"
+                " without a config suffix)"
+            )
         if not stat.S_ISREG(info.st_mode):
-            return f"{name}: not a regular file"
+            return f"{linked}not a regular file"
         if info.st_size > MAX_CONFIG_BYTES:
             return (
-                f"{name}: file is {info.st_size} bytes; configs are limited to"
+                f"{linked}file is {info.st_size} bytes; configs are limited to"
                 f" {MAX_CONFIG_BYTES} bytes (1 MB)"
             )
         return None
@@ -444,8 +513,10 @@ class Inbox:
         """Move ``path`` (a link itself, never its target) to rejected/ with an error file."""
         self.rejected.mkdir(parents=True, exist_ok=True)
         dest = self._free_name(name)
-        error_file = self.rejected / f"{dest.name}.error.txt"
-        staging = self.rejected / f".{dest.name}.error.txt.tmp"
+        error_file = self.rejected / f"{dest.name}{_ERROR_SUFFIX}"
+        # A short fixed name: "<dest>.error.txt.tmp" would not fit NAME_MAX for long names.
+        # Only this process writes rejected/, so one staging name is enough.
+        staging = self.rejected / ".staging.error.txt.tmp"
         # The explanation lands first: a crash before the move leaves the file to be
         # rejected again (under a new name), never a rejected file with no reason.
         try:
@@ -466,15 +537,28 @@ class Inbox:
         except OSError:
             error_file.unlink(missing_ok=True)
             raise
-        return Rejected(name=_shown(name), reason=reason)
+        return Rejected(name=_shown(name), reason=reason, stored=_shown(dest.name))
 
     def _free_name(self, name: str) -> Path:
+        """A name in rejected/ that is free, and whose error file is free, for ``name``.
+
+        A clash is numbered (bad-1.yaml). A name whose error file would not fit the name limit
+        is shortened, keeping its suffix and adding a hash of the full name, so two long
+        names that share a beginning stay apart.
+        """
+        limit = self._name_max - len(_ERROR_SUFFIX)
         stem, suffix = os.path.splitext(name)
-        candidate = name
+        if _name_bytes(suffix) > _KEPT_SUFFIX_BYTES:
+            stem, suffix = name, ""
+        mark = ""
+        if _name_bytes(name) > limit:
+            mark = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
         number = 0
-        while os.path.lexists(self.rejected / candidate) or os.path.lexists(
-            self.rejected / f"{candidate}.error.txt"
-        ):
+        while True:
+            candidate = _fit(stem, mark + (f"-{number}" if number else "") + suffix, limit)
+            if not (
+                os.path.lexists(self.rejected / candidate)
+                or os.path.lexists(self.rejected / f"{candidate}{_ERROR_SUFFIX}")
+            ):
+                return self.rejected / candidate
             number += 1
-            candidate = f"{stem}-{number}{suffix}"
-        return self.rejected / candidate

@@ -209,22 +209,45 @@ def test_500_files_waiting_before_start_are_each_queued_once(world):
 
 
 def test_hidden_tmp_part_and_folders_are_ignored_and_left_in_place(world):
-    """Hidden, *.tmp, *.part files and sub-folders are neither taken nor rejected."""
+    """Hidden, *.tmp, *.part files and data folders (and links to them) are neither taken
+    nor rejected."""
     ignored = [".hidden.yaml", "x.yaml.tmp", "y.yaml.part", "Z.YAML.TMP", ".DS_Store"]
     for name in ignored:
         world.drop(name, world.config())
     (world.inbox / "sub").mkdir()
     (world.inbox / "sub" / "inner.yaml").write_text(world.config())
-    (world.inbox / "linked-dir.yaml").symlink_to(world.inbox / "sub")
+    (world.inbox / "linked-dir").symlink_to(world.inbox / "sub")
+    (world.inbox / "folder.yaml.part").mkdir()
     box = world.make()
     world.drop("real.yaml", world.config())
     results = poll_until(box, lambda r: len(r) == 1)
     assert [a.source for a in accepted(results)] == ["real.yaml"]
     assert quiet(box) == []
     assert box.pending_count == 0
-    assert world.listing() == {*ignored, "sub", "linked-dir.yaml", "rejected"}
+    assert world.listing() == {*ignored, "sub", "linked-dir", "folder.yaml.part", "rejected"}
     assert world.rejected() == set()
     assert (world.inbox / "sub" / "inner.yaml").exists()
+
+
+def test_a_folder_named_like_a_config_is_rejected_with_the_reason(world):
+    """A folder (or a link to one) named *.yaml is a mistake, not data: it is moved to
+    rejected/ whole, with an error file saying it is a folder."""
+    box = world.make(settle_s=0.05)
+    (world.inbox / "job.yaml").mkdir()
+    (world.inbox / "job.yaml" / "config.yaml").write_text(world.config())
+    target = world.home / "elsewhere"
+    target.mkdir()
+    (world.inbox / "link.yml").symlink_to(target)
+    results = poll_until(box, lambda r: len(r) == 2)
+    reasons = {r.name: r.reason for r in rejected(results)}
+    assert reasons["job.yaml"].startswith("job.yaml: a folder, not a config file")
+    assert reasons["link.yml"].startswith(f"link.yml: symlink to {target}: a folder")
+    assert world.listing() == {"rejected"}
+    assert (world.inbox / "rejected" / "job.yaml" / "config.yaml").is_file()
+    assert os.readlink(world.inbox / "rejected" / "link.yml") == str(target)
+    assert target.is_dir(), "the link's target is left alone"
+    for name, reason in reasons.items():
+        assert (world.inbox / "rejected" / f"{name}.error.txt").read_text() == reason + "\n"
 
 
 def test_a_file_is_taken_only_after_its_size_and_mtime_settle(world):
@@ -357,7 +380,10 @@ def _corpus(world: World) -> dict[str, tuple[object, str]]:
         "top_list.yaml": ("- model: x\n- data: y\n", "top level must be a mapping"),
         "bad.json": ('{"model": ', "JSON error"),
         "list.json": ("[1, 2]", "top level must be a mapping"),
-        "unknown.json": (json.dumps({"model": "m", "data": "d", "bogus": 1}), "'bogus'"),
+        "unknown.json": (
+            json.dumps({"model": str(world.model), "data": str(world.data), "bogus": 1}),
+            "'bogus'",
+        ),
         "bad.toml": ("model = \n", "TOML error"),
         "job.txt": (head, "unsupported file type '.txt'; the inbox takes .yaml"),
         "README": ("hello\n", "unsupported file type (no suffix)"),
@@ -365,6 +391,9 @@ def _corpus(world: World) -> dict[str, tuple[object, str]]:
         "secret.yaml": (link(outside), "points outside loractl's home"),
         "dangling.yaml": (link(world.home / "gone.yaml"), "cannot be followed"),
         "fifo.yaml": (os.mkfifo, "not a regular file"),
+        "folder.yaml": (os.mkdir, "a folder, not a config file"),
+        "folder_link.json": (link(world.home), "a folder, not a config file"),
+        "UPPER.YAML": (os.mkdir, "a folder"),
     }
 
 
@@ -565,3 +594,84 @@ def test_new_id_that_repeats_a_known_id_is_retried(world):
     (result,) = poll_until(box, lambda r: len(r) == 1)
     assert isinstance(result, Accepted) and result.job_id == "fresh"
     assert world.queue.calls == ["fresh"]
+
+
+# -- names too long to claim -------------------------------------------------------------------
+
+
+def claim_limit(world: World) -> int:
+    """The longest name the inbox can claim with World's ids (.claim-j00000-<name>)."""
+    return 255 - len(".claim-j00000-")
+
+
+def named(length: int, suffix: str = ".yaml", fill: str = "n", last: str = "") -> str:
+    """A name of exactly ``length`` bytes: ``fill`` repeated, padded, ``last``, ``suffix``."""
+    end = last + suffix
+    stem = fill * ((length - len(end.encode())) // len(fill.encode()))
+    stem += "n" * (length - len((stem + end).encode()))
+    return stem + end
+
+
+def test_the_longest_claimable_name_is_accepted_and_one_byte_more_rejected(world):
+    """At the claim limit a config is queued; one byte over, it is rejected saying why."""
+    box = world.make(settle_s=0.05)
+    limit = claim_limit(world)
+    fits, over = named(limit), named(limit + 1, fill="o")
+    world.drop(fits, world.config(name="fits"))
+    world.drop(over, world.config(name="over"))
+    results = poll_until(box, lambda r: len(r) == 2)
+    assert [a.name for a in accepted(results)] == ["fits"]
+    (rejection,) = rejected(results)
+    assert rejection.name == over and rejection.stored == over
+    assert rejection.reason == (
+        f"{over}: the name is {limit + 1} bytes long; the inbox takes names of at most {limit}"
+        " bytes (it renames a file to .claim-<job id>-<name> while reading it, and this file"
+        " system allows 255 bytes per name); rename the file and drop it in again"
+    )
+    assert world.listing() == {"rejected"}
+    assert world.rejected() == {over, f"{over}.error.txt"}
+
+
+@pytest.mark.parametrize("fill", ["n", "\u00e9", "\u6f22", "\U0001f600"])
+def test_names_up_to_the_limit_are_rejected_under_a_short_unique_name(world, fill):
+    """255-byte names (ASCII or multi-byte) are stored under shortened names that, with their
+    .error.txt, fit the name limit; names sharing a long beginning stay apart, and each error
+    file gives the full original name."""
+    box = world.make(settle_s=0.05)
+    first = named(255, fill=fill, last="a")
+    second = named(255, fill=fill, last="b")
+    third = named(255, suffix=".unusually-long-suffix", fill=fill)
+    assert len({len(n.encode()) for n in (first, second, third)}) == 1
+    for name in (first, second, third):
+        world.drop(name, world.config())
+    results = poll_until(box, lambda r: len(r) == 3)
+    stored = {r.name: r.stored for r in rejected(results)}
+    assert set(stored) == {first, second, third}
+    assert len(set(stored.values())) == 3
+    assert world.listing() == {"rejected"}
+    for name, short in stored.items():
+        assert len(short.encode()) <= 255 - len(".error.txt")
+        error = (world.inbox / "rejected" / f"{short}.error.txt").read_text()
+        assert error.startswith(f"{name}: the name is 255 bytes long")
+        assert (world.inbox / "rejected" / short).read_text() == world.config()
+    assert stored[first].endswith(".yaml") and stored[second].endswith(".yaml")
+    assert "~" in stored[third] and not stored[third].endswith(".unusually-long-suffix")
+    assert (
+        "unsupported file type"
+        in (world.inbox / "rejected" / f"{stored[third]}.error.txt").read_text()
+    )
+
+
+def test_a_long_name_rejected_twice_gets_a_numbered_short_name(world):
+    """The same long name dropped again is stored beside the first, never over it."""
+    box = world.make(settle_s=0.05)
+    name = named(250)
+    world.drop(name, "first\n")
+    (one,) = poll_until(box, lambda r: len(r) == 1)
+    world.drop(name, "second\n")
+    (two,) = poll_until(box, lambda r: len(r) == 1)
+    assert one.stored != two.stored
+    assert two.stored.endswith(one.stored.removesuffix(".yaml")[-9:] + "-1.yaml")
+    assert (world.inbox / "rejected" / one.stored).read_text() == "first\n"
+    assert (world.inbox / "rejected" / two.stored).read_text() == "second\n"
+    assert len(world.rejected()) == 4
