@@ -381,8 +381,8 @@ def _corpus(world: World) -> dict[str, tuple[object, str]]:
         "bad.json": ('{"model": ', "JSON error"),
         "list.json": ("[1, 2]", "top level must be a mapping"),
         "unknown.json": (
-            json.dumps({"model": str(world.model), "data": str(world.data), "bogus": 1}),
-            "'bogus'",
+            json.dumps({"model": str(world.model), "data": str(world.data), "batch_sise": 1}),
+            "'batch_sise'",
         ),
         "bad.toml": ("model = \n", "TOML error"),
         "job.txt": (head, "unsupported file type '.txt'; the inbox takes .yaml"),
@@ -436,11 +436,13 @@ def test_file_names_that_are_not_utf8_are_handled_not_stuck(world):
         world.drop(good, world.config(name="cafe"))
     except OSError:
         pytest.skip("this file system only allows UTF-8 names")
-    world.drop(bad, "bogus: 1\n")
+    world.drop(bad, "batch_sise: 1\n")
     box = world.make(settle_s=0.05)
     results = poll_until(box, lambda r: len(r) == 2)
     assert [(a.source, a.name) for a in accepted(results)] == [("caf\\xe9.yaml", "cafe")]
-    assert [r.reason for r in rejected(results)] == ["b\\xe9d.yaml: unknown key 'bogus'"]
+    assert [r.reason for r in rejected(results)] == [
+        "b\\xe9d.yaml: unknown key 'batch_sise' (did you mean 'batch_size'?)"
+    ]
     assert world.listing() == {"rejected"}
     assert world.rejected() == {bad, f"{bad}.error.txt"}
 
@@ -450,7 +452,7 @@ def test_rejecting_a_name_twice_never_overwrites(world):
     box = world.make(settle_s=0.05)
     world.drop("bad.yaml", "batch_size: [\n")
     poll_until(box, lambda r: len(r) == 1)
-    world.drop("bad.yaml", "nope: 1\n")
+    world.drop("bad.yaml", "batch_sise: 1\n")
     poll_until(box, lambda r: len(r) == 1)
     assert world.rejected() == {
         "bad.yaml",
@@ -461,8 +463,8 @@ def test_rejecting_a_name_twice_never_overwrites(world):
     rejected_dir = world.inbox / "rejected"
     assert (rejected_dir / "bad.yaml").read_text() == "batch_size: [\n"
     assert "YAML error" in (rejected_dir / "bad.yaml.error.txt").read_text()
-    assert (rejected_dir / "bad-1.yaml").read_text() == "nope: 1\n"
-    assert "unknown key 'nope'" in (rejected_dir / "bad-1.yaml.error.txt").read_text()
+    assert (rejected_dir / "bad-1.yaml").read_text() == "batch_sise: 1\n"
+    assert "unknown key 'batch_sise'" in (rejected_dir / "bad-1.yaml.error.txt").read_text()
 
 
 def test_unexpected_errors_reject_the_file_and_poll_goes_on(world):
@@ -562,7 +564,7 @@ def test_leftover_claims_found_at_start_are_finished_or_dropped(world):
     world.queue.jobs["k0001"] = (".claim-k0001-done.yaml", None)
     world.drop(".claim-k0001-done.yaml", world.config(name="done"))
     world.drop(".claim-u0001-todo.yaml", world.config(name="todo"))
-    world.drop(".claim-u0002-broken.yaml", world.config() + "bogus: 1\n")
+    world.drop(".claim-u0002-broken.yaml", world.config() + "batch_sise: 1\n")
     world.drop(".claim-u0003-notes.txt", "hello\n")
     box = world.make()
     results = poll_until(box, lambda r: len(r) == 3)
@@ -580,7 +582,7 @@ def test_leftover_claims_found_at_start_are_finished_or_dropped(world):
         "notes.txt.error.txt",
     }
     assert (
-        "broken.yaml: unknown key 'bogus'"
+        "broken.yaml: unknown key 'batch_sise'"
         in (world.inbox / "rejected" / "broken.yaml.error.txt").read_text()
     )
 
