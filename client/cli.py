@@ -28,6 +28,18 @@ class LazyGroup(click.Group):
         if lazy is not None:
             self.lazy = lazy
 
+    def invoke(self, ctx):
+        # A file or folder we may not touch is the user's to fix: one line, not a traceback.
+        try:
+            return super().invoke(ctx)
+        except PermissionError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            fail(
+                f"permission denied:{where} ({exc.strerror or exc}); check its owner and mode",
+                ClientExit.REFUSED,
+                as_json=False,
+            )
+
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])
 
@@ -333,13 +345,19 @@ _job_action(
 @main.command()
 @click.argument("job")
 @click.option("--from-rung", type=int, default=None, help="Restart on this ladder rung.")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Discard the checkpoints and train from the start (e.g. after changing the data).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def retry(ctx, job, from_rung, as_json) -> None:
-    """Queue a failed JOB again, from its checkpoint (optionally on another rung)."""
+def retry(ctx, job, from_rung, fresh, as_json) -> None:
+    """Queue a failed or cancelled JOB again, from its checkpoint (or --fresh, from the
+    start), optionally on another rung."""
     from loractl.protocol import RetryRequest
 
-    data = call(ctx, RetryRequest(job=job, from_rung=from_rung), as_json)
+    data = call(ctx, RetryRequest(job=job, from_rung=from_rung, fresh=fresh), as_json)
     emit(data, as_json) if as_json else click.echo(f"{data['id']}: queued on rung {data['rung']}")
 
 

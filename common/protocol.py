@@ -322,6 +322,7 @@ class ResumeRequest(JobRequest):
 class RetryRequest(JobRequest):
     TYPE: ClassVar[str] = "retry"
     from_rung: int | None = None
+    fresh: bool = False  # discard the checkpoints and train from the start
 
 
 @dataclass

@@ -35,11 +35,12 @@ import zmq
 from loractl import __version__
 from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import footprint_mb, total_mb
-from loractl.paths import Layout
+from loractl.paths import Layout, UnsafeFolder
 from loractl.protocol import (
     CancelRequest,
     CleanRequest,
     ErrorCode,
+    ExitCode,
     Heartbeat,
     HistoryRequest,
     LadderRequest,
@@ -118,6 +119,12 @@ class Settings:
     backoff_cap_s: float = 60.0
     early_death_limit: int = 3
     stop_grace_s: float = 60.0  # SIGTERM -> SIGKILL when the trainer should checkpoint first
+    # Far over budget (this many times it) or at critical pressure, the Mac is at risk: the
+    # grace shrinks to what one checkpoint needs.
+    runaway_factor: float = 1.5
+    checkpoint_grace_s: float = 10.0
+    # A trainer asked to stop that still grows by this much is not checkpointing; kill it.
+    still_growing_mb: float = 256.0
     hang_grace_s: float = 5.0  # a hung trainer will not checkpoint; do not wait long
     startup_timeout_s: float = 300.0  # spawn -> first heartbeat
     stall_min_s: float = 120.0
@@ -181,6 +188,7 @@ class Trainer:
     peak_mb: float = 0.0
     stop_reason: str | None = None  # memory | hang | user-pause | user-cancel | shutdown
     stop_sent_at: float | None = None
+    footprint_at_stop: float | None = None
     kill_at: float | None = None
     done_event: bool = False
     cgroup_oom_at_start: int | None = None
@@ -206,6 +214,7 @@ class Supervisor:
         self._last_warn_action = 0.0
         self._system = None
         self._backoff_until: dict[str, float] = {}
+        self._adapter_paths: dict[str, Path] = {}
         self.side_processes = SideProcesses()
         self.notifier = Notifier(
             self.side_processes, self.settings.notifications, self.settings.notify_cmd
@@ -520,6 +529,12 @@ class Supervisor:
             return float(cfg.memory_budget_mb)
         return total_mb() * self.settings.default_budget_fraction
 
+    def _fresh_start_requested(self, job_id: str, attempt: int) -> bool:
+        return any(
+            event["kind"] == "fresh_start_requested" and event["detail"].get("attempt") == attempt
+            for event in self.store.events(job_id)
+        )
+
     def _stderr_path(self, job_id: str, attempt: int) -> Path:
         return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.stderr"
 
@@ -548,6 +563,8 @@ class Supervisor:
             "--overrides",
             json.dumps(rung_overrides(cfg, job.rung)),
         ]
+        if self._fresh_start_requested(job.id, attempt):
+            command.append("--fresh")
         with stderr_path.open("ab") as stderr:
             # A new session: a signal aimed at the supervisor's process group (Ctrl-C, launchd
             # stopping the agent) must not kill the trainer before it can checkpoint.
@@ -613,9 +630,16 @@ class Supervisor:
         if not pid or not job_id:
             self.dropped_frames += 1
             return
-        if self.trainer is not None and self.trainer.pid != pid:
-            log.warning("stray trainer; stopping it", pid=pid, job=job_id)
-            self.send_command(pid, "stop")
+        if not self._known_job(job_id) or not _is_trainer_of(pid, job_id):
+            self.dropped_frames += 1  # a stranger, or a lie about the pid: never signal it
+            return
+        log.warning("stray trainer of one of our jobs; stopping it", pid=pid, job=job_id)
+        self.store.record(job_id, "stray_trainer_stopped", pid=pid)
+        self.send_command(pid, "stop")
+        try:
+            os.kill(pid, signal.SIGTERM)  # checkpoints and exits, like any stop
+        except ProcessLookupError:
+            pass
 
     def on_heartbeat(self, trainer: Trainer, beat: Heartbeat) -> None:
         now = time.monotonic()
@@ -690,23 +714,37 @@ class Supervisor:
         if system.pressure != Pressure.NORMAL:
             trainer.pressure_seen = str(system.pressure)
         if trainer.stop_reason is not None:
+            self._kill_if_still_growing(trainer, footprint)
             return
+        critical = system.pressure == Pressure.CRITICAL
         if footprint and footprint > trainer.budget_mb:
+            runaway = critical or footprint > trainer.budget_mb * self.settings.runaway_factor
+            grace = self.settings.checkpoint_grace_s if runaway else self.settings.stop_grace_s
+            grace = min(grace, self.settings.stop_grace_s)
             self.store.record(
                 trainer.job_id,
                 "memory_guard",
                 action="stop",
                 footprint_mb=round(footprint, 1),
                 budget_mb=round(trainer.budget_mb, 1),
+                grace_s=grace,
             )
             log.warning(
-                "over budget; stopping trainer", footprint=footprint, budget=trainer.budget_mb
+                "over budget; stopping trainer",
+                footprint=footprint,
+                budget=trainer.budget_mb,
+                grace_s=grace,
             )
-            self.stop_trainer("memory", grace=self.settings.stop_grace_s)
+            self.stop_trainer("memory", grace=grace)
+            trainer.footprint_at_stop = footprint
             return
-        if system.pressure == Pressure.CRITICAL and self._biggest_consumer(trainer.pid):
-            self.store.record(trainer.job_id, "memory_guard", action="stop", pressure="critical")
-            self.stop_trainer("memory", grace=self.settings.stop_grace_s)
+        if critical and self._biggest_consumer(trainer.pid):
+            grace = min(self.settings.checkpoint_grace_s, self.settings.stop_grace_s)
+            self.store.record(
+                trainer.job_id, "memory_guard", action="stop", pressure="critical", grace_s=grace
+            )
+            self.stop_trainer("memory", grace=grace)
+            trainer.footprint_at_stop = footprint
             return
         if system.pressure == Pressure.WARN:
             now = time.monotonic()
@@ -720,6 +758,26 @@ class Supervisor:
                     action="checkpoint+clear_cache",
                     pressure="warn",
                 )
+
+    def _kill_if_still_growing(self, trainer: Trainer, footprint: float | None) -> None:
+        """A trainer stopped for memory that keeps growing is not checkpointing (stuck in a
+        read of /dev/zero, say, where SIGTERM waits): waiting out its grace risks the Mac."""
+        if trainer.stop_reason != "memory" or trainer.kill_at is None:
+            return
+        if not footprint or trainer.footprint_at_stop is None:
+            return
+        if footprint - trainer.footprint_at_stop < self.settings.still_growing_mb:
+            return
+        self.store.record(
+            trainer.job_id,
+            "memory_guard",
+            action="kill",
+            footprint_mb=round(footprint, 1),
+            at_stop_mb=round(trainer.footprint_at_stop, 1),
+        )
+        log.warning("still growing after stop; SIGKILL", pid=trainer.pid, footprint=footprint)
+        trainer.kill_at = time.monotonic()
+        self.escalate_stop()
 
     @staticmethod
     def _biggest_consumer(pid: int) -> bool:
@@ -1119,10 +1177,11 @@ class Supervisor:
         shutil.rmtree(staging, ignore_errors=True)
         if folder.exists():
             shutil.rmtree(folder)  # left by a crash before the row was written: no job yet
-        staging.mkdir(parents=True)
         data = cfg.to_dict()
         if not _sets_key(source, "adapter_path"):
             data["adapter_path"] = str(folder / "adapters")
+        self._check_adapter_folder_free(Path(data["adapter_path"]), source)
+        staging.mkdir(parents=True)
         (staging / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         os.replace(staging, folder)
         return self.store.add_job(
@@ -1132,6 +1191,25 @@ class Supervisor:
             job_dir=str(folder),
             priority=cfg.priority if priority is None else priority,
         )
+
+    def _check_adapter_folder_free(self, adapter_path: Path, source: Path) -> None:
+        """Refuse a job whose adapter folder belongs to a job that has not ended: the second
+        would train on (or "complete" with) the first's checkpoints."""
+        wanted = adapter_path.resolve()
+        for job in self.store.list(set(JobState) - TERMINAL):
+            if job.id not in self._adapter_paths:  # a job's stored config never moves it
+                try:
+                    path = Path(self._load_job_config(job).adapter_path).resolve()
+                except (ConfigError, OSError):
+                    continue
+                self._adapter_paths[job.id] = path
+            if self._adapter_paths[job.id] == wanted:
+                raise ConfigError(
+                    f"adapter_path {wanted} is already used by job {job.id} ({job.name}, "
+                    f"{job.state}); give this job its own adapter_path",
+                    key="adapter_path",
+                    source=str(source),
+                )
 
     def handle_show(self, request: ShowRequest) -> Reply:
         job = self.store.resolve(request.job)
@@ -1178,10 +1256,13 @@ class Supervisor:
             raise ValueError(
                 f"rung {rung} does not exist; this job has rungs 0-{rung_count(cfg) - 1}"
             )
+        if request.fresh:
+            # Read by spawn(): this attempt's trainer discards the checkpoints and starts over.
+            self.store.record(job.id, "fresh_start_requested", attempt=job.attempt + 1)
         job = self.store.transition(
             job.id,
             JobState.QUEUED,
-            f"retried by the user from rung {rung}",
+            f"retried by the user from rung {rung}" + (", from the start" if request.fresh else ""),
             rung=rung,
             retries_on_rung=0,
             early_deaths=0,
@@ -1288,6 +1369,16 @@ class Supervisor:
             pass
 
 
+def _is_trainer_of(pid: int, job_id: str) -> bool:
+    """Whether ``pid`` really is a loractl trainer of ``job_id`` (a heartbeat can claim any
+    pid; only the process table is proof)."""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "loractl.daemon.trainer" in cmdline and job_id in cmdline
+
+
 def recent_rejections(inbox: Path, limit: int | None) -> list[dict[str, Any]]:
     """Files the inbox turned away, newest first, each with the reason it wrote for it."""
     from loractl.supervisor.inbox import REJECTED
@@ -1384,3 +1475,8 @@ def main(home: str | None = None, wait_for_lock: bool = False) -> int:
     except AlreadyRunning as exc:
         print(f"loractl: {exc}", file=sys.stderr)
         return 3
+    except UnsafeFolder as exc:
+        # Someone else's (or an open) folder where our sockets or state would go: binding
+        # there would let them answer for us. Only the user can fix it.
+        log.error("refusing to start", reason=str(exc))
+        return int(ExitCode.CONFIG_ERROR)

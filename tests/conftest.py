@@ -69,3 +69,87 @@ def run_trainer(config: Path, *extra: str, env: dict | None = None, timeout: flo
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# A stand-in trainer: a real process that exits 82 on SIGTERM, as the trainer does after
+# its final checkpoint.
+STAND_IN = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(82))\n"
+    "time.sleep(120)\n"
+)
+
+
+class NoInbox:
+    """In-process supervisor tests are about the loop; the inbox has its own tests."""
+
+    def poll(self):
+        return []
+
+
+@pytest.fixture
+def inprocess_supervisor(tmp_path):
+    """A Supervisor in this process (handlers and tick, no sockets bound) over a real store."""
+    import zmq
+
+    from loractl.supervisor.service import Settings, Supervisor
+    from loractl.supervisor.store import Store
+
+    sup = Supervisor(tmp_path / "home", Settings(hold_queue=True, stop_grace_s=10))
+    sup.keep_awake.enabled = False
+    sup.layout.ensure()
+    sup.store = Store(sup.layout.database)
+    sup.events = zmq.Context.instance().socket(zmq.PUB)
+    sup.telemetry = zmq.Context.instance().socket(zmq.ROUTER)
+    sup.telemetry.setsockopt(zmq.ROUTER_MANDATORY, 1)  # as bound: unknown peers raise
+    for sock in (sup.events, sup.telemetry):
+        sock.setsockopt(zmq.LINGER, 0)
+    sup.inbox = NoInbox()
+    yield sup
+    if sup.trainer is not None and sup.trainer.popen is not None:
+        sup.trainer.popen.kill()
+        sup.trainer.popen.wait()
+    sup.events.close()
+    sup.telemetry.close()
+    sup.store.close()
+
+
+def put_in_state(sup, config, state, script: str = STAND_IN, budget_mb: float = 1e9) -> str:
+    """A job in ``state``, reached through allowed transitions only, with a live stand-in
+    trainer (``STAND_IN`` or ``script``) where the state needs one."""
+    import time
+
+    from loractl.config import load_config
+    from loractl.supervisor.service import Trainer
+    from loractl.supervisor.store import JobState
+
+    job = sup.enqueue(config, load_config(config))
+    store = sup.store
+    if state in (JobState.STARTING, JobState.RUNNING, JobState.COMPLETED, JobState.BACKOFF):
+        popen = subprocess.Popen([sys.executable, "-c", script])
+        store.transition(job.id, JobState.STARTING, "test", trainer_pid=popen.pid, attempt=1)
+        if state in (JobState.COMPLETED, JobState.BACKOFF):
+            popen.kill()
+            popen.wait()
+            store.transition(job.id, state, "test", trainer_pid=None)
+            if state == JobState.BACKOFF:
+                sup._arm_backoff(job.id, 3600.0)
+        else:
+            sup.trainer = Trainer(
+                job_id=job.id,
+                pid=popen.pid,
+                attempt=1,
+                rung=0,
+                popen=popen,
+                stderr_path=sup._stderr_path(job.id, 1),
+                budget_mb=budget_mb,
+                heartbeat_timeout=600,
+                last_heartbeat=time.monotonic(),
+                step=0,
+            )
+            if state == JobState.RUNNING:
+                store.transition(job.id, JobState.RUNNING, "test")
+    elif state != JobState.QUEUED:
+        store.transition(job.id, state, "test")
+    assert store.get(job.id).state == state
+    return job.id

@@ -8,15 +8,14 @@ so stopping it uses real signals and the real exit classification.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import zmq
 
-from conftest import make_job, wait_for
-from loractl.config import load_config
+from conftest import STAND_IN, make_job, put_in_state, wait_for
 from loractl.protocol import (
     CancelRequest,
     ErrorCode,
@@ -31,8 +30,8 @@ from loractl.protocol import (
     StatusRequest,
     decode,
 )
-from loractl.supervisor.service import COMMAND_STATES, Settings, Supervisor, Trainer
-from loractl.supervisor.store import TRANSITIONS, JobState, Store
+from loractl.supervisor.service import COMMAND_STATES, Settings, Supervisor
+from loractl.supervisor.store import TRANSITIONS, JobState
 
 COMMANDS = {
     "cancel": lambda ref: CancelRequest(job=ref),
@@ -45,75 +44,6 @@ COMMANDS = {
     "ladder": lambda ref: LadderRequest(job=ref),
 }
 READ_ONLY = {"show", "history", "ladder"}
-# A stand-in trainer: a real process that exits 82 on SIGTERM, as the trainer does after
-# its final checkpoint.
-STAND_IN = (
-    "import signal, sys, time\n"
-    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(82))\n"
-    "time.sleep(120)\n"
-)
-
-
-class NoInbox:
-    """The matrix is about commands; the inbox has its own tests."""
-
-    def poll(self):
-        return []
-
-
-@pytest.fixture
-def supervisor(tmp_path):
-    sup = Supervisor(tmp_path / "home", Settings(hold_queue=True, stop_grace_s=10))
-    sup.keep_awake.enabled = False
-    sup.layout.ensure()
-    sup.store = Store(sup.layout.database)
-    sup.events = zmq.Context.instance().socket(zmq.PUB)
-    sup.telemetry = zmq.Context.instance().socket(zmq.ROUTER)
-    sup.telemetry.setsockopt(zmq.ROUTER_MANDATORY, 1)  # as bound: unknown peers raise
-    for sock in (sup.events, sup.telemetry):
-        sock.setsockopt(zmq.LINGER, 0)
-    sup.inbox = NoInbox()
-    yield sup
-    if sup.trainer is not None and sup.trainer.popen is not None:
-        sup.trainer.popen.kill()
-        sup.trainer.popen.wait()
-    sup.events.close()
-    sup.telemetry.close()
-    sup.store.close()
-
-
-def put_in_state(sup: Supervisor, config, state: JobState) -> str:
-    """A job in ``state``, reached through allowed transitions only."""
-    job = sup.enqueue(config, load_config(config))
-    store = sup.store
-    if state in (JobState.STARTING, JobState.RUNNING, JobState.COMPLETED, JobState.BACKOFF):
-        popen = subprocess.Popen([sys.executable, "-c", STAND_IN])
-        store.transition(job.id, JobState.STARTING, "test", trainer_pid=popen.pid, attempt=1)
-        if state in (JobState.COMPLETED, JobState.BACKOFF):
-            popen.kill()
-            popen.wait()
-            store.transition(job.id, state, "test", trainer_pid=None)
-            if state == JobState.BACKOFF:
-                sup._arm_backoff(job.id, 3600.0)
-        else:
-            sup.trainer = Trainer(
-                job_id=job.id,
-                pid=popen.pid,
-                attempt=1,
-                rung=0,
-                popen=popen,
-                stderr_path=sup._stderr_path(job.id, 1),
-                budget_mb=1e9,
-                heartbeat_timeout=600,
-                last_heartbeat=time.monotonic(),
-                step=0,
-            )
-            if state == JobState.RUNNING:
-                store.transition(job.id, JobState.RUNNING, "test")
-    elif state != JobState.QUEUED:
-        store.transition(job.id, state, "test")
-    assert store.get(job.id).state == state
-    return job.id
 
 
 def send(sup: Supervisor, message) -> Reply:
@@ -127,6 +57,11 @@ def settle(sup: Supervisor, job_id: str) -> JobState:
     """Run the loop until no trainer is left stopping; the job's state then."""
     wait_for(lambda: (sup.tick(), sup.trainer is None or sup.trainer.stop_reason is None)[1], 30)
     return sup.store.get(job_id).state
+
+
+@pytest.fixture
+def supervisor(inprocess_supervisor):
+    return inprocess_supervisor
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -229,3 +164,55 @@ def test_a_backoff_deadline_survives_a_supervisor_restart(tiny_workspace, tmp_pa
     assert 3500 < remaining <= 3600
     assert fresh._next_job(time.monotonic()) is None
     assert fresh.store.get(queued).state == JobState.QUEUED
+
+
+def test_a_second_job_on_a_busy_adapter_folder_is_refused(tiny_workspace, tmp_path, supervisor):
+    """Two live jobs never share an adapter folder: the second is refused, naming the first."""
+    from loractl.config import ConfigError, load_config
+
+    first = make_job(tiny_workspace, tmp_path / "a")
+    put_in_state(supervisor, first, JobState.QUEUED)
+    second = make_job(tiny_workspace, tmp_path / "b", adapter_path=str(tmp_path / "a" / "adapters"))
+    with pytest.raises(ConfigError, match="is already used by job"):
+        supervisor.enqueue(second, load_config(second))
+    assert len(supervisor.store.list()) == 1
+
+
+def test_retry_fresh_starts_the_next_trainer_with_fresh(tiny_workspace, tmp_path, supervisor):
+    """`retry --fresh` is how a supervised job starts over: its next trainer gets --fresh,
+    and only that one."""
+    job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.FAILED)
+    assert send(supervisor, RetryRequest(job=job_id, fresh=True)).ok
+    supervisor.settings = Settings(keep_awake=False)
+    supervisor.tick()
+    assert "--fresh" in supervisor.trainer.popen.args
+    assert not supervisor._fresh_start_requested(job_id, supervisor.trainer.attempt + 1)
+
+
+def test_a_stray_trainer_of_our_job_is_stopped_and_a_false_pid_is_not(
+    tiny_workspace, tmp_path, supervisor
+):
+    """A heartbeat from an orphaned trainer of one of our jobs gets it stopped; a heartbeat
+    naming some other process's pid signals nobody."""
+    from loractl.protocol import Heartbeat
+
+    job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.QUEUED)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, "-m", "loractl.daemon.trainer", "--job-id", job_id]
+    )
+    try:
+        supervisor._stray(Heartbeat(job_id=job_id, pid=orphan.pid))
+        assert orphan.wait(timeout=10) in (82, -signal.SIGTERM)  # before or after its handler
+        bystander = subprocess.Popen([sys.executable, "-c", STAND_IN])
+        dropped = supervisor.dropped_frames
+        supervisor._stray(Heartbeat(job_id=job_id, pid=bystander.pid))
+        assert supervisor.dropped_frames == dropped + 1
+        assert bystander.poll() is None
+        bystander.kill()
+        bystander.wait()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+    kinds = [e["kind"] for e in supervisor.store.events(job_id)]
+    assert kinds.count("stray_trainer_stopped") == 1
