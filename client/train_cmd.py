@@ -84,8 +84,27 @@ def overrides_from_flags(values: dict) -> dict:
     return overrides
 
 
+def run_length_flags(overrides: dict) -> dict:
+    """A run-length flag replaces the config's other way of saying the run's length.
+
+    ``epochs`` wins over ``iters`` when both are in the config, so ``--iters 8`` on a config
+    with ``epochs: 3`` would otherwise change nothing.
+    """
+    out = dict(overrides)
+    if out.get("iters") is not None and "epochs" not in out:
+        out["epochs"] = None
+    return out
+
+
 @click.command()
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-c",
+    "--config",
+    "config_option",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The job config, as mlx_lm.lora -c takes it (same as the CONFIG argument).",
+)
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints and start over.")
 @click.option(
     "--set",
@@ -100,18 +119,26 @@ def overrides_from_flags(values: dict) -> dict:
 @click.option("--rung", hidden=True, type=int, default=0)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @schema_options
-def train(config, fresh, assignments, telemetry, job_id, attempt, rung, as_json, **flags) -> None:
+def train(
+    config, config_option, fresh, assignments, telemetry, job_id, attempt, rung, as_json, **flags
+) -> None:
     """Train CONFIG in the foreground, resuming from its newest valid checkpoint.
 
+    Every flag overrides the config's key of the same name, as mlx_lm.lora's flags do.
     SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits; running the
     same command again continues exactly where it stopped.
     """
+    if config is None and config_option is None:
+        raise click.UsageError("no config given: pass CONFIG or -c CONFIG")
+    if config is not None and config_option is not None and config != config_option:
+        raise click.UsageError(f"two configs given: {config} and -c {config_option}")
     from loractl.daemon.trainer import run
 
+    settings = run_length_flags({**overrides_from_flags(flags), **parse_assignments(assignments)})
     code = run(
-        config,
+        config or config_option,
         fresh=fresh,
-        overrides={**overrides_from_flags(flags), **parse_assignments(assignments)},
+        settings=settings,
         telemetry_endpoint=telemetry,
         job_id=job_id,
         attempt=attempt,

@@ -16,17 +16,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import yaml
 
@@ -112,6 +114,18 @@ def _kind(value: Any) -> str:
 def _suggest(word: str, options) -> str:
     match = difflib.get_close_matches(word, sorted(options), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+# How alike an unknown top-level key must be to a known one to count as its typo (difflib's
+# ratio): one or two characters off ('learnig_rate', 'batch_sise', 'seeed') is a typo and an
+# error; a key of another tool ('train_mode', 'beta', 'load_in_4bits') is ignored with a
+# warning, as mlx_lm.lora ignores it.
+NEAR_MISS_CUTOFF = 0.8
+
+
+def _near_miss(word: str, options) -> str | None:
+    match = difflib.get_close_matches(word, sorted(options), n=1, cutoff=NEAR_MISS_CUTOFF)
+    return match[0] if match else None
 
 
 @dataclass(frozen=True)
@@ -469,9 +483,16 @@ def _hf_dataset(value, key, ctx):
             raise ctx.error(
                 f"key '{sub}': missing required key 'path' (the dataset's Hub id{hint})", sub
             )
+        # The keys mlx-lm's load_custom_hf_dataset reads; others it ignores, and so do we.
+        for split in ("train_split", "valid_split", "test_split"):
+            if split in entry:
+                _str()(entry[split], f"{sub}.{split}", ctx)
+        if "config" in entry:
+            _mapping(entry["config"], f"{sub}.config", ctx, "a mapping of load_dataset arguments")
     return _plain(value, key, ctx)
 
 
+# mlx_lm.tuner.callbacks.SUPPORT_CALLBACK's services; each is a package of the same name.
 _REPORTERS = ("wandb", "swanlab")
 
 
@@ -482,10 +503,19 @@ def _report_to(value, key, ctx):
     if not isinstance(value, str):
         raise ctx.bad(key, expected, value)
     for item in value.split(","):
-        if item.strip() and item.strip().lower() not in _REPORTERS:
+        service = item.strip().lower()
+        if service and service not in _REPORTERS:
             raise ctx.error(
                 f"key '{key}': expected {expected}, got {_show(value)}"
-                + _suggest(item.strip().lower(), _REPORTERS),
+                + _suggest(service, _REPORTERS),
+                key,
+            )
+        # mlx-lm finds out only when it builds the callback, after the model has loaded;
+        # an overnight job should hear it at submit time. find_spec looks, never imports.
+        if service and importlib.util.find_spec(service) is None:
+            raise ctx.error(
+                f"key '{key}': {service} is not installed in {sys.executable}; install it"
+                f" (pip install {service}) or remove '{service}' from {key}",
                 key,
             )
     return value
@@ -673,11 +703,12 @@ class JobConfig:
     learning_rate: float = _f(
         1e-5, "Learning rate (lr_schedule replaces it).", _float(gt=0), "float", _MLX, _ID
     )
+    # The three cadences below count iterations (minibatches), as mlx-lm's trainer does.
     steps_per_report: int = _f(
-        10, "Number of training steps between loss reports.", _int(1), "int", _MLX
+        10, "Iterations (minibatches) between loss reports.", _int(1), "int", _MLX
     )
     steps_per_eval: int = _f(
-        200, "Number of training steps between validations.", _int(1), "int", _MLX, _LADDER
+        200, "Iterations (minibatches) between validations.", _int(1), "int", _MLX, _LADDER
     )
     resume_adapter_file: str | None = _f(
         None, "Adapter weights to start from.", _existing_file, "path?", _MLX, _ID
@@ -687,8 +718,8 @@ class JobConfig:
         "path", _MLX,
     )  # fmt: skip
     save_every: int = _f(
-        100, "Save every N iterations (loractl checkpoints every N / accumulation steps).",
-        _int(1), "int", _MLX,
+        100, "Save the adapters every N iterations, also as <N>_adapters.safetensors, as"
+        " mlx-lm does.", _int(1), "int", _MLX,
     )  # fmt: skip
     max_seq_length: int = _f(2048, "Maximum sequence length.", _int(2), "int", _MLX, _LADDER)
     grad_checkpoint: bool = _f(
@@ -700,8 +731,8 @@ class JobConfig:
         _MLX, _LADDER,
     )  # fmt: skip
     clear_cache_threshold: int = _f(
-        0, "Clear the MLX cache between steps past this many bytes ('2GB' works); 0: never.",
-        _size, "size", _MLX,
+        0, "Clear the MLX cache after an iteration when it holds more than this many bytes"
+        " ('2GB' works); 0: after every iteration, as in mlx-lm.", _size, "size", _MLX,
     )  # fmt: skip
     lr_schedule: dict | None = _f(
         None, "Learning-rate schedule: {name, arguments, warmup, warmup_init}.", _lr_schedule,
@@ -736,8 +767,8 @@ class JobConfig:
     chat_feature: str = _f("messages", "Messages key in chat data.", _str(), "str", _MLX, _ID)
     text_feature: str = _f("text", "Text key in text data.", _str(), "str", _MLX, _ID)
     wandb: str | None = _f(
-        None, "Legacy mlx-lm key (a wandb project); prefer report_to and project_name.",
-        _str(optional=True), "str?", _MLX,
+        None, "Legacy mlx-lm key (a wandb project), ignored as mlx-lm ignores it now; use"
+        " report_to and project_name.", _str(optional=True), "str?", _MLX,
     )  # fmt: skip
 
     # -- loractl's own keys --
@@ -782,6 +813,10 @@ class JobConfig:
     )  # fmt: skip
     notify: bool = _f(False, "Send a desktop notification when the job ends.", _bool(), "bool")
 
+    # Not a field: what loading noticed but did not refuse (keys mlx_lm.lora would ignore),
+    # one line each, for the CLI, the supervisor and the trainer to show.
+    warnings: ClassVar[tuple[str, ...]] = ()
+
     # -- derived values --
 
     @property
@@ -821,7 +856,11 @@ class JobConfig:
             )
         base = base_dir if base_dir is not None else getattr(self, "_base_dir", os.getcwd())
         merged = _merge(self.to_dict(), dict(override))
-        return parse_config(merged, Path(base), source, default_name=self.name)
+        out = parse_config(merged, Path(base), source, default_name=self.name)
+        # The merged dict re-states this config's own keys; only the override's keys are news.
+        fresh = [w for w in out.warnings if any(f"key '{key}'" in w for key in override)]
+        out.warnings = [*self.warnings, *fresh]
+        return out
 
     def identity_hash(self) -> str:
         """sha256 of what makes this run this run; equal hashes may share checkpoints."""
@@ -970,9 +1009,26 @@ def parse_config(
     for key in data:
         if not isinstance(key, str):
             raise ctx.error(f"keys must be strings, got {_show(key)}")
+    warnings: list[str] = []
     for key in data:
-        if key not in _FIELDS and key not in _ALIASES:
-            raise ctx.unknown(key, [*_FIELDS, *_ALIASES], _TOP_LEVEL_HINTS.get(key))
+        if key in _FIELDS or key in _ALIASES:
+            continue
+        if key in _TOP_LEVEL_HINTS:
+            raise ctx.unknown(key, (), _TOP_LEVEL_HINTS[key])
+        if near := _near_miss(key, [*_FIELDS, *_ALIASES]):
+            raise ctx.unknown(key, (), f"did you mean '{near}'?")
+        # mlx_lm.lora copies every key of its config into its arguments and reads only the
+        # ones it knows, so configs written for other tools (the mlx-lm-lora fork's
+        # train_mode, beta, ...) train there; they train here too, with a word about it.
+        warnings.append(
+            f"{source}: key '{key}' is not an mlx_lm.lora or loractl key; ignored"
+            " (mlx_lm.lora ignores it too)"
+        )
+    if data.get("wandb") is not None:
+        warnings.append(
+            f"{source}: key 'wandb' is ignored, as mlx_lm.lora ignores it since it gained"
+            " report_to; use 'report_to: wandb' and 'project_name' to report to wandb"
+        )
 
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -994,6 +1050,16 @@ def parse_config(
             raise ctx.error(f"missing required key '{key}'", key)
     if values.get("data") is None and values.get("hf_dataset") is None:
         raise ctx.error("missing required key 'data' (or 'hf_dataset')", "data")
+    if values.get("test") and values.get("hf_dataset") is not None:
+        entries = values["hf_dataset"]
+        for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            if "test_split" not in entry:
+                # mlx-lm would call datasets.load_dataset(split=None) and fail obscurely.
+                where = f"hf_dataset[{i}]" if isinstance(entries, list) else "hf_dataset"
+                raise ctx.error(
+                    f"key '{where}': 'test: true' needs a 'test_split' here (e.g. 'test')",
+                    f"{where}.test_split",
+                )
     values.setdefault("name", default_name)
     # The default adapter folder is relative too, and must land beside the config like any
     # path the user wrote.
@@ -1008,6 +1074,7 @@ def parse_config(
         )
     # Not a field: with_overrides resolves an override's relative paths from the same folder.
     cfg._base_dir = base
+    cfg.warnings = warnings
     return cfg
 
 

@@ -1,23 +1,31 @@
-"""Datasets and a resumable data order.
+"""Datasets, batches and a resumable data order.
 
-Loading goes through mlx-lm's own dataset classes (text, completions, chat), but every JSONL
-line is parsed here first so that a bad line is reported with its file and line number instead
-of a bare traceback. The order of examples is a pure function of (seed, epoch) and the number
-of examples already consumed, so a resumed run (even at another batch size or accumulation)
-picks up exactly where the checkpoint left off: no example repeated, none skipped.
+Loading goes through mlx-lm's own parts: its dataset classes (text, completions, chat) for a
+local folder, and its ``load_dataset`` for a Hugging Face dataset (``data: org/name`` or
+``hf_dataset:``). For a local folder every JSONL line is parsed here first, so a bad line is
+reported with its file and line number instead of a bare traceback. Every sample is tokenized
+up front, through the mlx-lm dataset's own ``process``: a sample the tokenizer or a chat
+template rejects fails now, not an hour into the night, and the token lengths are known for
+batching.
+
+Batches are made the way mlx-lm's ``iterate_batches`` makes them: examples sorted by length are
+cut into batches, and each epoch visits the batches in a shuffled order. The order is a pure
+function of (seed, epoch, batch size) and the number of examples already consumed, so a
+resumed run, even at another accumulation, picks up exactly where the checkpoint left off: no
+example repeated, none skipped (see ``ExampleOrder``).
 """
 
 from __future__ import annotations
 
 import json
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+from mlx_lm.tuner.datasets import create_dataset
 
 from loractl.config import JobConfig
 
@@ -46,6 +54,17 @@ def _format_of(sample: dict, cfg: JobConfig) -> str | None:
     return None
 
 
+def json_error_words(exc: json.JSONDecodeError) -> str:
+    """The decoder's message with its column, as one whole phrase.
+
+    ``exc.msg`` alone can end mid-sentence ("Invalid control character at"); the column is
+    the rest of it. The decoder's own line number counts within the JSONL line, so it is left
+    out: the caller names the file's line.
+    """
+    joiner = " " if exc.msg.endswith(" at") else " at "
+    return f"{exc.msg}{joiner}column {exc.colno}"
+
+
 def read_jsonl(path: Path, cfg: JobConfig) -> list[dict]:
     """Parse a JSONL file, checking that every line is a sample of the first line's format."""
     samples: list[dict] = []
@@ -62,7 +81,9 @@ def read_jsonl(path: Path, cfg: JobConfig) -> list[dict]:
                 try:
                     sample = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+                    raise DataError(
+                        f"{path}:{number}: invalid JSON: {json_error_words(exc)}"
+                    ) from None
                 if not isinstance(sample, dict):
                     raise DataError(f"{path}:{number}: expected a JSON object per line")
                 fmt = _format_of(sample, cfg)
@@ -107,24 +128,76 @@ def _check_fields(path: Path, number: int, sample: dict, fmt: str, cfg: JobConfi
                 )
 
 
+class TokenizedDataset:
+    """Samples tokenized once: ``(tokens, offset)`` per index, tokens as int32 arrays.
+
+    What mlx-lm's ``CacheDataset`` holds after one full pass, at 4 bytes a token instead of a
+    list of Python ints (~36), plus each sample's token length for length-sorted batching.
+    """
+
+    def __init__(self, samples: list[tuple[np.ndarray, int]]):
+        self._samples = samples
+        self.lengths = np.array([len(tokens) for tokens, _ in samples], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self._samples[index]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def itemlen(self, index: int) -> int:
+        return int(self.lengths[index])
+
+
+def tokenize(raw, where: Callable[[int], str]) -> TokenizedDataset:
+    """Run an mlx-lm dataset's own ``process`` over every sample; ``where(i)`` names sample i."""
+    samples = []
+    for index in range(len(raw)):
+        try:
+            tokens, offset = raw.process(raw[index])
+        except Exception as exc:  # the tokenizer or a chat template may raise anything
+            raise DataError(f"{where(index)}: cannot tokenize sample: {exc}") from None
+        if len(tokens) < 2:
+            raise DataError(f"{where(index)}: sample has fewer than 2 tokens")
+        samples.append((np.asarray(tokens, dtype=np.int32), int(offset)))
+    return TokenizedDataset(samples)
+
+
 @dataclass
 class Datasets:
-    train: CacheDataset
-    valid: CacheDataset | None
-    test: CacheDataset | None
+    train: TokenizedDataset
+    valid: TokenizedDataset | None
+    test: TokenizedDataset | None
+    source: str  # what was loaded, for messages: a folder or Hugging Face dataset names
 
 
-def load_datasets(cfg: JobConfig, tokenizer) -> Datasets:
-    """Load train/valid/test from a local folder, tokenizing every training sample up front.
+def uses_hub_data(cfg: JobConfig) -> bool:
+    """Whether the data comes from the Hugging Face Hub rather than a local folder.
 
-    Tokenizing eagerly surfaces a sample the tokenizer or chat template rejects now, with its
-    line number, rather than an hour into the night.
+    The config resolves a local path to an absolute one and keeps a Hub id as written.
     """
+    return cfg.hf_dataset is not None or not Path(cfg.data).is_absolute()
+
+
+def load_datasets(cfg: JobConfig, tokenizer, *, hub_online: bool = True) -> Datasets:
+    """Load and tokenize train/valid (and test when ``cfg.test``) from a folder or the Hub."""
+    datasets = _load_hub(cfg, tokenizer, hub_online) if uses_hub_data(cfg) else _load_local(
+        cfg, tokenizer
+    )
+    if len(datasets.train) < cfg.batch_size:
+        raise DataError(
+            f"{datasets.source}: {len(datasets.train)} training samples, fewer than "
+            f"batch_size {cfg.batch_size}"
+        )
+    return datasets
+
+
+def _load_local(cfg: JobConfig, tokenizer) -> Datasets:
     folder = Path(cfg.data)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist (expected train.jsonl in it)")
     options = types.SimpleNamespace(**cfg.to_dict())
-    splits: dict[str, CacheDataset | None] = {}
+    splits: dict[str, TokenizedDataset | None] = {}
     splits_needed = ("train", "valid", "test") if cfg.test else ("train", "valid")
     for split in ("train", "valid", "test"):
         path = folder / f"{split}.jsonl"
@@ -136,59 +209,112 @@ def load_datasets(cfg: JobConfig, tokenizer) -> Datasets:
             splits[split] = None
             continue
         try:
-            dataset = CacheDataset(create_dataset(samples, tokenizer, options))
+            raw = create_dataset(samples, tokenizer, options)
         except ValueError as exc:
             raise DataError(f"{path}: {exc}") from None
-        for index in range(len(dataset)):
-            try:
-                tokens, _offset = dataset[index]
-            except Exception as exc:  # the tokenizer or a chat template may raise anything
-                raise DataError(f"{path}:{index + 1}: cannot tokenize sample: {exc}") from None
-            if len(tokens) < 2:
-                raise DataError(f"{path}:{index + 1}: sample has fewer than 2 tokens")
-            # int32 arrays instead of lists of Python ints: 4 bytes a token instead of ~36.
-            dataset._proc_data[index] = (np.asarray(tokens, dtype=np.int32), _offset)
-        splits[split] = dataset
-    train = splits["train"]
-    if train is None:
+        splits[split] = tokenize(raw, lambda index, path=path: f"{path}:{index + 1}")
+    if splits["train"] is None:
         raise DataError(f"{folder / 'train.jsonl'}: missing or empty; a training set is needed")
-    if len(train) < cfg.batch_size:
+    if cfg.test and splits["test"] is None:
+        raise DataError(f"{folder / 'test.jsonl'}: missing or empty; 'test: true' needs it")
+    return Datasets(splits["train"], splits["valid"], splits["test"], str(folder / "train.jsonl"))
+
+
+def hub_dataset_names(cfg: JobConfig) -> list[str]:
+    if cfg.hf_dataset is None:
+        return [cfg.data]
+    entries = cfg.hf_dataset if isinstance(cfg.hf_dataset, list) else [cfg.hf_dataset]
+    return [entry["path"] for entry in entries]
+
+
+def _load_hub(cfg: JobConfig, tokenizer, hub_online: bool) -> Datasets:
+    """mlx-lm's own ``load_dataset``: ``data: org/name`` or the ``hf_dataset`` entries."""
+    try:
+        import datasets as hf_datasets
+    except ImportError:
         raise DataError(
-            f"{folder / 'train.jsonl'}: {len(train)} samples, fewer than batch_size "
-            f"{cfg.batch_size}"
+            "loading a Hugging Face dataset needs the 'datasets' package; pip install datasets"
+        ) from None
+    from mlx_lm.tuner.datasets import load_dataset
+
+    # Progress bars are for a terminal; under the supervisor they would fill the stderr tail
+    # it keeps for diagnosing crashes.
+    hf_datasets.disable_progress_bars()
+    names = ", ".join(hub_dataset_names(cfg))
+    # mlx-lm writes mask_prompt into each hf_dataset entry; to_dict() is a deep copy.
+    args = types.SimpleNamespace(**cfg.to_dict())
+    try:
+        raw = load_dataset(args, tokenizer)
+    except Exception as exc:  # datasets and the Hub raise many types; all mean "cannot load"
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        if not hub_online:
+            reason = (
+                "the Hugging Face Hub cannot be reached from here and the dataset is not in "
+                f"the local cache ({hf_datasets.config.HF_DATASETS_CACHE}); {reason}"
+            )
+        raise DataError(f"cannot load Hugging Face dataset {names}: {reason}") from None
+    splits: dict[str, TokenizedDataset | None] = {}
+    for split, part in zip(("train", "valid", "test"), raw, strict=True):
+        if split == "test" and not cfg.test:
+            part = []
+        splits[split] = (
+            tokenize(part, lambda index, split=split: f"{names} ({split} split) sample {index}")
+            if len(part)
+            else None
         )
-    return Datasets(train=train, valid=splits["valid"], test=splits["test"])
+    if splits["train"] is None:
+        raise DataError(f"{names}: the training split is empty")
+    return Datasets(splits["train"], splits["valid"], splits["test"], names)
 
 
 class ExampleOrder:
-    """Which example comes at every position of the run, across epochs.
+    """Which example comes at every position of the run, across epochs, in mlx-lm's batches.
 
-    Position p belongs to epoch p // n and is the (p % n)-th entry of that epoch's
-    permutation, seeded by (seed, epoch) alone. Resuming from "examples seen" therefore needs
-    no saved iterator, and is indifferent to batch size or accumulation changes.
+    As in mlx-lm's ``iterate_batches``: examples sorted by token length (ties by index) are cut
+    into batches of ``batch_size``; the last few, fewer than a batch, are left out of every
+    epoch, as mlx-lm leaves them out. Epoch e visits the batches in an order shuffled by
+    (seed, e) alone and lays them end to end, so position p of the run is the (p % L)-th entry
+    of epoch p // L's sequence, L being ``epoch_length``. Resuming from "examples seen"
+    therefore needs no saved iterator, and does not care how the positions are grouped into
+    micro-batches or optimizer steps: an accumulation change consumes the same batches.
+
+    ``batch_size`` here is the job's submitted batch size, kept for the whole run (the
+    checkpoint records it). A ladder rung that lowers the batch size to b takes b consecutive
+    positions at a time: when b divides the submitted size, each of its micro-batches is part
+    of one length-sorted batch, and otherwise one straddles two, still without repeating or
+    skipping a position.
     """
 
-    def __init__(self, num_examples: int, seed: int):
-        self.num_examples = num_examples
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+        lengths = np.asarray(lengths)
+        if len(lengths) < batch_size:
+            raise ValueError(f"{len(lengths)} examples, fewer than batch_size {batch_size}")
+        self.batch_size = batch_size
         self.seed = seed
+        count = len(lengths) // batch_size
+        by_length = np.argsort(lengths, kind="stable")
+        self.batches = by_length[: count * batch_size].reshape(count, batch_size)
+        self.epoch_length = count * batch_size
         self._cache: dict[int, np.ndarray] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s examples in order: its shuffled batches, end to end."""
         if epoch not in self._cache:
             rng = np.random.default_rng([self.seed, epoch])
-            self._cache = {epoch: rng.permutation(self.num_examples)}
+            order = rng.permutation(len(self.batches))
+            self._cache = {epoch: self.batches[order].reshape(-1)}
         return self._cache[epoch]
 
     def indices(self, start: int, count: int) -> list[int]:
         out = []
         for position in range(start, start + count):
-            epoch, offset = divmod(position, self.num_examples)
+            epoch, offset = divmod(position, self.epoch_length)
             out.append(int(self.permutation(epoch)[offset]))
         return out
 
 
 def make_batch(
-    dataset: CacheDataset, indices: Sequence[int], max_seq_length: int
+    dataset: TokenizedDataset, indices: Sequence[int], max_seq_length: int
 ) -> tuple[mx.array, mx.array]:
     """Pad samples into one batch the way mlx-lm does, returning (tokens, [offset, length])."""
     samples = [dataset[i] for i in indices]
@@ -202,12 +328,19 @@ def make_batch(
     return mx.array(tokens), mx.array(list(zip(offsets, lengths, strict=True)))
 
 
-def eval_batches(dataset: CacheDataset, batch_size: int, num_batches: int, max_seq_length: int):
-    """A fixed, unshuffled sequence of validation batches, so every evaluation compares alike."""
-    total = len(dataset) // batch_size
+def eval_batches(
+    dataset: TokenizedDataset, batch_size: int, num_batches: int, max_seq_length: int, seed: int
+):
+    """Validation batches as mlx-lm makes them (length-sorted, shuffled), the same every time.
+
+    mlx-lm draws the batch order afresh at each evaluation; a fixed one makes every
+    evaluation of the run compare like with like, and a resumed run's match the original's.
+    """
+    if len(dataset) < batch_size:
+        return
+    order = ExampleOrder(dataset.lengths, batch_size, seed).permutation(0)
+    total = len(order) // batch_size
     if num_batches != -1:
         total = min(total, num_batches)
     for b in range(total):
-        yield make_batch(
-            dataset, range(b * batch_size, (b + 1) * batch_size), max_seq_length
-        )
+        yield make_batch(dataset, order[b * batch_size : (b + 1) * batch_size], max_seq_length)

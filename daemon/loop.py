@@ -4,8 +4,14 @@ Everything operational (heartbeats, logging, checkpoints, stop requests, memory 
 hook; the loop itself only fetches batches, takes compiled steps and asks the hooks what to do
 at optimizer-step boundaries. Swap the hooks and the loop is a library function.
 
+The cadences are mlx-lm's: an iteration is one micro-batch (mlx-lm's ``it``); validation runs
+before iteration 1, before every iteration divisible by ``steps_per_eval`` and before the last
+one; the MLX cache is cleared after any iteration that leaves more than
+``clear_cache_threshold`` bytes in it (0: after every one). Reports and mlx-lm-style adapter
+saves are hooks called after every iteration.
+
 Exactness rules, each of which a resumed run depends on:
-- the data order is a pure function of (seed, examples seen), see ``ExampleOrder``;
+- the data order is a pure function of (seed, batch size, examples seen), see ``ExampleOrder``;
 - the dropout RNG is re-seeded before every micro-batch from (seed, examples seen), because
   MLX's random state cannot be restored item-wise;
 - checkpoints happen only at optimizer-step boundaries, when no gradient is half-accumulated;
@@ -15,6 +21,7 @@ Exactness rules, each of which a resumed run depends on:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +34,7 @@ from mlx_lm.tuner.trainer import default_loss
 
 from loractl.daemon.data import ExampleOrder, eval_batches, make_batch
 from loractl.signatures import is_memory_exception
+from loractl.supervisor.classify import is_resource_limit_text
 
 
 @dataclass
@@ -34,6 +42,7 @@ class LoopState:
     """Where the run is. Everything here goes into a checkpoint's state.json."""
 
     step: int = 0
+    iteration: int = 0  # micro-batches consumed: mlx-lm's iteration count
     examples_seen: int = 0
     tokens_seen: int = 0
     loss_history: list[list[float]] = field(default_factory=list)  # [step, loss]
@@ -49,9 +58,17 @@ class LoopPlan:
     grad_accumulation_steps: int
     max_seq_length: int
     seed: int
-    steps_per_eval: int
+    steps_per_eval: int  # iterations, as in mlx-lm
     val_batches: int
     clear_cache_threshold: int = 0
+    # The batch size the data order is cut with: the job's submitted one for the whole run,
+    # so that a rung changing batch_size neither repeats nor skips data. 0: batch_size.
+    order_batch_size: int = 0
+
+    def total_iterations(self, state: LoopState) -> int:
+        """The iteration number the run ends on, counting from where ``state`` stands."""
+        remaining = max(0, self.total_examples - state.examples_seen)
+        return state.iteration + math.ceil(remaining / self.batch_size)
 
 
 @dataclass
@@ -62,12 +79,26 @@ class StepReport:
     examples: int
 
 
-class OutOfMemory(RuntimeError):
-    """A step failed to allocate twice. ``boundary`` is the last consistent state."""
+@dataclass
+class IterationReport:
+    """One micro-batch: its mean loss, its loss tokens and its wall time (evaluation excluded)."""
 
-    def __init__(self, message: str, boundary: Boundary):
+    loss: float
+    tokens: int
+    seconds: float
+
+
+class OutOfMemory(RuntimeError):
+    """A step failed to allocate twice. ``boundary`` is the last consistent state.
+
+    ``resource_limit`` says the failure was MLX's buffer-count limit, which a restart clears,
+    rather than a lack of memory, which a cheaper rung addresses.
+    """
+
+    def __init__(self, message: str, boundary: Boundary, resource_limit: bool = False):
         super().__init__(message)
         self.boundary = boundary
+        self.resource_limit = resource_limit
 
 
 @dataclass
@@ -85,6 +116,7 @@ class Boundary:
 
 class Hooks(Protocol):
     def before_micro_step(self, state: LoopState, indices: list[int]) -> None: ...
+    def after_iteration(self, state: LoopState, report: IterationReport) -> None: ...
     def after_step(self, state: LoopState, report: StepReport) -> None: ...
     def before_eval(self, state: LoopState) -> None: ...
     def on_eval(self, state: LoopState, val_loss: float, seconds: float) -> None: ...
@@ -103,6 +135,7 @@ def snapshot(model: nn.Module, optimizer, state: LoopState) -> Boundary:
     return Boundary(
         state=LoopState(
             step=state.step,
+            iteration=state.iteration,
             examples_seen=state.examples_seen,
             tokens_seen=state.tokens_seen,
             loss_history=list(state.loss_history),
@@ -121,17 +154,25 @@ def restore(model: nn.Module, optimizer, boundary: Boundary) -> None:
     optimizer.state.update(restored)
 
 
+def clear_cache_over(threshold: int) -> None:
+    """mlx-lm's rule after every iteration and evaluation batch: clear past ``threshold``."""
+    if mx.get_cache_memory() > threshold:
+        mx.clear_cache()
+
+
 def evaluate(model, dataset, plan: LoopPlan, loss=default_loss) -> float:
+    """The mean loss per token over ``plan.val_batches`` batches, as mlx-lm computes it."""
     model.eval()
     total_loss = mx.array(0.0)
     total_tokens = mx.array(0)
     for batch, lengths in eval_batches(
-        dataset, plan.batch_size, plan.val_batches, plan.max_seq_length
+        dataset, plan.batch_size, plan.val_batches, plan.max_seq_length, plan.seed
     ):
         value, tokens = loss(model, batch, lengths)
         total_loss += value * tokens
         total_tokens += tokens
         mx.eval(total_loss, total_tokens)
+        clear_cache_over(plan.clear_cache_threshold)
     model.train()
     if total_tokens.item() == 0:
         return float("nan")
@@ -165,27 +206,46 @@ def train(
             grad = None
         return value, tokens, grad
 
-    order = ExampleOrder(len(train_set), plan.seed)
+    order = ExampleOrder(train_set.lengths, plan.order_batch_size or plan.batch_size, plan.seed)
+    total_iterations = plan.total_iterations(state)
     model.train()
 
-    def run_eval() -> None:
+    def run_eval() -> float:
+        """Evaluate now (between iterations; never inside a compiled step); its seconds."""
         hooks.before_eval(state)
         tic = time.perf_counter()
         val_loss = evaluate(model, val_set, plan, loss)
-        state.val_history.append([state.step, val_loss])
-        hooks.on_eval(state, val_loss, time.perf_counter() - tic)
+        state.val_history.append([state.iteration, val_loss])
+        seconds = time.perf_counter() - tic
+        hooks.on_eval(state, val_loss, seconds)
+        return seconds
 
-    if val_set is not None and state.step == 0 and plan.val_batches != 0:
-        run_eval()
+    def eval_due(iteration: int) -> bool:
+        # mlx-lm evaluates at the top of iteration `it`, so the loss it reports describes the
+        # model after it - 1 iterations; the same here.
+        return (
+            val_set is not None
+            and plan.val_batches != 0
+            and (
+                iteration == 1
+                or iteration % plan.steps_per_eval == 0
+                or iteration == total_iterations
+            )
+        )
 
     while state.examples_seen < plan.total_examples:
         boundary = snapshot(model, optimizer, state)
         tic = time.perf_counter()
+        eval_seconds = 0.0
         grad = None
         losses = []
         tokens = 0
         window_examples = 0
         for micro in range(plan.grad_accumulation_steps):
+            iteration = state.iteration + 1
+            if eval_due(iteration):
+                eval_seconds += run_eval()
+            iteration_tic = time.perf_counter()
             remaining = plan.total_examples - state.examples_seen
             indices = order.indices(state.examples_seen, min(plan.batch_size, remaining))
             batch, lengths = make_batch(train_set, indices, plan.max_seq_length)
@@ -213,13 +273,16 @@ def train(
             losses.append(value)
             tokens += count
             window_examples += len(indices)
+            state.iteration = iteration
             state.examples_seen += len(indices)
-            if plan.clear_cache_threshold and mx.get_cache_memory() > plan.clear_cache_threshold:
-                mx.clear_cache()
+            state.tokens_seen += count
+            clear_cache_over(plan.clear_cache_threshold)
+            hooks.after_iteration(
+                state, IterationReport(value, count, time.perf_counter() - iteration_tic)
+            )
             if last:
                 break
         state.step += 1
-        state.tokens_seen += tokens
         step_loss = sum(losses) / len(losses)
         state.loss_history.append([state.step, step_loss])
         hooks.after_step(
@@ -227,15 +290,11 @@ def train(
             StepReport(
                 loss=step_loss,
                 tokens=tokens,
-                seconds=time.perf_counter() - tic,
+                seconds=time.perf_counter() - tic - eval_seconds,
                 examples=window_examples,
             ),
         )
         finished = state.examples_seen >= plan.total_examples
-        if val_set is not None and plan.val_batches != 0 and (
-            state.step % plan.steps_per_eval == 0 or finished
-        ):
-            run_eval()
         if hooks.stop_requested() and not finished:
             hooks.checkpoint(state)
             return "stopped"
@@ -263,8 +322,12 @@ def _step_with_retry(
         except (MemoryError, RuntimeError) as exc:
             if not is_memory_exception(exc):
                 raise
+            # Clearing the cache also frees buffers, so it helps against MLX's buffer-count
+            # limit as much as against a fragmented cache.
             mx.clear_cache()
             if attempt == 2:
-                raise OutOfMemory(str(exc), boundary) from exc
+                raise OutOfMemory(
+                    str(exc), boundary, resource_limit=is_resource_limit_text(str(exc))
+                ) from exc
             on_retry(exc)
     raise AssertionError("unreachable")

@@ -31,6 +31,17 @@ footprint (psutil RSS and ru_maxrss agree within 1 MB) and includes transformers
 
   Both grow with the vocabulary as much as with the sequence (see DESIGN.md's CPU table): the
   logits and their gradient are seq x vocab floats.
+
+- ``varlen``: the tiny model's shape at vocab 1024 and hidden 64, with samples whose lengths
+  spread (log-uniformly) from about 16 to 512 tokens, trained at batch size 4 and
+  max_seq_length 512: the case where length-sorted batching matters (bench/overhead.py
+  --preset varlen).
+
+- ``moe``: the tiny preset as a Mixtral-shaped mixture of experts (4 experts, 2 per token,
+  mlx-lm's ``SwitchGLU``), so LoRA covers ``SwitchLinear`` layers with 3-D adapter tensors.
+
+Any preset can also be written 4-bit quantized (``quantize_model``, mlx-lm's own convert), for
+QLoRA.
 """
 
 from __future__ import annotations
@@ -65,6 +76,21 @@ class Preset:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    # A mixture of experts when set: mlx-lm's mixtral, with SwitchGLU experts.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    # When set, sample lengths spread log-uniformly between these word counts instead of
+    # clustering around words_per_sample.
+    min_words: int = 0
+    max_words: int = 0
+    # The job.yaml's batching.
+    batch_size: int = 1
+    grad_accumulation_steps: int = 4
+    max_seq_length: int = 256
+
+    @property
+    def model_type(self) -> str:
+        return "mixtral" if self.num_local_experts else "llama"
 
 
 PRESETS: dict[str, Preset] = {
@@ -98,6 +124,42 @@ PRESETS: dict[str, Preset] = {
         words_per_sample=300,
         iters=64,
         steps_per_eval=24,
+    ),
+    "varlen": Preset(
+        name="varlen",
+        vocab_size=1024,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_train=128,
+        n_valid=16,
+        words_per_sample=0,
+        # About 1.2 tokens a word at this vocabulary: 16 to 512 tokens.
+        min_words=13,
+        max_words=430,
+        iters=96,
+        steps_per_eval=48,
+        batch_size=4,
+        grad_accumulation_steps=1,
+        max_seq_length=512,
+    ),
+    "moe": Preset(
+        name="moe",
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_train=64,
+        n_valid=16,
+        words_per_sample=160,
+        iters=48,
+        steps_per_eval=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
     ),
 }
 
@@ -193,12 +255,16 @@ def _sentence(rng: np.random.Generator) -> str:
     return text[0].upper() + text[1:]
 
 
-def _story(rng: np.random.Generator, words: int) -> tuple[str, str]:
-    """Return (topic, text): a prompt-like topic and a paragraph of at least ``words`` words."""
+def _story(rng: np.random.Generator, preset: Preset) -> tuple[str, str]:
+    """Return (topic, text): a prompt-like topic and a paragraph of the preset's length."""
     adj = _WORDS["adj"][rng.integers(len(_WORDS["adj"]))]
     noun = _WORDS["noun"][rng.integers(len(_WORDS["noun"]))]
+    if preset.max_words:
+        target = int(np.exp(rng.uniform(np.log(preset.min_words), np.log(preset.max_words))))
+        words = " ".join(_sentence(rng) for _ in range(target // 4 + 2)).split()
+        return f"Tell a story about the {adj} {noun}.", " ".join(words[:target])
     # Spread lengths so a sorted, length-bucketed iterator still sees different batches.
-    target = int(words * rng.uniform(0.9, 1.3))
+    target = int(preset.words_per_sample * rng.uniform(0.9, 1.3))
     sentences: list[str] = []
     count = 0
     while count < target:
@@ -232,7 +298,7 @@ def _lexicon(n: int) -> list[str]:
 
 def _corpus(preset: Preset, seed: int, stream: int, split: int, n: int) -> list[tuple[str, str]]:
     rng = _rng(seed, stream, split)
-    return [_story(rng, preset.words_per_sample) for _ in range(n)]
+    return [_story(rng, preset) for _ in range(n)]
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -296,9 +362,16 @@ def _write_tokenizer(preset: Preset, out_dir: Path) -> dict[str, int]:
 
 
 def _model_config(preset: Preset, ids: dict[str, int]) -> dict:
+    experts = {}
+    if preset.num_local_experts:
+        experts = {
+            "num_local_experts": preset.num_local_experts,
+            "num_experts_per_tok": preset.num_experts_per_tok,
+        }
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": preset.model_type,
+        "architectures": [f"{preset.model_type.capitalize()}ForCausalLM"],
+        **experts,
         "hidden_size": preset.hidden_size,
         "num_hidden_layers": preset.num_hidden_layers,
         "intermediate_size": preset.intermediate_size,
@@ -317,18 +390,21 @@ def _model_config(preset: Preset, ids: dict[str, int]) -> dict:
 
 
 def _parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Names and shapes exactly as mlx-lm's llama Model declares them."""
+    """Names and shapes exactly as mlx-lm's Model for the config's model_type declares them."""
+    import importlib
+
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
 
     # Instantiating the real class (cheap: parameters are lazy until evaluated) keeps the names
     # right if mlx-lm ever renames a module.
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(config))
     return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
 
 
 def build_model(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a random Llama model with its tokenizer to ``out_dir`` and return ``out_dir``."""
+    """Write a random model (Llama, or Mixtral for ``moe``) with its tokenizer to ``out_dir``
+    and return ``out_dir``."""
     from safetensors.numpy import save
 
     p = _preset(preset)
@@ -349,6 +425,17 @@ def build_model(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
     # Bytes, not save_file, so the file gets the same permissions as its neighbours.
     (out_dir / "model.safetensors").write_bytes(save(weights, metadata={"format": "mlx"}))
     return out_dir
+
+
+def quantize_model(source: Path, out_dir: Path, bits: int = 4, group_size: int = 32) -> Path:
+    """Write ``source`` quantized to ``out_dir`` with mlx-lm's own convert, for QLoRA.
+
+    The tiny models are 32 wide, so the group size must be 32 (mlx-lm's default is 64).
+    """
+    from mlx_lm import convert
+
+    convert(str(source), str(out_dir), quantize=True, q_bits=bits, q_group_size=group_size)
+    return Path(out_dir)
 
 
 def _records(corpus: list[tuple[str, str]], fmt: str) -> list[dict]:
@@ -398,7 +485,7 @@ data: {where("data")}
 fine_tune_type: lora
 optimizer: adamw
 num_layers: -1
-batch_size: 1
+batch_size: {p.batch_size}
 iters: {p.iters}
 learning_rate: 1.0e-4
 lr_schedule:
@@ -408,8 +495,8 @@ lora_parameters:
   rank: 8
   scale: 20.0
   dropout: 0.1
-max_seq_length: 256
-grad_accumulation_steps: 4
+max_seq_length: {p.max_seq_length}
+grad_accumulation_steps: {p.grad_accumulation_steps}
 steps_per_eval: {p.steps_per_eval}
 val_batches: 2
 seed: {seed}

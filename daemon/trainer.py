@@ -26,6 +26,7 @@ from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import MB, available_mb
 from loractl.protocol import ExitCode
 from loractl.signatures import is_memory_exception
+from loractl.supervisor.classify import is_resource_limit_text
 
 log = structlog.get_logger("loractl.trainer")
 
@@ -35,6 +36,20 @@ LOG_FILE = "train.log"
 
 class ModelError(ValueError):
     """The model cannot be loaded or does not fit the config: a config problem (exit 78)."""
+
+
+def resource_limit_words(exc: BaseException) -> str:
+    # Exit 1 with this line: the supervisor's classifier reads it as the buffer-count limit
+    # and restarts on the same rung (exit 75 would step down, which cannot help here).
+    return (
+        f"MLX resource limit, not out of memory: {exc} (too many live buffers; a restart "
+        "frees them)"
+    )
+
+
+# mlx-lm names its periodic adapter saves after the iteration, zero-padded to 7 digits.
+def iteration_adapter_name(iteration: int) -> str:
+    return f"{iteration:07d}_adapters.safetensors"
 
 
 def configure_logging(log_path: Path | None) -> None:
@@ -65,6 +80,7 @@ def run(
     config_path: str | Path,
     *,
     fresh: bool = False,
+    settings: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     telemetry_endpoint: str | None = None,
     job_id: str = "",
@@ -72,19 +88,26 @@ def run(
     rung: int = 0,
     show_progress: bool | None = None,
 ) -> int:
-    """Run one attempt of a job and return its exit code. Never raises."""
+    """Run one attempt of a job and return its exit code. Never raises.
+
+    ``settings`` change the job itself, as the command line's flags do (``--iters 8`` makes
+    an 8-iteration job); ``overrides`` are a ladder rung's, which change how the job runs but
+    never its length.
+    """
     if os.environ.get("LORACTL_FAULT_EARLY_EXIT"):
         # Test hook: die the way a broken install does, before the first heartbeat.
         print("loractl: simulated start-up failure (LORACTL_FAULT_EARLY_EXIT)", file=sys.stderr)
         return ExitCode.CRASH
     try:
-        cfg = load_config(config_path, overrides)
-        # The run's length comes from the submitted config: a ladder rung that halves
+        # The run's length comes from the submitted job: a ladder rung that halves
         # batch_size must not halve the number of examples the job trains on.
-        base = load_config(config_path) if overrides else cfg
+        base = load_config(config_path, settings or None)
+        cfg = base.with_overrides(overrides) if overrides else base
     except ConfigError as exc:
         print(f"loractl: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
+    for warning in base.warnings:
+        print(f"loractl: warning: {warning}", file=sys.stderr)
     adapter_path = Path(cfg.adapter_path)
     try:
         adapter_path.mkdir(parents=True, exist_ok=True)
@@ -92,6 +115,8 @@ def run(
         print(f"loractl: config error: adapter_path {adapter_path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
     configure_logging(adapter_path / LOG_FILE)
+    for warning in base.warnings:
+        log.warning("config", warning=warning)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     session = TrainingSession(
@@ -154,6 +179,8 @@ class TrainingSession:
 
             if isinstance(exc, DataError):
                 return self._fail(ExitCode.DATA_ERROR, f"data error: {exc}")
+            if is_resource_limit_text(str(exc)):
+                return self._fail(ExitCode.CRASH, resource_limit_words(exc))
             if is_memory_exception(exc):
                 return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory: {exc}")
             traceback.print_exc()
@@ -182,16 +209,40 @@ class TrainingSession:
     # -- the attempt -----------------------------------------------------------------------
 
     def _run(self) -> int:
-        import mlx.core as mx
-
-        from loractl.daemon.checkpoint import CheckpointStore
-        from loractl.daemon.data import load_datasets
-        from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
+        from loractl.daemon.data import hub_dataset_names, uses_hub_data
+        from loractl.daemon.hub import prepare_hub_access
 
         cfg = self.cfg
         self.progress.phase = "loading"
+        hub_online = True
+        model_from_hub = not Path(cfg.model).is_absolute()
+        if model_from_hub or uses_hub_data(cfg):
+            # Before anything imports huggingface_hub: with no network it and datasets retry
+            # for ~25 s; offline mode makes them use the local cache or fail at once.
+            hub_online = prepare_hub_access()
+            if not hub_online:
+                wanted = ([cfg.model] if model_from_hub else []) + (
+                    hub_dataset_names(cfg) if uses_hub_data(cfg) else []
+                )
+                log.warning("hub unreachable; offline mode", wanted=wanted)
+                print(
+                    "loractl: the Hugging Face Hub cannot be reached; using the local cache for "
+                    + ", ".join(wanted),
+                    file=sys.stderr,
+                )
+        return self._train(hub_online)
+
+    def _train(self, hub_online: bool) -> int:
+        import mlx.core as mx
+
+        from loractl.daemon.checkpoint import CheckpointStore
+        from loractl.daemon.data import ExampleOrder, load_datasets
+        from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
+
+        cfg = self.cfg
+        callback = self._reporting_callback()
         model, tokenizer = self._load_model()
-        datasets = load_datasets(cfg, tokenizer)
+        datasets = load_datasets(cfg, tokenizer, hub_online=hub_online)
         # Seed before the LoRA layers are made: their initial A matrices are random.
         mx.random.seed(cfg.seed)
         self._apply_adapters(model)
@@ -199,7 +250,16 @@ class TrainingSession:
         store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
         if self.fresh:
             shutil.rmtree(store.root, ignore_errors=True)
-        state = self._resume(store, model, optimizer) or LoopState()
+        resumed = self._resume(store, model, optimizer)
+        saved = resumed[1] if resumed else {}
+        state = resumed[0] if resumed else LoopState()
+        # The data order and the run's length were fixed by the attempt that started the run;
+        # a later attempt (a rung, a changed batch_size) keeps them, so no data repeats.
+        order_batch_size = saved.get("order", {}).get("batch_size") or self.base_cfg.batch_size
+        order = ExampleOrder(datasets.train.lengths, order_batch_size, cfg.seed)
+        total = saved.get("total_examples") or self.base_cfg.total_examples(order.epoch_length)
+        if resumed and state.examples_seen >= total:
+            return self._already_complete(state, total)
         if state.step == 0 and cfg.resume_adapter_file:
             model.load_weights(cfg.resume_adapter_file, strict=False)
         self._write_adapter_config()
@@ -209,7 +269,6 @@ class TrainingSession:
         gc.collect()
         gc.freeze()
 
-        total = self.base_cfg.total_examples(len(datasets.train))
         plan = LoopPlan(
             total_examples=total,
             batch_size=cfg.batch_size,
@@ -219,8 +278,9 @@ class TrainingSession:
             steps_per_eval=cfg.steps_per_eval,
             val_batches=cfg.val_batches,
             clear_cache_threshold=cfg.clear_cache_threshold,
+            order_batch_size=order_batch_size,
         )
-        hooks = TrainerHooks(self, model, optimizer, store, plan, len(datasets.train))
+        hooks = TrainerHooks(self, model, optimizer, store, plan, order, callback)
         self.progress.total_examples = total
         self.progress.examples_seen = state.examples_seen
         self.progress.step = state.step
@@ -238,9 +298,12 @@ class TrainingSession:
         log.info(
             "training",
             total_examples=total,
+            epoch_examples=order.epoch_length,
             examples_seen=state.examples_seen,
             step=state.step,
+            iteration=state.iteration,
             plan=asdict(plan),
+            data=datasets.source,
         )
         try:
             with hooks.display:
@@ -255,6 +318,8 @@ class TrainingSession:
                 )
         except OutOfMemory as exc:
             hooks.checkpoint_boundary(exc.boundary)
+            if exc.resource_limit:
+                return self._fail(ExitCode.CRASH, resource_limit_words(exc))
             return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory twice in one step: {exc}")
         if outcome == "stopped":
             log.info("stopped on request", step=state.step)
@@ -267,6 +332,37 @@ class TrainingSession:
             return ExitCode.STOPPED
         self._finish(model, datasets, plan)
         return ExitCode.DONE
+
+    def _already_complete(self, state, total: int) -> int:
+        """A run whose checkpoint has consumed every example: say so, change nothing."""
+        adapters = self.adapter_path / "adapters.safetensors"
+        message = (
+            f"{self.cfg.name} is already complete: step {state.step}, {state.examples_seen} of "
+            f"{total} examples trained; the adapters are in {adapters}. Nothing to do; pass "
+            "--fresh to train it again from the start"
+        )
+        log.info("already complete", step=state.step, examples_seen=state.examples_seen)
+        print(f"loractl: {message}", file=sys.stderr)
+        self.progress.phase = "done"
+        self.telemetry.event("done", adapter_path=str(self.adapter_path), already_complete=True)
+        return ExitCode.DONE
+
+    def _reporting_callback(self):
+        """mlx-lm's wandb / swanlab callback for report_to, or None."""
+        cfg = self.cfg
+        if not cfg.report_to:
+            return None
+        from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+        try:
+            return get_reporting_callbacks(
+                cfg.report_to,
+                project_name=cfg.project_name,
+                log_dir=str(self.adapter_path),
+                config=cfg.mlx_lm_args(),
+            )
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"report_to: {exc}") from None
 
     def _load_model(self):
         from mlx_lm.utils import load
@@ -330,8 +426,23 @@ class TrainingSession:
         except TypeError as exc:
             raise ConfigError(f"optimizer_config.{cfg.optimizer}: {exc}") from None
 
+    def settings(self) -> dict[str, Any]:
+        """The settings a ladder rung or a user may change between attempts of one run."""
+        cfg = self.cfg
+        return {
+            "batch_size": cfg.batch_size,
+            "grad_accumulation_steps": cfg.grad_accumulation_steps,
+            "max_seq_length": cfg.max_seq_length,
+            "lora_rank": cfg.lora_parameters.rank,
+            "num_layers": cfg.num_layers,
+            "grad_checkpoint": cfg.grad_checkpoint,
+        }
+
     def _resume(self, store, model, optimizer):
-        """Restore the newest valid checkpoint into model and optimizer, if there is one."""
+        """Restore the newest valid checkpoint into model and optimizer, if there is one.
+
+        Returns (LoopState, the checkpoint's state.json) or None.
+        """
         import mlx.core as mx
         import numpy as np
         from mlx.utils import tree_flatten, tree_unflatten
@@ -367,9 +478,14 @@ class TrainingSession:
         else:
             optimizer.state = tree_unflatten(list(opt_saved.items()))
         mx.eval(model.parameters(), optimizer.state)
+        examples_seen = saved["examples_seen"]
+        previous = saved.get("settings", {})
         state = LoopState(
             step=saved["step"],
-            examples_seen=saved["examples_seen"],
+            # Checkpoints from before iterations were counted: the micro-batches so far.
+            iteration=saved.get("iteration")
+            or -(-examples_seen // previous.get("batch_size", self.cfg.batch_size)),
+            examples_seen=examples_seen,
             tokens_seen=saved.get("tokens_seen", 0),
             loss_history=saved.get("loss_history", []),
             val_history=saved.get("val_history", []),
@@ -387,7 +503,39 @@ class TrainingSession:
             f"(step {state.step}, {state.examples_seen} examples seen)",
             file=sys.stderr,
         )
-        return state
+        self._say_changes(previous, notes)
+        return state, saved
+
+    def _say_changes(self, previous: dict[str, Any], notes: list[str]) -> None:
+        """Tell the terminal, not only train.log, what this attempt runs differently."""
+        changes = [
+            f"{name} {previous[name]} -> {value}"
+            for name, value in self.settings().items()
+            if name in previous and previous[name] != value
+        ]
+        if not changes and not notes:
+            return
+        if changes:
+            rung = f" (ladder rung {self.rung})" if self.rung else ""
+            print(
+                f"loractl: resuming with changed settings{rung}: " + ", ".join(changes),
+                file=sys.stderr,
+            )
+            log.info("settings changed", changes=changes, rung=self.rung)
+        converted = [n for n in notes if "by SVD" in n]
+        if converted:
+            print(
+                f"loractl: adapter converted: {len(converted)} LoRA layers "
+                + converted[0].split(": ", 1)[1]
+                + "; the optimizer moments restart",
+                file=sys.stderr,
+            )
+        others = [n for n in notes if "by SVD" not in n]
+        for note in others[:3]:
+            print(f"loractl: adapter: {note}", file=sys.stderr)
+        if len(others) > 3:
+            print(f"loractl: adapter: ... and {len(others) - 3} more (see train.log)",
+                  file=sys.stderr)
 
     def _write_adapter_config(self) -> None:
         from loractl.daemon.checkpoint import atomic_write_bytes
@@ -408,23 +556,73 @@ class TrainingSession:
         log.info("done", adapter_path=str(self.adapter_path))
         self.telemetry.event("done", adapter_path=str(self.adapter_path))
 
-    def write_adapters(self, model) -> None:
-        """The mlx-lm adapter file, written atomically so a reader never sees half of it."""
+    def write_adapters(self, model, *names: str) -> None:
+        """mlx-lm's adapter file (and any ``names`` beside it), each written atomically so a
+        reader (mlx_lm.generate, a resume_adapter_file) never sees half of one."""
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        target = self.adapter_path / "adapters.safetensors"
-        tmp = target.with_name(f".adapters.tmp-{os.getpid()}.safetensors")
-        mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        weights = dict(tree_flatten(model.trainable_parameters()))
+        for name in ("adapters.safetensors", *names):
+            target = self.adapter_path / name
+            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.safetensors")
+            mx.save_safetensors(str(tmp), weights)
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+
+
+class Reporter:
+    """mlx-lm's loss reports: every ``steps_per_report`` iterations and at the last one, the
+    mean loss and the throughput since the previous report, to train.log and to the
+    report_to callback (wandb, swanlab) with the keys mlx-lm's trainer gives it."""
+
+    def __init__(self, cfg: JobConfig, optimizer, callback, total_iterations: int, tokens: int):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.callback = callback
+        self.total_iterations = total_iterations
+        self.trained_tokens = tokens
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses = 0.0
+        self.iterations = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def after_iteration(self, state, report) -> None:
+        import mlx.core as mx
+
+        self.losses += report.loss
+        self.iterations += 1
+        self.tokens += report.tokens
+        self.seconds += report.seconds
+        it = state.iteration
+        if it % self.cfg.steps_per_report and it != self.total_iterations:
+            return
+        self.trained_tokens += self.tokens
+        info = {
+            "iteration": it,
+            "train_loss": self.losses / self.iterations,
+            "learning_rate": self.optimizer.learning_rate.item(),
+            "iterations_per_second": self.iterations / self.seconds if self.seconds else 0.0,
+            "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
+            "trained_tokens": self.trained_tokens,
+            "peak_memory": mx.get_peak_memory() / 1e9,
+        }
+        log.info("report", **info)
+        if self.callback is not None:
+            self.callback.on_train_loss_report(info)
+        self._reset()
 
 
 class TrainerHooks:
     """The loop's hooks: progress, heartbeats, logging, checkpoints, memory hygiene, stop."""
 
-    def __init__(self, session: TrainingSession, model, optimizer, store, plan, train_len: int):
+    def __init__(
+        self, session: TrainingSession, model, optimizer, store, plan, order, callback=None
+    ):
         from loractl.daemon.display import Display
 
         self.session = session
@@ -433,8 +631,10 @@ class TrainerHooks:
         self.optimizer = optimizer
         self.store = store
         self.plan = plan
-        self.train_len = train_len
+        self.order = order
         self.progress = session.progress
+        self.reporter: Reporter | None = None
+        self.callback = callback
         self.display = Display(
             enabled=session.show_progress,
             total_examples=plan.total_examples,
@@ -446,12 +646,28 @@ class TrainerHooks:
         self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
 
     def before_micro_step(self, state, indices) -> None:
+        if self.reporter is None:
+            self.reporter = Reporter(
+                self.cfg,
+                self.optimizer,
+                self.callback,
+                self.plan.total_iterations(state),
+                state.tokens_seen,
+            )
         self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
         if self._trace is not None:
             self._trace.write(
                 json.dumps({"start": state.examples_seen, "indices": list(indices)}) + "\n"
             )
             self._trace.flush()
+
+    def after_iteration(self, state, report) -> None:
+        self.reporter.after_iteration(state, report)
+        if state.iteration % self.cfg.save_every == 0:
+            # mlx-lm's save_every: the adapters now, and a copy named after the iteration
+            # that mlx_lm.generate --adapter-path or resume_adapter_file can use as it is.
+            self.session.write_adapters(self.model, iteration_adapter_name(state.iteration))
+            log.info("adapters saved", iteration=state.iteration)
 
     def after_step(self, state, report) -> None:
         import mlx.core as mx
@@ -460,7 +676,7 @@ class TrainerHooks:
         progress = self.progress
         progress.step = state.step
         progress.examples_seen = state.examples_seen
-        progress.epoch = state.examples_seen // self.train_len
+        progress.epoch = state.examples_seen // self.order.epoch_length
         progress.loss = report.loss
         progress.step_seconds = report.seconds
         progress.tokens_per_sec = report.tokens / report.seconds if report.seconds else 0.0
@@ -470,6 +686,7 @@ class TrainerHooks:
         log.info(
             "step",
             step=state.step,
+            iteration=state.iteration,
             examples_seen=state.examples_seen,
             loss=report.loss,
             tokens=report.tokens,
@@ -497,9 +714,19 @@ class TrainerHooks:
     def on_eval(self, state, val_loss: float, seconds: float) -> None:
         self.progress.phase = "train"
         self.progress.eval_seconds = seconds
-        log.info("eval", step=state.step, val_loss=val_loss, seconds=round(seconds, 3))
-        self.display.note(f"step {state.step}: val loss {val_loss:.3f}")
+        log.info(
+            "eval",
+            step=state.step,
+            iteration=state.iteration,
+            val_loss=val_loss,
+            seconds=round(seconds, 3),
+        )
+        self.display.note(f"iteration {state.iteration}: val loss {val_loss:.3f}")
         self.session.telemetry.event("eval", val_loss=val_loss, seconds=seconds)
+        if self.callback is not None:
+            self.callback.on_val_loss_report(
+                {"iteration": state.iteration, "val_loss": val_loss, "val_time": seconds}
+            )
 
     def on_oom_retry(self, state, error: BaseException) -> None:
         log.warning("allocation failed; cache cleared, retrying step", error=str(error))
@@ -538,14 +765,17 @@ class TrainerHooks:
         cfg = self.cfg
         tic = time.perf_counter()
         body = {
+            "iteration": state.iteration,
             "examples_seen": state.examples_seen,
             "tokens_seen": state.tokens_seen,
             "total_examples": self.plan.total_examples,
-            "epoch": state.examples_seen // self.train_len,
-            "data_order": {
-                "scheme": "permutation per epoch, numpy default_rng([seed, epoch])",
+            "epoch": state.examples_seen // self.order.epoch_length,
+            "order": {
+                "scheme": "examples sorted by token length, cut into batches of batch_size; "
+                "each epoch's batches in numpy default_rng([seed, epoch]).permutation order",
                 "seed": cfg.seed,
-                "num_examples": self.train_len,
+                "batch_size": self.order.batch_size,
+                "epoch_examples": self.order.epoch_length,
             },
             "rng": {
                 "mlx": "re-seeded before every micro-batch from (seed, examples_seen)",
@@ -553,13 +783,7 @@ class TrainerHooks:
                 "numpy": "default_rng([seed, epoch]) for the data order",
             },
             "rung": self.session.rung,
-            "settings": {
-                "batch_size": cfg.batch_size,
-                "grad_accumulation_steps": cfg.grad_accumulation_steps,
-                "max_seq_length": cfg.max_seq_length,
-                "lora_rank": cfg.lora_parameters.rank,
-                "num_layers": cfg.num_layers,
-            },
+            "settings": self.session.settings(),
             "loss_history": state.loss_history,
             "val_history": state.val_history,
             "config_hash": cfg.identity_hash(),
@@ -599,16 +823,26 @@ class FaultInjector:
     ``LORACTL_FAULT_SEGV="ATTEMPT:STEP"``: attempt ATTEMPT (as numbered by the supervisor)
     sends itself a real SIGSEGV at optimizer step STEP, as MLX's CPU backend does when malloc
     fails.
+    ``LORACTL_FAULT_RESOURCE_LIMIT="ATTEMPT:STEP"``: every micro-step of optimizer step STEP
+    of attempt ATTEMPT raises MLX's Metal buffer-count error (the retry too).
     """
 
     MESSAGE = (
         "[METAL] Command buffer execution failed: Insufficient Memory "
         "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"
     )
+    # mlx/backend/metal/allocator.cpp, with the default iogpu.rsrc_limit.
+    RESOURCE_LIMIT_MESSAGE = "[metal::malloc] Resource limit (499000) exceeded."
 
-    def __init__(self, plan: dict[int, int], segv: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        plan: dict[int, int],
+        segv: tuple[int, int] | None = None,
+        resource_limit: tuple[int, int] | None = None,
+    ):
         self.remaining = dict(plan)
         self.segv = segv
+        self.resource_limit = resource_limit
 
     @classmethod
     def from_env(cls) -> FaultInjector:
@@ -617,15 +851,24 @@ class FaultInjector:
         for item in filter(None, spec.split(",")):
             step, count = item.split(":")
             plan[int(step)] = int(count)
-        segv = os.environ.get("LORACTL_FAULT_SEGV")
-        if segv:
-            attempt, step = segv.split(":")
-            return cls(plan, (int(attempt), int(step)))
-        return cls(plan)
+        def attempt_and_step(name: str) -> tuple[int, int] | None:
+            value = os.environ.get(name)
+            if not value:
+                return None
+            attempt, step = value.split(":")
+            return int(attempt), int(step)
+
+        return cls(
+            plan,
+            attempt_and_step("LORACTL_FAULT_SEGV"),
+            attempt_and_step("LORACTL_FAULT_RESOURCE_LIMIT"),
+        )
 
     def maybe_fail(self, step: int, attempt: int = 0) -> None:
         if self.segv is not None and self.segv == (attempt, step):
             os.kill(os.getpid(), signal.SIGSEGV)
+        if self.resource_limit is not None and self.resource_limit == (attempt, step):
+            raise RuntimeError(self.RESOURCE_LIMIT_MESSAGE)
         if self.remaining.get(step, 0) > 0:
             self.remaining[step] -= 1
             raise RuntimeError(self.MESSAGE)
@@ -642,11 +885,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", default="")
     parser.add_argument("--attempt", type=int, default=0)
     parser.add_argument("--rung", type=int, default=0)
-    parser.add_argument("--overrides", default="{}", help="JSON object of config overrides")
+    parser.add_argument(
+        "--settings", default="{}", help="JSON object of job settings (as command-line flags)"
+    )
+    parser.add_argument(
+        "--overrides", default="{}", help="JSON object of a ladder rung's config overrides"
+    )
     args = parser.parse_args(argv)
     return run(
         args.config,
         fresh=args.fresh,
+        settings=json.loads(args.settings),
         overrides=json.loads(args.overrides),
         telemetry_endpoint=args.telemetry,
         job_id=args.job_id,

@@ -15,6 +15,7 @@ Nothing here imports mlx or touches the OS, so it is cheap to import and trivial
 from __future__ import annotations
 
 import math
+import re
 import signal as _signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Cause(StrEnum):
     DONE = "done"
     STOPPED = "stopped"
     MEMORY = "memory"
+    RESOURCE_LIMIT = "resource_limit"
     HANG = "hang"
     CRASH = "crash"
     CONFIG_ERROR = "config_error"
@@ -81,6 +83,27 @@ FAULT_SIGNALS = frozenset(
 )
 
 _LINE_LIMIT = 200
+# A data or config error's line is the whole diagnosis (file, line, what is wrong): it is kept
+# whole up to this much, so the reason never stops mid-sentence.
+_ERROR_LINE_LIMIT = 2000
+
+# MLX's Metal allocator refuses a new buffer once the process holds iogpu.rsrc_limit of them
+# (499000 by default), whatever memory is free: "[metal::malloc] Resource limit (499000)
+# exceeded." (mlx/backend/metal/allocator.cpp; mlx issue #4464). It counts buffers, not bytes,
+# so a cheaper rung does not help; a restart, which frees every buffer, does.
+RESOURCE_LIMIT_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"\[metal::malloc\] Resource limit \(\d+\) exceeded", re.IGNORECASE),
+)
+
+
+def is_resource_limit_text(text: str) -> bool:
+    """Whether the last allocation failure in ``text`` is MLX's buffer-count limit."""
+    for line in reversed(text.splitlines()):
+        if any(p.search(line) for p in RESOURCE_LIMIT_PATTERNS):
+            return True
+        if is_memory_error_text(line):
+            return False
+    return False
 # The C++ runtime's preamble to an uncaught exception says nothing a reader needs.
 _NOISE_PREFIX = "libc++abi: terminating due to uncaught exception of type "
 
@@ -116,17 +139,19 @@ def _how(ev: ExitEvidence) -> str:
     return "an unknown exit"
 
 
-def _last_line(text: str, patterns=None) -> str:
+def _last_line(text: str, patterns=None, limit: int = _LINE_LIMIT) -> str:
     """The last non-empty stderr line, or the last one matching ``patterns``, shortened."""
     for line in reversed(text.splitlines()):
         line = line.strip().removeprefix(_NOISE_PREFIX)
         if line and (patterns is None or any(p.search(line) for p in patterns)):
-            return line if len(line) <= _LINE_LIMIT else line[: _LINE_LIMIT - 3] + "..."
+            return line if len(line) <= limit else line[: limit - 3] + "..."
     return ""
 
 
-def _with_tail(prefix: str, ev: ExitEvidence, patterns=None, sep: str = ": ") -> str:
-    line = _last_line(ev.stderr_tail, patterns)
+def _with_tail(
+    prefix: str, ev: ExitEvidence, patterns=None, sep: str = ": ", limit: int = _LINE_LIMIT
+) -> str:
+    line = _last_line(ev.stderr_tail, patterns, limit)
     return f"{prefix}{sep}{line}" if line else prefix
 
 
@@ -279,7 +304,7 @@ RULES: tuple[Rule, ...] = (
         Cause.DATA_ERROR,
         retry=False,
         step_down=False,
-        explain=lambda ev: _with_tail("exit 65 (data error)", ev),
+        explain=lambda ev: _with_tail("exit 65 (data error)", ev, limit=_ERROR_LINE_LIMIT),
     ),
     Rule(
         "config_error",
@@ -287,7 +312,23 @@ RULES: tuple[Rule, ...] = (
         Cause.CONFIG_ERROR,
         retry=False,
         step_down=False,
-        explain=lambda ev: _with_tail("exit 78 (config error)", ev),
+        explain=lambda ev: _with_tail("exit 78 (config error)", ev, limit=_ERROR_LINE_LIMIT),
+    ),
+    # Before every memory rule: MLX's buffer-count limit reads like an allocation failure
+    # ("[metal::malloc]") but is not one; the trainer exits 1 on it, an older one 75, and an
+    # uncaught one aborts. Restart on the same rung.
+    Rule(
+        "resource_limit_text",
+        lambda ev: is_resource_limit_text(ev.stderr_tail),
+        Cause.RESOURCE_LIMIT,
+        retry=True,
+        step_down=False,
+        explain=lambda ev: _with_tail(
+            f"{_how(ev)} at MLX's buffer-count limit, not out of memory; a restart frees the"
+            " buffers",
+            ev,
+            RESOURCE_LIMIT_PATTERNS,
+        ),
     ),
     Rule(
         "out_of_memory_exit",

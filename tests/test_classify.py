@@ -24,6 +24,13 @@ from loractl.supervisor.classify import (
 
 METAL_OOM = (FIXTURES / "macos" / "metal_oom_stderr.txt").read_text()
 METAL_WATCHDOG = (FIXTURES / "macos" / "metal_watchdog_stderr.txt").read_text()
+# MLX's Metal buffer-count limit (mlx/backend/metal/allocator.cpp), as an uncaught C++ error.
+METAL_RESOURCE_LIMIT = (FIXTURES / "macos" / "metal_resource_limit_stderr.txt").read_text()
+# The same failure raised into Python and reported by loractl's trainer before it exits 1.
+TRAINER_RESOURCE_LIMIT = (
+    "loractl: MLX resource limit, not out of memory: [metal::malloc] Resource limit (499000) "
+    "exceeded. (too many live buffers; a restart frees them)\n"
+)
 MLX_BUFFER_TOO_BIG = (
     "[metal::malloc] Attempting to allocate 21474836480 bytes which is greater than the maximum "
     "allowed buffer size of 17179869184 bytes."
@@ -31,9 +38,7 @@ MLX_BUFFER_TOO_BIG = (
 MLX_MALLOC = "[malloc] Unable to allocate 1073741824 bytes."
 CUDA_OOM = "RuntimeError: cudaMallocAsync(&data, size, stream) failed: out of memory"
 TRACEBACK = (
-    "Traceback (most recent call last):\n"
-    '  File "train.py", line 10, in <module>\n'
-    "    step()\n"
+    'Traceback (most recent call last):\n  File "train.py", line 10, in <module>\n    step()\n'
 )
 
 
@@ -46,73 +51,166 @@ CASES = [
     ("exit 0", ev(0), "done"),
     ("exit 0 while the guard was stopping it", ev(0, memory_guard_stop=True), "done"),
     ("hang, then SIGKILL", ev(sig=signal.SIGKILL, hang_detected=True), "hang"),
-    ("hang, then SIGKILL under pressure", ev(
-        sig=signal.SIGKILL, hang_detected=True, pressure="critical"), "hang"),
-    ("guard stop, exit 82", ev(
-        ExitCode.STOPPED, memory_guard_stop=True, last_footprint_mb=2100, budget_mb=2000),
-     "memory_guard"),
-    ("guard stop, SIGKILL after grace", ev(
-        sig=signal.SIGKILL, memory_guard_stop=True, pressure="critical"), "memory_guard"),
+    (
+        "hang, then SIGKILL under pressure",
+        ev(sig=signal.SIGKILL, hang_detected=True, pressure="critical"),
+        "hang",
+    ),
+    (
+        "guard stop, exit 82",
+        ev(ExitCode.STOPPED, memory_guard_stop=True, last_footprint_mb=2100, budget_mb=2000),
+        "memory_guard",
+    ),
+    (
+        "guard stop, SIGKILL after grace",
+        ev(sig=signal.SIGKILL, memory_guard_stop=True, pressure="critical"),
+        "memory_guard",
+    ),
     ("user stop, exit 82", ev(ExitCode.STOPPED, user_stop=True), "stopped"),
     ("user stop, SIGKILL after grace", ev(sig=signal.SIGKILL, user_stop=True), "stopped_by_signal"),
-    ("user stop, SIGKILL under pressure", ev(
-        sig=signal.SIGKILL, user_stop=True, pressure="critical"), "stopped_by_signal"),
+    (
+        "user stop, SIGKILL under pressure",
+        ev(sig=signal.SIGKILL, user_stop=True, pressure="critical"),
+        "stopped_by_signal",
+    ),
     ("exit 82 nobody asked for", ev(ExitCode.STOPPED), "stopped_externally"),
-    ("exit 65", ev(ExitCode.DATA_ERROR, stderr_tail="data error: train.jsonl line 3"),
-     "data_error"),
-    ("exit 78", ev(ExitCode.CONFIG_ERROR, stderr_tail="config: rank must be > 0"),
-     "config_error"),
+    (
+        "exit 65",
+        ev(ExitCode.DATA_ERROR, stderr_tail="data error: train.jsonl line 3"),
+        "data_error",
+    ),
+    ("exit 78", ev(ExitCode.CONFIG_ERROR, stderr_tail="config: rank must be > 0"), "config_error"),
     ("exit 75", ev(ExitCode.OUT_OF_MEMORY, stderr_tail=METAL_OOM), "out_of_memory_exit"),
-    ("exit 75 at low readings", ev(
-        ExitCode.OUT_OF_MEMORY, last_footprint_mb=100, budget_mb=2000), "out_of_memory_exit"),
-    ("watchdog abort (MLX < 0.32)", ev(sig=signal.SIGABRT, stderr_tail=METAL_WATCHDOG),
-     "gpu_watchdog_text"),
-    ("watchdog RuntimeError (MLX >= 0.32)", ev(1, stderr_tail=TRACEBACK + METAL_WATCHDOG),
-     "gpu_watchdog_text"),
-    ("watchdog abort under pressure", ev(
-        sig=signal.SIGABRT, stderr_tail=METAL_WATCHDOG, pressure="critical"),
-     "gpu_watchdog_text"),
-    ("Metal OOM abort (MLX < 0.32)", ev(sig=signal.SIGABRT, stderr_tail=METAL_OOM),
-     "memory_error_text"),
-    ("Metal OOM RuntimeError (MLX >= 0.32)", ev(1, stderr_tail=TRACEBACK + METAL_OOM),
-     "memory_error_text"),
-    ("metal::malloc over the buffer limit", ev(1, stderr_tail=MLX_BUFFER_TOO_BIG),
-     "memory_error_text"),
+    (
+        "buffer-count limit abort",
+        ev(sig=signal.SIGABRT, stderr_tail=METAL_RESOURCE_LIMIT),
+        "resource_limit_text",
+    ),
+    (
+        "buffer-count limit, trainer exit 1",
+        ev(1, stderr_tail=TRAINER_RESOURCE_LIMIT),
+        "resource_limit_text",
+    ),
+    (
+        "buffer-count limit, exit 75 of an older trainer",
+        ev(ExitCode.OUT_OF_MEMORY, stderr_tail="loractl: out of memory: " + METAL_RESOURCE_LIMIT),
+        "resource_limit_text",
+    ),
+    (
+        "buffer-count limit near the budget",
+        ev(1, stderr_tail=TRAINER_RESOURCE_LIMIT, last_footprint_mb=1990, budget_mb=2000),
+        "resource_limit_text",
+    ),
+    (
+        "a real OOM after an earlier buffer-count line",
+        ev(1, stderr_tail=METAL_RESOURCE_LIMIT + TRACEBACK + METAL_OOM),
+        "memory_error_text",
+    ),
+    (
+        "exit 75 at low readings",
+        ev(ExitCode.OUT_OF_MEMORY, last_footprint_mb=100, budget_mb=2000),
+        "out_of_memory_exit",
+    ),
+    (
+        "watchdog abort (MLX < 0.32)",
+        ev(sig=signal.SIGABRT, stderr_tail=METAL_WATCHDOG),
+        "gpu_watchdog_text",
+    ),
+    (
+        "watchdog RuntimeError (MLX >= 0.32)",
+        ev(1, stderr_tail=TRACEBACK + METAL_WATCHDOG),
+        "gpu_watchdog_text",
+    ),
+    (
+        "watchdog abort under pressure",
+        ev(sig=signal.SIGABRT, stderr_tail=METAL_WATCHDOG, pressure="critical"),
+        "gpu_watchdog_text",
+    ),
+    (
+        "Metal OOM abort (MLX < 0.32)",
+        ev(sig=signal.SIGABRT, stderr_tail=METAL_OOM),
+        "memory_error_text",
+    ),
+    (
+        "Metal OOM RuntimeError (MLX >= 0.32)",
+        ev(1, stderr_tail=TRACEBACK + METAL_OOM),
+        "memory_error_text",
+    ),
+    (
+        "metal::malloc over the buffer limit",
+        ev(1, stderr_tail=MLX_BUFFER_TOO_BIG),
+        "memory_error_text",
+    ),
     ("malloc failure", ev(1, stderr_tail=MLX_MALLOC), "memory_error_text"),
     ("CUDA OOM", ev(1, stderr_tail=TRACEBACK + CUDA_OOM), "memory_error_text"),
     ("MemoryError", ev(1, stderr_tail=TRACEBACK + "MemoryError"), "memory_error_text"),
-    ("SIGSEGV near budget", ev(sig=signal.SIGSEGV, last_footprint_mb=1850, budget_mb=2000),
-     "signal_with_memory_evidence"),
-    ("SIGSEGV exactly at the near-budget line", ev(
-        sig=signal.SIGSEGV, last_footprint_mb=NEAR_BUDGET_FRACTION * 2000, budget_mb=2000),
-     "signal_with_memory_evidence"),
-    ("SIGKILL with cgroup oom_kill rise", ev(sig=signal.SIGKILL, cgroup_oom_kills_delta=1),
-     "signal_with_memory_evidence"),
-    ("SIGKILL under critical pressure", ev(sig=signal.SIGKILL, pressure="critical"),
-     "signal_with_memory_evidence"),
-    ("SIGKILL under warn pressure", ev(sig=signal.SIGKILL, pressure="warn"),
-     "signal_with_memory_evidence"),
-    ("SIGKILL with NOTE_EXIT_MEMORY", ev(sig=signal.SIGKILL, exit_memory_flag=True),
-     "signal_with_memory_evidence"),
-    ("SIGABRT near budget", ev(sig=signal.SIGABRT, last_footprint_mb=1990, budget_mb=2000),
-     "signal_with_memory_evidence"),
-    ("SIGBUS near budget", ev(sig=signal.SIGBUS, last_footprint_mb=1990, budget_mb=2000),
-     "signal_with_memory_evidence"),
-    ("exit 137 from a shell, cgroup oom_kill rise", ev(137, cgroup_oom_kills_delta=2),
-     "signal_with_memory_evidence"),
+    (
+        "SIGSEGV near budget",
+        ev(sig=signal.SIGSEGV, last_footprint_mb=1850, budget_mb=2000),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGSEGV exactly at the near-budget line",
+        ev(sig=signal.SIGSEGV, last_footprint_mb=NEAR_BUDGET_FRACTION * 2000, budget_mb=2000),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGKILL with cgroup oom_kill rise",
+        ev(sig=signal.SIGKILL, cgroup_oom_kills_delta=1),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGKILL under critical pressure",
+        ev(sig=signal.SIGKILL, pressure="critical"),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGKILL under warn pressure",
+        ev(sig=signal.SIGKILL, pressure="warn"),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGKILL with NOTE_EXIT_MEMORY",
+        ev(sig=signal.SIGKILL, exit_memory_flag=True),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGABRT near budget",
+        ev(sig=signal.SIGABRT, last_footprint_mb=1990, budget_mb=2000),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "SIGBUS near budget",
+        ev(sig=signal.SIGBUS, last_footprint_mb=1990, budget_mb=2000),
+        "signal_with_memory_evidence",
+    ),
+    (
+        "exit 137 from a shell, cgroup oom_kill rise",
+        ev(137, cgroup_oom_kills_delta=2),
+        "signal_with_memory_evidence",
+    ),
     ("SIGKILL alone", ev(sig=signal.SIGKILL), "external_signal"),
-    ("SIGKILL at low readings", ev(sig=signal.SIGKILL, last_footprint_mb=300, budget_mb=2000),
-     "external_signal"),
+    (
+        "SIGKILL at low readings",
+        ev(sig=signal.SIGKILL, last_footprint_mb=300, budget_mb=2000),
+        "external_signal",
+    ),
     ("SIGTERM before handlers", ev(sig=signal.SIGTERM), "external_signal"),
     ("SIGTERM under pressure", ev(sig=signal.SIGTERM, pressure="critical"), "external_signal"),
     ("SIGINT", ev(sig=signal.SIGINT), "external_signal"),
     ("SIGHUP", ev(sig=signal.SIGHUP), "external_signal"),
     ("SIGQUIT", ev(sig=signal.SIGQUIT), "external_signal"),
-    ("SIGSEGV at low readings", ev(sig=signal.SIGSEGV, last_footprint_mb=300, budget_mb=2000),
-     "fault_signal"),
+    (
+        "SIGSEGV at low readings",
+        ev(sig=signal.SIGSEGV, last_footprint_mb=300, budget_mb=2000),
+        "fault_signal",
+    ),
     ("SIGSEGV with no readings", ev(sig=signal.SIGSEGV), "fault_signal"),
-    ("SIGSEGV, footprint but no budget", ev(sig=signal.SIGSEGV, last_footprint_mb=1e6),
-     "fault_signal"),
+    (
+        "SIGSEGV, footprint but no budget",
+        ev(sig=signal.SIGSEGV, last_footprint_mb=1e6),
+        "fault_signal",
+    ),
     ("SIGABRT", ev(sig=signal.SIGABRT, stderr_tail="Assertion failed: x"), "fault_signal"),
     ("SIGILL", ev(sig=signal.SIGILL), "fault_signal"),
     ("SIGFPE", ev(sig=signal.SIGFPE), "fault_signal"),
@@ -130,7 +228,10 @@ def test_each_case_is_decided_by_its_rule(evidence, rule):
     verdict = classify(evidence)
     row = next(r for r in RULES if r.name == rule)
     assert (verdict.rule, verdict.cause, verdict.retry, verdict.step_down) == (
-        row.name, row.cause, row.retry, row.step_down
+        row.name,
+        row.cause,
+        row.retry,
+        row.step_down,
     )
     assert verdict.explanation and "\n" not in verdict.explanation
 
@@ -161,13 +262,41 @@ def test_rule_names_are_unique_and_the_last_rule_catches_everything():
         (ev(sig=signal.SIGKILL), Cause.KILLED_EXTERNALLY, True, False),
         (ev(sig=signal.SIGSEGV), Cause.CRASH, True, False),
     ],
-    ids=["done", "stopped", "data", "config", "oom-exit", "hang", "watchdog", "metal-oom",
-         "killed", "crash"],
+    ids=[
+        "done",
+        "stopped",
+        "data",
+        "config",
+        "oom-exit",
+        "hang",
+        "watchdog",
+        "metal-oom",
+        "killed",
+        "crash",
+    ],
 )
 def test_policy_per_cause(evidence, cause, retry, step_down):
     """Config/data errors and stops are never retried; only memory steps down a rung."""
     verdict = classify(evidence)
     assert (verdict.cause, verdict.retry, verdict.step_down) == (cause, retry, step_down)
+
+
+def test_buffer_count_limit_restarts_on_the_same_rung():
+    """MLX's '[metal::malloc] Resource limit' is retried without a step-down, unlike an OOM."""
+    verdict = classify(ev(sig=signal.SIGABRT, stderr_tail=METAL_RESOURCE_LIMIT))
+    assert (verdict.cause, verdict.retry, verdict.step_down) == (Cause.RESOURCE_LIMIT, True, False)
+    assert "Resource limit (499000) exceeded" in verdict.explanation
+    assert classify(ev(sig=signal.SIGABRT, stderr_tail=METAL_OOM)).step_down
+
+
+def test_data_error_reasons_are_kept_whole():
+    """A long data-error line (file, line, JSON error with its column) is not cut short."""
+    line = (
+        "loractl: data error: /" + "deep/" * 40 + "train.jsonl:7: invalid JSON: Invalid "
+        "control character at column 17"
+    )
+    verdict = classify(ev(ExitCode.DATA_ERROR, stderr_tail=line + "\n"))
+    assert verdict.explanation.endswith("Invalid control character at column 17")
 
 
 def test_watchdog_fixture_is_not_memory_even_though_it_is_a_metal_error():
@@ -207,8 +336,14 @@ def test_memory_evidence_lists_every_reason():
     """Budget, pressure, cgroup and NOTE_EXIT_MEMORY each add a reason; none gives an empty list."""
     assert memory_evidence(ev(sig=signal.SIGKILL)) == []
     reasons = memory_evidence(
-        ev(sig=signal.SIGKILL, last_footprint_mb=1900, budget_mb=2000, pressure="critical",
-           cgroup_oom_kills_delta=1, exit_memory_flag=True)
+        ev(
+            sig=signal.SIGKILL,
+            last_footprint_mb=1900,
+            budget_mb=2000,
+            pressure="critical",
+            cgroup_oom_kills_delta=1,
+            exit_memory_flag=True,
+        )
     )
     assert len(reasons) == 4
     assert reasons[0] == "footprint 1900 MB of a 2000 MB budget (95%)"
@@ -234,7 +369,9 @@ def test_real_segfaulting_child_classifies_as_crash():
     """A real child killed by SIGSEGV, read through Popen, is a crash when memory was fine."""
     proc = subprocess.run(
         [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     verdict = classify(ExitEvidence.from_returncode(proc.returncode, stderr_tail=proc.stderr))
     assert verdict.cause is Cause.CRASH and verdict.rule == "fault_signal"
@@ -262,9 +399,7 @@ def test_any_evidence_gets_a_consistent_verdict(
 ):
     """Any evidence gets a verdict; only memory steps down; final causes are never retried."""
     verdict = classify(
-        ExitEvidence(
-            exit_code, sig, stderr_tail, footprint, budget, pressure, delta, *flags
-        )
+        ExitEvidence(exit_code, sig, stderr_tail, footprint, budget, pressure, delta, *flags)
     )
     assert verdict.explanation and "\n" not in verdict.explanation
     if verdict.step_down:

@@ -771,8 +771,24 @@ def test_hf_dataset_replaces_data(job_dir):
 # --- every field, round trip ---------------------------------------------------------------
 
 
+def install_reporters(monkeypatch, folder: Path) -> None:
+    """Make 'wandb' and 'swanlab' findable as installed packages (report_to checks for them)."""
+    site = folder / "site"
+    for name in ("wandb", "swanlab"):
+        (site / name).mkdir(parents=True, exist_ok=True)
+        (site / name / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+
+
+@pytest.fixture
+def reporters(monkeypatch, tmp_path):
+    install_reporters(monkeypatch, tmp_path)
+
+
 def non_default_values(tmp_path: Path) -> dict:
-    """A valid, non-default value for every schema field (absolute paths, so they round-trip)."""
+    """A valid, non-default value for every schema field (absolute paths, so they round-trip).
+
+    report_to names wandb: use it with the ``reporters`` fixture."""
     for name in ("m", "d"):
         (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / "start.safetensors").write_bytes(b"")
@@ -811,7 +827,12 @@ def non_default_values(tmp_path: Path) -> dict:
         "report_to": "wandb",
         "project_name": "night",
         "trust_remote_code": True,
-        "hf_dataset": {"path": "billsum", "prompt_feature": "text", "config": {"k": [1, 2]}},
+        "hf_dataset": {
+            "path": "billsum",
+            "prompt_feature": "text",
+            "config": {"k": [1, 2]},
+            "test_split": "test",
+        },
         "prompt_feature": "input",
         "completion_feature": "output",
         "chat_feature": "conversation",
@@ -834,7 +855,7 @@ def non_default_values(tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
-def test_every_field_round_trips(tmp_path, suffix):
+def test_every_field_round_trips(tmp_path, suffix, reporters):
     """A non-default value for every schema field survives dump -> load -> to_dict."""
     values = non_default_values(tmp_path)
     fields = {f.name: f for f in dataclasses.fields(JobConfig)}
@@ -972,7 +993,7 @@ IDENTITY = {
 }
 
 
-def test_identity_hash_tracks_exactly_the_run_defining_fields(tmp_path):
+def test_identity_hash_tracks_exactly_the_run_defining_fields(tmp_path, reporters):
     """Changing any one field changes identity_hash iff that field defines the run."""
     values = non_default_values(tmp_path)
     for name in ("m0", "d0"):
@@ -1133,3 +1154,93 @@ def test_malformed_config_exits_78_from_the_cli_without_traceback(
     assert result.exit_code == 78, result.output
     assert expected in result.output
     assert "Traceback" not in result.output
+
+
+# --- keys mlx_lm.lora ignores ----------------------------------------------------------------
+
+
+def test_keys_mlx_lm_ignores_load_with_a_warning_naming_them(job_dir):
+    """An mlx-lm config carrying other tools' keys loads, each key named in a warning."""
+    text = MLX_EXAMPLE_YAML + "train_mode: sft\nbeta: 0.1\nload_in_4bits: true\n"
+    cfg = load_config(write(job_dir, "job.yaml", text))
+    assert cfg.batch_size == 4 and cfg.optimizer == "adamw"
+    assert len(cfg.warnings) == 3
+    for key, warning in zip(("train_mode", "beta", "load_in_4bits"), cfg.warnings, strict=True):
+        assert f"key '{key}'" in warning and "ignored" in warning
+        assert warning.startswith(str(job_dir / "job.yaml") + ": ")
+    assert load_config(write(job_dir, "plain.yaml", MLX_EXAMPLE_YAML)).warnings == []
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("learnig_rate", "learning_rate"),
+        ("batch_sise", "batch_size"),
+        ("seeed", "seed"),
+        ("iter", "iters"),
+        ("gradient_accumulation_steps", "grad_accumulation_steps"),
+    ],
+)
+def test_a_near_miss_of_a_known_key_stays_an_error(job_dir, key, suggestion):
+    """A key one or two characters off a known one is refused with 'did you mean'."""
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' \\(did you mean '{suggestion}'"):
+        minimal(job_dir, **{key: 1})
+
+
+def test_warnings_travel_with_overrides_and_legacy_wandb_is_named(job_dir):
+    """A rung's config keeps the submitted file's warnings; 'wandb:' says it is ignored."""
+    cfg = minimal(job_dir, judge="gpt", wandb="old-project")
+    assert [w.split(": ", 1)[1].split(";")[0] for w in cfg.warnings] == [
+        "key 'judge' is not an mlx_lm.lora or loractl key",
+        "key 'wandb' is ignored, as mlx_lm.lora ignores it since it gained report_to",
+    ]
+    assert cfg.with_overrides({"max_seq_length": 128}).warnings == cfg.warnings
+
+
+def test_report_to_a_package_that_is_not_installed_is_a_config_error(job_dir, monkeypatch):
+    """report_to naming a missing package fails at load time, not when reporting starts."""
+    # A None entry in sys.modules is how Python marks a module as not importable.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match="key 'report_to': wandb is not installed"):
+        minimal(job_dir, report_to="wandb")
+    monkeypatch.setitem(sys.modules, "swanlab", None)
+    with pytest.raises(ConfigError, match="swanlab is not installed"):
+        minimal(job_dir, report_to="swanlab")
+
+
+def test_report_to_an_installed_package_loads(job_dir, reporters):
+    """With the packages installed, report_to keeps mlx-lm's comma-separated spelling."""
+    assert minimal(job_dir, report_to="wandb, swanlab").report_to == "wandb, swanlab"
+
+
+def test_hf_dataset_entries_are_checked_as_mlx_lm_reads_them(job_dir):
+    """Split names must be strings, 'config' a mapping, and 'test: true' needs a test_split."""
+    hf = {"path": "org/set"}
+    with pytest.raises(ConfigError, match="key 'hf_dataset.train_split'"):
+        minimal(job_dir, hf_dataset={**hf, "train_split": 3})
+    with pytest.raises(ConfigError, match="key 'hf_dataset\\[1\\].config'"):
+        minimal(job_dir, hf_dataset=[hf, {**hf, "config": "x"}])
+    with pytest.raises(ConfigError, match="'test: true' needs a 'test_split'"):
+        minimal(job_dir, hf_dataset=hf, test=True)
+    assert minimal(job_dir, hf_dataset={**hf, "test_split": "test"}, test=True).test
+
+
+def test_optimizer_arguments_match_mlx_optimizer_signatures():
+    """The optimizer argument table equals mlx.optimizers' own constructor signatures."""
+    import inspect
+
+    import mlx.optimizers as optim
+
+    from loractl.config import _OPTIMIZER_ARGS
+
+    classes = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "muon": optim.Muon,
+        "sgd": optim.SGD,
+        "adafactor": optim.Adafactor,
+    }
+    assert set(classes) == set(_OPTIMIZER_ARGS)
+    for name, cls in classes.items():
+        params = set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate"}
+        assert _OPTIMIZER_ARGS[name] == params, name

@@ -149,10 +149,16 @@ def test_final_adapter_works_with_mlx_lm(tiny_workspace, baseline):
     fused = baseline[1] / "fused"
     result = subprocess.run(
         [
-            sys.executable, "-m", "mlx_lm", "fuse",
-            "--model", str(tiny_workspace / "model"),
-            "--adapter-path", str(folder),
-            "--save-path", str(fused),
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(tiny_workspace / "model"),
+            "--adapter-path",
+            str(folder),
+            "--save-path",
+            str(fused),
         ],
         capture_output=True,
         text=True,
