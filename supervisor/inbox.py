@@ -147,8 +147,12 @@ def _signature(path: Path) -> tuple | None:
 
 
 def _shown(name: str) -> str:
-    """The name as text that can be printed, logged and sent: Linux names need not be UTF-8."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """Text that can be printed, logged and sent: Linux names (and link targets) need not be
+    UTF-8, and a JSON config may spell a lone surrogate ("\\ud800") that an error repeats."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _describe(error: ConfigError, name: str) -> str:
@@ -511,6 +515,9 @@ class Inbox:
 
     def _reject(self, path: Path, name: str, reason: str) -> Rejected | None:
         """Move ``path`` (a link itself, never its target) to rejected/ with an error file."""
+        # The reason quotes names, link targets and config values: make it one printable
+        # text, the same in the error file as in what is returned (and logged, and sent).
+        reason = _shown(reason)
         self.rejected.mkdir(parents=True, exist_ok=True)
         dest = self._free_name(name)
         error_file = self.rejected / f"{dest.name}{_ERROR_SUFFIX}"

@@ -677,3 +677,21 @@ def test_a_long_name_rejected_twice_gets_a_numbered_short_name(world):
     assert (world.inbox / "rejected" / one.stored).read_text() == "first\n"
     assert (world.inbox / "rejected" / two.stored).read_text() == "second\n"
     assert len(world.rejected()) == 4
+
+
+def test_reasons_quoting_non_utf8_link_targets_are_printable_text(world):
+    """A link whose target is not UTF-8 is rejected with a reason that can be logged and
+    sent (no lone surrogates), and the error file says the same."""
+    box = world.make(settle_s=0.05)
+    target = os.fsdecode(b"gone-\xff.yaml")
+    try:
+        (world.inbox / "link.yaml").symlink_to(target)
+    except OSError:
+        pytest.skip("this file system only allows UTF-8 names")
+    (result,) = poll_until(box, lambda r: len(r) == 1)
+    assert result.reason == "link.yaml: symlink to gone-\\xff.yaml cannot be followed" + (
+        " (dangling or a loop)"
+    )
+    result.reason.encode("utf-8")
+    error_file = world.inbox / "rejected" / "link.yaml.error.txt"
+    assert error_file.read_text(encoding="utf-8") == result.reason + "\n"
