@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from loractl.daemon.adapters import convert_rank, reconcile
 
@@ -134,3 +135,55 @@ def test_rank_step_down_keeps_what_was_learned(tiny_workspace, tmp_path):
         k: v.shape for k, v in mx.load(str(tmp_path / "adapters" / "adapters.safetensors")).items()
     }
     assert all(s[-1] == 4 for k, s in shapes.items() if k.endswith("lora_a"))
+
+
+def random_switch_lora(experts=3, in_dims=24, out_dims=20, rank=8, seed=2):
+    """Factors in mlx-lm's LoRASwitchLinear layout: A (experts, r, in), B (experts, out, r)."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(experts, rank, in_dims)).astype(np.float32),
+        rng.normal(size=(experts, out_dims, rank)).astype(np.float32),
+    )
+
+
+def test_switch_rank_step_down_is_the_svd_truncation_of_each_expert():
+    """For a mixture-of-experts layer each expert's B @ A is truncated to its best rank r."""
+    a, b = random_switch_lora()
+    new_a, new_b = convert_rank(a, b, 3)
+    assert new_a.shape == (3, 3, 24) and new_b.shape == (3, 20, 3)
+    for e in range(3):
+        update = b[e].astype(np.float64) @ a[e].astype(np.float64)
+        u, s, vt = np.linalg.svd(update, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vt[:3]
+        np.testing.assert_allclose(new_b[e] @ new_a[e], best, rtol=1e-4, atol=1e-4)
+
+
+def test_switch_rank_step_up_keeps_each_expert_update():
+    """Growing a switch layer's rank keeps every B @ A and pads A with trainable rows."""
+    a, b = random_switch_lora(rank=4)
+    new_a, new_b = convert_rank(a, b, 8)
+    assert new_a.shape == (3, 8, 24) and new_b.shape == (3, 20, 8)
+    np.testing.assert_array_equal(new_b @ new_a, b @ a)
+    assert np.abs(new_a[:, 4:]).sum() > 0 and not new_b[:, :, 4:].any()
+
+
+def test_reconcile_converts_switch_pairs_next_to_linear_ones():
+    """A checkpoint mixing linear and switch LoRA layers converts both to the new rank."""
+    a, b = random_lora()
+    sa, sb = random_switch_lora()
+    saved = {"attn.lora_a": a, "attn.lora_b": b, "experts.lora_a": sa, "experts.lora_b": sb}
+    expected = {
+        "attn.lora_a": (48, 4),
+        "attn.lora_b": (4, 40),
+        "experts.lora_a": (3, 4, 24),
+        "experts.lora_b": (3, 20, 4),
+    }
+    fitted, notes = reconcile(saved, expected)
+    assert {k: v.shape for k, v in fitted.items()} == expected
+    assert sorted(notes) == ["attn: rank 8 -> 4 by SVD", "experts: rank 8 -> 4 by SVD"]
+
+
+def test_factors_of_unknown_layout_are_refused():
+    """Factors that are neither 2-D nor 3-D pairs raise instead of converting wrongly."""
+    with pytest.raises(ValueError, match="cannot convert"):
+        convert_rank(np.zeros((2, 3)), np.zeros((1, 3, 2)), 1)
