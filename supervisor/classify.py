@@ -41,6 +41,7 @@ class Cause(StrEnum):
     DATA_ERROR = "data_error"
     KILLED_EXTERNALLY = "killed_externally"
     GPU_WATCHDOG = "gpu_watchdog"
+    DISK_FULL = "disk_full"
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,19 @@ RESOURCE_LIMIT_PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 
 
+# ENOSPC and EDQUOT as Python, SQLite and safetensors word them.
+DISK_FULL_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28|122|69)\]"),
+    re.compile(r"database or disk is full", re.IGNORECASE),
+)
+
+
+def is_disk_full_text(text: str) -> bool:
+    """Whether the last error line in ``text`` says the disk (or the quota) is full."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return any(p.search(line) for line in lines[-3:] for p in DISK_FULL_PATTERNS)
+
+
 def is_resource_limit_text(text: str) -> bool:
     """Whether the last allocation failure in ``text`` is MLX's buffer-count limit."""
     for line in reversed(text.splitlines()):
@@ -104,6 +118,8 @@ def is_resource_limit_text(text: str) -> bool:
         if is_memory_error_text(line):
             return False
     return False
+
+
 # The C++ runtime's preamble to an uncaught exception says nothing a reader needs.
 _NOISE_PREFIX = "libc++abi: terminating due to uncaught exception of type "
 
@@ -313,6 +329,20 @@ RULES: tuple[Rule, ...] = (
         retry=False,
         step_down=False,
         explain=lambda ev: _with_tail("exit 78 (config error)", ev, limit=_ERROR_LINE_LIMIT),
+    ),
+    # A full disk is not the trainer's fault and a restart cannot help until space is freed:
+    # the job pauses with the free space in the reason (policy.after_exit), keeping its
+    # last checkpoint.
+    Rule(
+        "disk_full",
+        lambda ev: (
+            ev.exit_code == ExitCode.DISK_FULL
+            or (ev.exit_code not in (0, None) and is_disk_full_text(ev.stderr_tail))
+        ),
+        Cause.DISK_FULL,
+        retry=False,
+        step_down=False,
+        explain=lambda ev: _with_tail(f"{_how(ev)}: the disk is full", ev, DISK_FULL_PATTERNS),
     ),
     # Before every memory rule: MLX's buffer-count limit reads like an allocation failure
     # ("[metal::malloc]") but is not one; the trainer exits 1 on it, an older one 75, and an

@@ -120,7 +120,7 @@ def put_in_state(sup, config, state, script: str = STAND_IN, budget_mb: float = 
     import time
 
     from loractl.config import load_config
-    from loractl.supervisor.service import Trainer
+    from loractl.supervisor.child import Trainer
     from loractl.supervisor.store import JobState
 
     job = sup.enqueue(config, load_config(config))

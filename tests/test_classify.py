@@ -80,6 +80,12 @@ CASES = [
         "data_error",
     ),
     ("exit 78", ev(ExitCode.CONFIG_ERROR, stderr_tail="config: rank must be > 0"), "config_error"),
+    ("exit 74", ev(ExitCode.DISK_FULL, stderr_tail="disk full: 3 MB free on /x"), "disk_full"),
+    (
+        "ENOSPC in a traceback, exit 1",
+        ev(1, stderr_tail="  File x\nOSError: [Errno 28] No space left on device: 'ck.tmp'"),
+        "disk_full",
+    ),
     ("exit 75", ev(ExitCode.OUT_OF_MEMORY, stderr_tail=METAL_OOM), "out_of_memory_exit"),
     (
         "buffer-count limit abort",

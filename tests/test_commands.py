@@ -30,7 +30,8 @@ from loractl.protocol import (
     StatusRequest,
     decode,
 )
-from loractl.supervisor.service import COMMAND_STATES, Settings, Supervisor
+from loractl.supervisor.handlers import COMMAND_STATES
+from loractl.supervisor.service import Settings, Supervisor
 from loractl.supervisor.store import TRANSITIONS, JobState
 
 COMMANDS = {

@@ -1,0 +1,476 @@
+"""The trainer child, as the supervisor sees it: spawning it, its telemetry, the watchdog
+(heartbeats, progress, memory), stopping it with signals, and reaping it.
+
+A mixin of :class:`loractl.supervisor.service.Supervisor`: it uses the supervisor's store,
+settings, layout and sockets, and keeps the one live :class:`Trainer` in ``self.trainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import structlog
+import zmq
+
+from loractl.config import ConfigError, JobConfig, load_config
+from loractl.memory import footprint_mb, total_mb
+from loractl.protocol import (
+    Heartbeat,
+    Message,
+    ProtocolError,
+    TrainerCommand,
+    TrainerEvent,
+)
+from loractl.supervisor.ladder import (
+    describe_rung,
+    rung_overrides,
+)
+from loractl.supervisor.pressure import Pressure, cgroup_oom_kill_count, read_system_memory
+from loractl.supervisor.store import (
+    Job,
+    JobState,
+)
+from loractl.wire import drain
+
+log = structlog.get_logger("loractl.supervisor")
+
+STDERR_TAIL_BYTES = 8192
+
+
+@dataclass
+class Trainer:
+    """The live trainer of the running job, as the watchdog sees it."""
+
+    job_id: str
+    pid: int
+    attempt: int
+    rung: int
+    popen: subprocess.Popen | None  # None when adopted from a previous supervisor
+    stderr_path: Path
+    budget_mb: float
+    heartbeat_timeout: float
+    spawned_at: float = field(default_factory=time.monotonic)
+    last_heartbeat: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    step: int = -1
+    examples_seen: int = 0
+    last_checkpoint_step: int | None = None
+    max_step_seconds: float = 0.0
+    max_eval_seconds: float = 0.0
+    phase: str = "starting"
+    footprints: deque = field(default_factory=lambda: deque(maxlen=50))
+    peak_mb: float = 0.0
+    stop_reason: str | None = None  # memory | hang | user-pause | user-cancel | shutdown
+    stop_sent_at: float | None = None
+    footprint_at_stop: float | None = None
+    kill_at: float | None = None
+    done_event: bool = False
+    cgroup_oom_at_start: int | None = None
+    pressure_seen: str = "normal"
+
+    @property
+    def recent_footprint(self) -> float | None:
+        return max(self.footprints) if self.footprints else None
+
+
+def _is_trainer_of(pid: int, job_id: str) -> bool:
+    """Whether ``pid`` really is a loractl trainer of ``job_id`` (a heartbeat can claim any
+    pid; only the process table is proof)."""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "loractl.daemon.trainer" in cmdline and job_id in cmdline
+
+
+class TrainerChild:
+    """Spawn, watch, stop and reap the one trainer."""
+
+    def _is_our_trainer(self, job: Job) -> bool:
+        try:
+            proc = psutil.Process(job.trainer_pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if job.trainer_started_at and abs(proc.create_time() - job.trainer_started_at) > 1:
+                return False  # the pid was reused
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        return "loractl.daemon.trainer" in cmdline and job.id in cmdline
+
+    def system_memory(self):
+        now = time.monotonic()
+        if self._system is None or now >= self._next_pressure:
+            self._next_pressure = now + self.settings.pressure_interval_s
+            self._system = read_system_memory()
+            if self.settings.pressure_level_file:
+                self._system = self._with_fake_level(self._system)
+        return self._system
+
+    def _with_fake_level(self, system):
+        from dataclasses import replace
+
+        from loractl.supervisor.pressure import pressure_from_macos_level
+
+        try:
+            level = int(Path(self.settings.pressure_level_file).read_text().strip())
+        except (OSError, ValueError):
+            return system
+        return replace(system, pressure=pressure_from_macos_level(level), source="level-file")
+
+    def _load_job_config(self, job: Job) -> JobConfig:
+        return load_config(job.config_path)
+
+    def _budget(self, cfg: JobConfig) -> float:
+        if cfg.memory_budget_mb:
+            return float(cfg.memory_budget_mb)
+        return total_mb() * self.settings.default_budget_fraction
+
+    def _fresh_start_requested(self, job_id: str, attempt: int) -> bool:
+        return any(
+            event["kind"] == "fresh_start_requested" and event["detail"].get("attempt") == attempt
+            for event in self.store.events(job_id)
+        )
+
+    def _stderr_path(self, job_id: str, attempt: int) -> Path:
+        return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.stderr"
+
+    def spawn(self, job: Job) -> None:
+        try:
+            cfg = self._load_job_config(job)
+        except ConfigError as exc:
+            self._fail(job, "config_error", f"config no longer loads: {exc}")
+            return
+        attempt = job.attempt + 1
+        stderr_path = self._stderr_path(job.id, attempt)
+        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "loractl.daemon.trainer",
+            job.config_path,
+            "--telemetry",
+            self.layout.telemetry,
+            "--job-id",
+            job.id,
+            "--attempt",
+            str(attempt),
+            "--rung",
+            str(job.rung),
+            "--overrides",
+            json.dumps(rung_overrides(cfg, job.rung)),
+        ]
+        if self._fresh_start_requested(job.id, attempt):
+            command.append("--fresh")
+        with stderr_path.open("ab") as stderr:
+            # A new session: a signal aimed at the supervisor's process group (Ctrl-C, launchd
+            # stopping the agent) must not kill the trainer before it can checkpoint.
+            popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+                cwd=self.layout.job_dir(job.id),
+            )
+        try:
+            started_at = psutil.Process(popen.pid).create_time()
+        except psutil.NoSuchProcess:
+            started_at = None
+        self.trainer = Trainer(
+            job_id=job.id,
+            pid=popen.pid,
+            attempt=attempt,
+            rung=job.rung,
+            popen=popen,
+            stderr_path=stderr_path,
+            budget_mb=self._budget(cfg),
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            last_checkpoint_step=job.last_checkpoint_step,
+            # The trainer shares our cgroup, and our pid outlives it for the exit check.
+            cgroup_oom_at_start=cgroup_oom_kill_count(os.getpid()),
+        )
+        self.store.transition(
+            job.id,
+            JobState.STARTING,
+            f"attempt {attempt} on rung {job.rung} ({describe_rung(cfg, job.rung)})",
+            attempt=attempt,
+            trainer_pid=popen.pid,
+            trainer_started_at=started_at,
+        )
+        self.keep_awake.hold(popen.pid, f"loractl is training {job.name}")
+        self.publish("job", job_id=job.id, state="starting", pid=popen.pid)
+        log.info("spawned trainer", job=job.id, pid=popen.pid, attempt=attempt, rung=job.rung)
+
+    def _note_peak(self, trainer: Trainer, footprint: float) -> None:
+        if footprint > trainer.peak_mb * 1.01:
+            trainer.peak_mb = footprint
+            self.store.note_peak(trainer.job_id, trainer.rung, footprint)
+
+    def send_command(self, pid: int, action: str) -> bool:
+        try:
+            self.telemetry.send_multipart(
+                [f"trainer-{pid}".encode(), TrainerCommand(action=action).encode()], zmq.NOBLOCK
+            )
+            return True
+        except zmq.ZMQError:
+            return False  # not connected (yet, or any more): signals still work
+
+    def guard_memory(self) -> None:
+        trainer = self.trainer
+        try:
+            footprint = footprint_mb(trainer.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
+            return
+        except psutil.AccessDenied:
+            footprint = None
+        if footprint:
+            trainer.footprints.append(footprint)
+            self._note_peak(trainer, footprint)
+        system = self.system_memory()
+        if system.pressure != Pressure.NORMAL:
+            trainer.pressure_seen = str(system.pressure)
+        if trainer.stop_reason is not None:
+            self._kill_if_still_growing(trainer, footprint)
+            return
+        critical = system.pressure == Pressure.CRITICAL
+        if footprint and footprint > trainer.budget_mb:
+            runaway = critical or footprint > trainer.budget_mb * self.settings.runaway_factor
+            grace = self.settings.checkpoint_grace_s if runaway else self.settings.stop_grace_s
+            grace = min(grace, self.settings.stop_grace_s)
+            self.store.record(
+                trainer.job_id,
+                "memory_guard",
+                action="stop",
+                footprint_mb=round(footprint, 1),
+                budget_mb=round(trainer.budget_mb, 1),
+                grace_s=grace,
+            )
+            log.warning(
+                "over budget; stopping trainer",
+                footprint=footprint,
+                budget=trainer.budget_mb,
+                grace_s=grace,
+            )
+            self.stop_trainer("memory", grace=grace)
+            trainer.footprint_at_stop = footprint
+            return
+        if critical and self._biggest_consumer(trainer.pid):
+            grace = min(self.settings.checkpoint_grace_s, self.settings.stop_grace_s)
+            self.store.record(
+                trainer.job_id, "memory_guard", action="stop", pressure="critical", grace_s=grace
+            )
+            self.stop_trainer("memory", grace=grace)
+            trainer.footprint_at_stop = footprint
+            return
+        if system.pressure == Pressure.WARN:
+            now = time.monotonic()
+            if now - self._last_warn_action >= self.settings.warn_action_interval_s:
+                self._last_warn_action = now
+                self.send_command(trainer.pid, "checkpoint_now")
+                self.send_command(trainer.pid, "clear_cache")
+                self.store.record(
+                    trainer.job_id,
+                    "memory_guard",
+                    action="checkpoint+clear_cache",
+                    pressure="warn",
+                )
+
+    def _kill_if_still_growing(self, trainer: Trainer, footprint: float | None) -> None:
+        """A trainer stopped for memory that keeps growing is not checkpointing (stuck in a
+        read of /dev/zero, say, where SIGTERM waits): waiting out its grace risks the Mac."""
+        if trainer.stop_reason != "memory" or trainer.kill_at is None:
+            return
+        if not footprint or trainer.footprint_at_stop is None:
+            return
+        if footprint - trainer.footprint_at_stop < self.settings.still_growing_mb:
+            return
+        self.store.record(
+            trainer.job_id,
+            "memory_guard",
+            action="kill",
+            footprint_mb=round(footprint, 1),
+            at_stop_mb=round(trainer.footprint_at_stop, 1),
+        )
+        log.warning("still growing after stop; SIGKILL", pid=trainer.pid, footprint=footprint)
+        trainer.kill_at = time.monotonic()
+        self.escalate_stop()
+
+    @staticmethod
+    def _biggest_consumer(pid: int) -> bool:
+        biggest = max(
+            psutil.process_iter(["pid", "memory_info"]),
+            key=lambda p: p.info["memory_info"].rss if p.info["memory_info"] else 0,
+            default=None,
+        )
+        return biggest is not None and biggest.info["pid"] == pid
+
+    def check_liveness(self) -> None:
+        trainer = self.trainer
+        if trainer.stop_reason is not None:
+            return
+        now = time.monotonic()
+        if trainer.last_heartbeat is None:
+            if now - trainer.spawned_at > self.settings.startup_timeout_s:
+                self._hang(
+                    trainer, f"no heartbeat {self.settings.startup_timeout_s:.0f} s after start"
+                )
+            return
+        silent = now - trainer.last_heartbeat
+        if silent > trainer.heartbeat_timeout:
+            self._hang(trainer, f"no heartbeat for {silent:.1f} s")
+            return
+        if trainer.phase in ("train", "eval") and trainer.step >= 0:
+            stall = max(
+                self.settings.stall_min_s,
+                self.settings.stall_factor * (trainer.max_step_seconds + trainer.max_eval_seconds),
+            )
+            if now - trainer.last_progress > stall:
+                self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
+
+    def _hang(self, trainer: Trainer, why: str) -> None:
+        self.store.record(trainer.job_id, "hang_detected", reason=why, pid=trainer.pid)
+        log.warning("trainer hung", why=why, pid=trainer.pid)
+        self.stop_trainer("hang", grace=self.settings.hang_grace_s)
+
+    def stop_trainer(self, reason: str, grace: float) -> None:
+        trainer = self.trainer
+        trainer.stop_reason = reason
+        trainer.stop_sent_at = time.monotonic()
+        trainer.kill_at = trainer.stop_sent_at + grace
+        self.send_command(trainer.pid, "stop")
+        try:
+            os.kill(trainer.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def escalate_stop(self) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.kill_at is None or time.monotonic() < trainer.kill_at:
+            return
+        log.warning("grace period over; SIGKILL", pid=trainer.pid, reason=trainer.stop_reason)
+        trainer.kill_at = None
+        try:
+            os.kill(trainer.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        if trainer.popen is not None:
+            code = trainer.popen.poll()
+            if code is None:
+                return
+            exit_code, signum = (code, None) if code >= 0 else (None, -code)
+        else:
+            try:
+                proc = psutil.Process(trainer.pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                pass
+            # Not our child: its exit status is lost. A "done" event says it finished.
+            exit_code, signum = (0, None) if trainer.done_event else (None, None)
+        self.trainer = None
+        self.keep_awake.release()
+        try:
+            self.on_exit(trainer, exit_code, signum)
+        except Exception as exc:
+            self._job_failed_internally(trainer.job_id, "handling its trainer's exit", exc)
+
+    def _stderr_tail(self, trainer: Trainer) -> str:
+        try:
+            with trainer.stderr_path.open("rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - STDERR_TAIL_BYTES))
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _drop(self, error: ProtocolError) -> None:
+        self.dropped_frames += 1
+        log.warning("dropped telemetry frame", reason=error.reason)
+
+    def drain_telemetry(self) -> None:
+        for _frames, message in drain(self.telemetry, self._drop):
+            trainer = self.trainer
+            if trainer is None or getattr(message, "pid", None) != trainer.pid:
+                self._stray(message)
+                continue
+            if isinstance(message, Heartbeat):
+                self.on_heartbeat(trainer, message)
+            elif isinstance(message, TrainerEvent):
+                self.on_trainer_event(trainer, message)
+
+    def _stray(self, message: Message) -> None:
+        """A trainer we do not own is talking. If it is an orphan of one of our jobs, stop it:
+        one job must never have two trainers."""
+        pid = getattr(message, "pid", 0)
+        job_id = getattr(message, "job_id", "")
+        if not pid or not job_id:
+            self.dropped_frames += 1
+            return
+        if not self._known_job(job_id) or not _is_trainer_of(pid, job_id):
+            self.dropped_frames += 1  # a stranger, or a lie about the pid: never signal it
+            return
+        log.warning("stray trainer of one of our jobs; stopping it", pid=pid, job=job_id)
+        self.store.record(job_id, "stray_trainer_stopped", pid=pid)
+        self.send_command(pid, "stop")
+        try:
+            os.kill(pid, signal.SIGTERM)  # checkpoints and exits, like any stop
+        except ProcessLookupError:
+            pass
+
+    def on_heartbeat(self, trainer: Trainer, beat: Heartbeat) -> None:
+        now = time.monotonic()
+        first = trainer.last_heartbeat is None or trainer.phase == "starting"
+        trainer.last_heartbeat = now
+        if beat.step != trainer.step:
+            trainer.step = beat.step
+            trainer.last_progress = now
+        trainer.phase = beat.phase
+        trainer.examples_seen = beat.examples_seen
+        if beat.step_seconds:
+            trainer.max_step_seconds = max(trainer.max_step_seconds, beat.step_seconds)
+        if beat.eval_seconds:
+            trainer.max_eval_seconds = max(trainer.max_eval_seconds, beat.eval_seconds)
+        if beat.footprint_mb:
+            trainer.footprints.append(beat.footprint_mb)
+            self._note_peak(trainer, beat.footprint_mb)
+        if beat.last_checkpoint_step is not None:
+            trainer.last_checkpoint_step = beat.last_checkpoint_step
+        job = self.store.get(trainer.job_id)
+        if job.state == JobState.STARTING and first:
+            self.store.transition(job.id, JobState.RUNNING, "first heartbeat", early_deaths=0)
+            self.publish("job", job_id=job.id, state="running")
+        self.store.update(
+            job.id,
+            step=beat.step,
+            examples_seen=beat.examples_seen,
+            total_examples=beat.total_examples,
+            last_checkpoint_step=trainer.last_checkpoint_step,
+        )
+        self.publish("heartbeat", **beat.to_dict())
+
+    def on_trainer_event(self, trainer: Trainer, event: TrainerEvent) -> None:
+        if event.kind == "checkpoint":
+            trainer.last_checkpoint_step = event.step
+            trainer.last_progress = time.monotonic()
+            self.store.update(trainer.job_id, last_checkpoint_step=event.step)
+        elif event.kind == "done":
+            trainer.done_event = True
+        elif event.kind in ("oom_retry", "error"):
+            self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail)
+        self.publish("trainer_event", **event.to_dict())

@@ -1,0 +1,188 @@
+"""What to do after a trainer exits: a pure function from facts to one action.
+
+No processes, no store, no clock: given the job as stored (its crash just recorded), what the
+exit looked like, the classifier's verdict, the job's config and the supervisor's settings,
+``after_exit`` says whether the job completes, pauses, is cancelled, goes back to the queue,
+steps down a rung, backs off before a restart, or fails (and why). The supervisor carries
+the action out; the tests walk every cause and state in milliseconds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from loractl.config import JobConfig
+from loractl.supervisor.classify import Cause, Verdict
+from loractl.supervisor.ladder import RestartPolicy, describe_rung, rung_count
+
+
+class Do(StrEnum):
+    COMPLETE = "complete"
+    PAUSE = "pause"
+    CANCEL = "cancel"
+    REQUEUE = "requeue"
+    STEP_DOWN = "step_down"
+    BACKOFF = "backoff"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Action:
+    do: Do
+    why: str = ""  # the event's cause line
+    reason: str = ""  # for FAIL and PAUSE: what the user reads in `show`
+    fail_cause: str = ""  # for FAIL: the outcome's cause (memory, crash, early_death, ...)
+    rung: int | None = None  # for STEP_DOWN: the new rung
+    delay_s: float = 0.0  # for BACKOFF
+    retries_on_rung: int | None = None
+    early_deaths: int | None = None
+
+
+@dataclass(frozen=True)
+class ExitFacts:
+    """What the supervisor saw of the trainer, besides what the classifier was told."""
+
+    stop_reason: str | None  # memory | hang | user-pause | user-cancel | shutdown | None
+    heartbeat_seen: bool
+    checkpoint_step: int | None
+    stderr_tail: str = ""
+    disk_free_mb: float | None = None  # for a disk-full exit: what is left, and where
+    disk_path: str = ""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    early_death_limit: int = 3
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+
+
+def after_exit(
+    job: Any,
+    facts: ExitFacts,
+    verdict: Verdict,
+    cfg: JobConfig,
+    settings: PolicySettings,
+    rng: random.Random | None = None,
+) -> Action:
+    """The one decision after every exit. ``job`` is the stored job, with this exit's crash
+    record (if it was a crash) already appended to ``job.crashes``."""
+    if verdict.cause == Cause.DONE:
+        return Action(Do.COMPLETE, "trainer finished")
+    if verdict.cause == Cause.STOPPED:
+        if facts.stop_reason == "user-pause":
+            return Action(Do.PAUSE, "paused by the user; checkpointed")
+        if facts.stop_reason == "user-cancel":
+            return Action(Do.CANCEL, "cancelled by the user")
+        return Action(Do.REQUEUE, "supervisor shutting down; will resume")
+    if verdict.cause == Cause.DISK_FULL:
+        where = facts.disk_path or "the adapter folder"
+        free = f"{facts.disk_free_mb:.0f} MB free" if facts.disk_free_mb is not None else "full"
+        reason = (
+            f"disk full: {free} on {where}; the last checkpoint is kept. Free some space, "
+            "then `loractl resume` continues from it"
+        )
+        return Action(Do.PAUSE, reason, reason=reason)
+    if not verdict.retry:
+        return Action(
+            Do.FAIL,
+            f"failed: {verdict.cause}",
+            reason=reason_with_tail(verdict.explanation, facts.stderr_tail),
+            fail_cause=str(verdict.cause),
+        )
+    early_deaths = None
+    if not facts.heartbeat_seen:
+        early_deaths = job.early_deaths + 1
+        if early_deaths >= settings.early_death_limit:
+            return Action(
+                Do.FAIL,
+                "failed: early_death",
+                reason=(
+                    f"the trainer died before its first heartbeat {early_deaths} times in a "
+                    f"row; last stderr:\n{last_lines(facts.stderr_tail)}"
+                ),
+                fail_cause="early_death",
+                early_deaths=early_deaths,
+            )
+    if verdict.step_down:
+        if job.rung + 1 >= rung_count(cfg):
+            return Action(
+                Do.FAIL,
+                "failed: memory",
+                reason=ladder_exhausted(job, cfg),
+                fail_cause="memory",
+                early_deaths=early_deaths,
+            )
+        rung = job.rung + 1
+        change = describe_rung(cfg, rung)
+        return Action(
+            Do.STEP_DOWN,
+            f"memory: stepping down to rung {rung} ({change})",
+            rung=rung,
+            retries_on_rung=0,
+            early_deaths=early_deaths,
+        )
+    previous = [c for c in job.crashes[:-1] if c.get("rung") == job.rung]
+    advanced = not previous or (
+        (facts.checkpoint_step or -1) > (previous[-1].get("checkpoint_step") or -1)
+    )
+    retries = 1 if advanced else job.retries_on_rung + 1
+    if retries > cfg.max_retries:
+        return Action(
+            Do.FAIL,
+            f"failed: {verdict.cause}",
+            reason=(
+                f"{retries - 1} retries on rung {job.rung} without a new checkpoint; last: "
+                + reason_with_tail(verdict.explanation, facts.stderr_tail)
+            ),
+            fail_cause=str(verdict.cause),
+            early_deaths=early_deaths,
+        )
+    delay = RestartPolicy(settings.backoff_base_s, settings.backoff_cap_s).delay(retries, rng)
+    return Action(
+        Do.BACKOFF,
+        f"{verdict.cause}: {verdict.explanation}; restarting in {delay:.1f} s",
+        delay_s=delay,
+        retries_on_rung=retries,
+        early_deaths=early_deaths,
+    )
+
+
+def ladder_exhausted(job: Any, cfg: JobConfig) -> str:
+    lines = ["out of memory on every rung of the ladder:"]
+    for rung in range(rung_count(cfg)):
+        peak = job.peak_memory_mb.get(str(rung))
+        shown = f"peak {peak:.0f} MB" if peak else "no reading"
+        lines.append(f"  rung {rung} ({describe_rung(cfg, rung)}): {shown}")
+    lines.append(
+        "add a rung (grad_checkpoint: true, fewer num_layers, smaller batch_size) "
+        "or raise memory_budget_mb"
+    )
+    return "\n".join(lines)
+
+
+def last_lines(text: str, count: int = 8) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[-count:])
+
+
+def reason_with_tail(explanation: str, tail: str) -> str:
+    """The verdict's one line, then the stderr lines above it for context.
+
+    The explanation quotes the decisive stderr line, shortened to fit one line; that line is
+    put back whole and not repeated below, so a reason neither ends mid-sentence nor says
+    the same thing twice.
+    """
+    lines = last_lines(tail).splitlines()
+    headline, _, quoted = explanation.partition(": ")
+    quoted = quoted.removesuffix("...").strip()
+    if quoted:
+        matching = [line for line in lines if quoted in line]
+        if matching:
+            lines.remove(matching[-1])
+            full = matching[-1].strip()
+            explanation = f"{headline}: {full[full.index(quoted) :]}"
+    return "\n".join([explanation, *lines])
