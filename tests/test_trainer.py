@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import zmq
 
 from conftest import make_job, run_trainer, trainer_command, trainer_env, wait_for
@@ -178,7 +180,11 @@ def test_bad_dataset_line_exits_65_naming_file_and_line(tiny_workspace, tmp_path
     config = make_job(tiny_workspace, tmp_path / "job", data=str(data))
     result = run_trainer(config)
     assert result.returncode == ExitCode.DATA_ERROR
-    assert f"{data / 'train.jsonl'}:7: invalid JSON" in result.stderr
+    assert f"{data / 'train.jsonl'}:7: invalid JSON: Invalid control character at column" in (
+        result.stderr
+    )
+    # The reason is whole: it ends on the column, not mid-sentence.
+    assert re.search(r":7: invalid JSON: [^\n]* column \d+\n", result.stderr), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -278,3 +284,170 @@ def test_two_allocation_failures_checkpoint_and_exit_75(tiny_workspace, tmp_path
     result = run_trainer(config)
     assert result.returncode == 0, result.stderr
     assert adapter_digest(tmp_path) == baseline[0]
+
+
+# --- batch size 4, lengths that vary: length-sorted batches, exact across kills and rungs ---
+
+VARLEN_JOB = {
+    "iters": 48,
+    "batch_size": 4,
+    "grad_accumulation_steps": 4,
+    "checkpoint_every": 1,
+    "steps_per_eval": 1000,
+    "val_batches": 0,
+}
+TO_ACCUMULATION_2 = json.dumps({"grad_accumulation_steps": 2})
+
+
+@pytest.fixture(scope="module")
+def varlen_data(tmp_path_factory) -> Path:
+    """The varlen preset's samples (16-512 words) for the tiny model's tokenizer."""
+    from loractl.daemon.tinymodel import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("varlen"), preset="varlen")
+
+
+def consumed(trace: Path) -> list[dict]:
+    return [json.loads(line) for line in trace.read_text().splitlines()]
+
+
+def test_varlen_batch_4_resumes_bitwise_after_sigkill(tiny_workspace, varlen_data, tmp_path):
+    """Batch size 4 over samples of varied length: a SIGKILL and a resume end bitwise equal to
+    an uninterrupted run."""
+    baseline = make_job(tiny_workspace, tmp_path / "base", data=str(varlen_data), **VARLEN_JOB)
+    result = run_trainer(baseline, "--fresh")
+    assert result.returncode == 0, result.stderr
+    killed = make_job(tiny_workspace, tmp_path / "killed", data=str(varlen_data), **VARLEN_JOB)
+    proc = start(killed, "--fresh")
+    kill_at_step(proc, tmp_path / "killed", random.Random().randrange(2, 10))
+    result = run_trainer(killed)
+    assert result.returncode == 0, result.stderr
+    assert adapter_digest(tmp_path / "killed") == adapter_digest(tmp_path / "base")
+
+
+def test_varlen_accumulation_rung_keeps_sorted_batches_and_resumes_bitwise(
+    tiny_workspace, varlen_data, tmp_path
+):
+    """A memory stop at accumulation 4, resumed on the 4 -> 2 rung, consumes every position
+    once in length-sorted batches; a SIGKILL after the rung change resumes bitwise equal."""
+    from loractl.config import load_config
+    from loractl.daemon.data import ExampleOrder, load_datasets
+    from loractl.daemon.tinymodel import _preset
+
+    def stepped(folder: Path, kill: bool) -> None:
+        config = make_job(tiny_workspace, folder, data=str(varlen_data), **VARLEN_JOB)
+        env = trainer_env(LORACTL_FAULT_OOM="5:2", LORACTL_TRACE_EXAMPLES=str(folder / "trace"))
+        first = run_trainer(config, "--fresh", env=env)
+        assert first.returncode == ExitCode.OUT_OF_MEMORY, first.stderr
+        env = trainer_env(LORACTL_TRACE_EXAMPLES=str(folder / "trace"))
+        if kill:
+            proc = start(config, "--overrides", TO_ACCUMULATION_2, env=env)
+            kill_at_step(proc, folder, 9)
+        result = run_trainer(config, "--overrides", TO_ACCUMULATION_2, "--rung", "1", env=env)
+        assert result.returncode == 0, result.stderr
+        if not kill:  # the first attempt on the new rung says what changed
+            assert "changed settings (ladder rung 1): grad_accumulation_steps 4 -> 2" in (
+                result.stderr
+            )
+
+    stepped(tmp_path / "reference", kill=False)
+    stepped(tmp_path / "killed", kill=True)
+    assert adapter_digest(tmp_path / "killed") == adapter_digest(tmp_path / "reference")
+
+    entries = consumed(tmp_path / "reference" / "trace")
+    total = VARLEN_JOB["iters"] * VARLEN_JOB["batch_size"]
+    starts = [e["start"] for e in entries]
+    assert starts == list(range(0, total, 4)), "a micro-batch was repeated or skipped"
+    # The order the trainer used: length-sorted batches of 4, shuffled per epoch.
+    from mlx_lm import load
+
+    cfg = load_config(make_job(tiny_workspace, tmp_path / "order", data=str(varlen_data)))
+    _, tokenizer = load(str(tiny_workspace / "model"))
+    lengths = load_datasets(cfg, tokenizer).train.lengths
+    order = ExampleOrder(lengths, 4, cfg.seed)
+    buckets = {tuple(sorted(b)) for b in order.batches.tolist()}
+    assert all(tuple(sorted(e["indices"])) in buckets for e in entries)
+    assert order.epoch_length == _preset("varlen").n_train
+    epoch = [i for e in entries[: order.epoch_length // 4] for i in e["indices"]]
+    assert sorted(epoch) == list(range(order.epoch_length))
+
+
+# --- mlx-lm's cadences, checked against mlx_lm.lora itself ----------------------------------
+
+# A stand-in for the wandb package: mlx-lm's WandBCallback calls init() and log(); this one
+# appends each call to a file, so both trainers' reports can be compared call by call.
+FAKE_WANDB = """\
+import json, os
+
+def _write(record):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as handle:
+        handle.write(json.dumps(record) + "\\n")
+
+def init(**kwargs):
+    _write({"call": "init", "project": kwargs.get("project")})
+
+def log(data, step=None):
+    _write({"call": "log", "step": step, "keys": sorted(data)})
+"""
+
+CADENCE_JOB = {
+    "iters": 26,
+    "steps_per_report": 5,
+    "steps_per_eval": 7,
+    "save_every": 10,
+    "val_batches": 2,
+    "report_to": "wandb",
+    "project_name": "cadence",
+}
+
+
+def test_report_eval_and_save_cadence_match_mlx_lm(tiny_workspace, tmp_path):
+    """Loss reports, validations and <iteration>_adapters.safetensors saves come at the same
+    iterations, with the same keys, as mlx_lm.lora's with the same config."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    site = tmp_path / "site" / "wandb"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text(FAKE_WANDB)
+    ours = make_job(tiny_workspace, tmp_path / "ours", **CADENCE_JOB)
+    theirs_cfg = {
+        k: v
+        for k, v in yaml.safe_load(ours.read_text()).items()
+        if k in CONFIG_DEFAULTS and k != "adapter_path"
+    }
+    theirs_cfg["adapter_path"] = str(tmp_path / "theirs" / "adapters")
+    theirs = tmp_path / "theirs.yaml"
+    theirs.write_text(yaml.safe_dump(theirs_cfg))
+
+    def run(command: list[str], log: Path) -> list[tuple]:
+        env = trainer_env(FAKE_WANDB_LOG=str(log), PYTHONPATH=str(tmp_path / "site"))
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        return [tuple(c.get(k) and str(c[k]) for k in ("call", "step", "keys")) for c in calls]
+
+    our_calls = run(trainer_command(ours), tmp_path / "ours.calls")
+    their_calls = run(
+        [sys.executable, "-m", "mlx_lm", "lora", "-c", str(theirs), "--train"],
+        tmp_path / "theirs.calls",
+    )
+    assert our_calls == their_calls
+    steps = [int(step) for call, step, _ in our_calls if call == "log"]
+    assert {0, 6, 13, 20, 25} <= set(steps) and {5, 10, 15, 20, 26} <= set(steps)
+
+    def saves(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.glob("*_adapters.safetensors"))
+
+    assert saves(tmp_path / "ours" / "adapters") == [
+        "0000010_adapters.safetensors",
+        "0000020_adapters.safetensors",
+    ]
+    assert saves(tmp_path / "ours" / "adapters") == saves(tmp_path / "theirs" / "adapters")
+
+    # An intermediate save is an adapter file mlx-lm's resume_adapter_file takes as it is.
+    intermediate = tmp_path / "ours" / "adapters" / "0000020_adapters.safetensors"
+    again = make_job(
+        tiny_workspace, tmp_path / "again", iters=4, resume_adapter_file=str(intermediate)
+    )
+    result = run_trainer(again, "--fresh")
+    assert result.returncode == 0, result.stderr
