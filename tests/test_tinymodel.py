@@ -256,3 +256,34 @@ def test_unknown_preset_and_format_are_rejected(tmp_path):
         build_model(tmp_path, "huge")
     with pytest.raises(ValueError, match="completions"):
         build_dataset(tmp_path, "tiny", fmt="alpaca")
+
+
+def test_varlen_preset_spreads_lengths_for_batch_4(tmp_path):
+    """The varlen preset's samples run from about 16 to 512 tokens, its job batches 4 at 512."""
+    from mlx_lm import load
+
+    paths = prepare(tmp_path, "varlen", seed=0)
+    _, tokenizer = load(str(paths["model"]))
+    lengths = sorted(
+        len(tokenizer.encode(row["text"])) for row in _read_jsonl(paths["data"] / "train.jsonl")
+    )
+    assert len(lengths) == PRESETS["varlen"].n_train
+    assert lengths[0] <= 24 and lengths[-1] >= 400 and lengths[-1] <= 512
+    # Log-uniform: as many samples under the geometric middle (~90 tokens) as over it.
+    assert 0.3 < sum(n < 90 for n in lengths) / len(lengths) < 0.7
+    cfg = yaml.safe_load(paths["config"].read_text())
+    assert (cfg["batch_size"], cfg["grad_accumulation_steps"], cfg["max_seq_length"]) == (4, 1, 512)
+
+
+def test_moe_preset_is_a_mixtral_with_switch_experts(tmp_path):
+    """The moe preset loads in mlx-lm as Mixtral whose experts are SwitchGLU layers."""
+    from mlx_lm import load
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    out = build_model(tmp_path, "moe", seed=0)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["model_type"] == "mixtral"
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    model, _ = load(str(out))
+    assert all(isinstance(layer.block_sparse_moe.switch_mlp, SwitchGLU) for layer in model.layers)
+    assert tuple(model.layers[0].block_sparse_moe.switch_mlp.up_proj.weight.shape) == (4, 64, 32)
