@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
@@ -346,3 +346,72 @@ class LadderRequest(JobRequest):
 class CleanRequest(Request):
     TYPE: ClassVar[str] = "clean"
     adapters: bool = False
+
+
+# -- job lifecycle and the events the supervisor publishes ----------------------------------
+
+
+class JobState(StrEnum):
+    """Where a job is in its lifecycle; how it ended is the job's separate ``outcome``."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# Topics of the events socket (PUB): each frame pair is [topic, message.encode()].
+EVENT_TOPICS = ("heartbeat", "job", "crash", "trainer_event", "rejected")
+
+
+@dataclass
+class JobEvent(Message):
+    """A job changed state (published on the ``job`` topic)."""
+
+    TYPE: ClassVar[str] = "job_event"
+    job_id: str = ""
+    state: str = ""
+    reason: str = ""
+    pid: int | None = None
+    source: str = ""  # the inbox file a queued job came from
+
+
+@dataclass
+class CrashEvent(Message):
+    """A trainer ended in a crash (published on the ``crash`` topic); also the crash record
+    kept in the job's history."""
+
+    TYPE: ClassVar[str] = "crash"
+    job_id: str = ""
+    cause: str = ""
+    rule: str = ""
+    explanation: str = ""
+    exit_code: int | None = None
+    signal: str | None = None
+    step: int = 0
+    checkpoint_step: int | None = None
+    rung: int = 0
+    attempt: int = 0
+    pid: int = 0
+    footprint_mb: float | None = None
+    at: float = field(default_factory=time.time)
+
+    def record(self) -> dict[str, Any]:
+        """The crash as stored with the job: the event's fields, without the envelope."""
+        data = asdict(self)
+        for envelope in ("id", "v", "job_id"):
+            data.pop(envelope)
+        return data
+
+
+@dataclass
+class RejectedEvent(Message):
+    """The inbox turned a file away (published on the ``rejected`` topic)."""
+
+    TYPE: ClassVar[str] = "rejected"
+    name: str = ""
+    reason: str = ""

@@ -208,7 +208,7 @@ class TrainerChild:
             trainer_started_at=started_at,
         )
         self.keep_awake.hold(popen.pid, f"loractl is training {job.name}")
-        self.publish("job", job_id=job.id, state="starting", pid=popen.pid)
+        self.publish_state(job.id, pid=popen.pid)
         log.info("spawned trainer", job=job.id, pid=popen.pid, attempt=attempt, rung=job.rung)
 
     def _note_peak(self, trainer: Trainer, footprint: float) -> None:
@@ -454,7 +454,7 @@ class TrainerChild:
         job = self.store.get(trainer.job_id)
         if job.state == JobState.STARTING and first:
             self.store.transition(job.id, JobState.RUNNING, "first heartbeat", early_deaths=0)
-            self.publish("job", job_id=job.id, state="running")
+            self.publish_state(job.id)
         self.store.update(
             job.id,
             step=beat.step,
@@ -462,7 +462,7 @@ class TrainerChild:
             total_examples=beat.total_examples,
             last_checkpoint_step=trainer.last_checkpoint_step,
         )
-        self.publish("heartbeat", **beat.to_dict())
+        self.publish("heartbeat", beat)
 
     def on_trainer_event(self, trainer: Trainer, event: TrainerEvent) -> None:
         if event.kind == "checkpoint":
@@ -473,4 +473,4 @@ class TrainerChild:
             trainer.done_event = True
         elif event.kind in ("oom_retry", "error"):
             self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail)
-        self.publish("trainer_event", **event.to_dict())
+        self.publish("trainer_event", event)

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from loractl.config import ConfigError, JobConfig
+from loractl.protocol import CrashEvent
 from loractl.supervisor.child import Trainer
 from loractl.supervisor.classify import Cause, ExitEvidence, classify, signal_name
 from loractl.supervisor.ladder import (
@@ -80,22 +81,22 @@ class ExitHandling:
             job.id, trainer_pid=None, last_checkpoint_step=trainer.last_checkpoint_step
         )
         if verdict.cause not in (Cause.DONE, Cause.STOPPED):
-            crash = {
-                "cause": str(verdict.cause),
-                "rule": verdict.rule,
-                "explanation": verdict.explanation,
-                "exit_code": exit_code,
-                "signal": signal_name(signum) if signum else None,
-                "step": trainer.step if trainer.step >= 0 else job.step,
-                "checkpoint_step": trainer.last_checkpoint_step,
-                "rung": trainer.rung,
-                "attempt": trainer.attempt,
-                "pid": trainer.pid,
-                "footprint_mb": trainer.recent_footprint,
-                "at": time.time(),
-            }
-            job = self.store.add_crash(job.id, crash)
-            self.publish("crash", job_id=job.id, **crash)
+            crash = CrashEvent(
+                job_id=job.id,
+                cause=str(verdict.cause),
+                rule=verdict.rule,
+                explanation=verdict.explanation,
+                exit_code=exit_code,
+                signal=signal_name(signum) if signum else None,
+                step=trainer.step if trainer.step >= 0 else job.step,
+                checkpoint_step=trainer.last_checkpoint_step,
+                rung=trainer.rung,
+                attempt=trainer.attempt,
+                pid=trainer.pid,
+                footprint_mb=trainer.recent_footprint,
+            )
+            job = self.store.add_crash(job.id, crash.record())
+            self.publish("crash", crash)
         cfg = self._load_job_config(job)
         free_mb, disk_path = None, ""
         if verdict.cause == Cause.DISK_FULL:
@@ -152,7 +153,7 @@ class ExitHandling:
             if action.reason:
                 log.warning("job paused", job=job.id, reason=action.reason)
                 self.notify(job, f"{job.name} paused", action.reason)
-        self.publish("job", job_id=job.id, state=str(self.store.get(job.id).state))
+        self.publish_state(job.id)
 
     def _arm_backoff(self, job_id: str, delay: float) -> None:
         """Set the restart time, in memory for the loop and in the history (wall clock) so a
@@ -170,7 +171,7 @@ class ExitHandling:
         self.store.transition(
             job.id, JobState.FAILED, f"failed: {cause}", outcome=f"failed:{cause}", reason=reason
         )
-        self.publish("job", job_id=job.id, state="failed", reason=reason)
+        self.publish_state(job.id, reason=reason)
         log.error("job failed", job=job.id, cause=cause, reason=reason)
         self.notify(job, f"{job.name} failed", reason.splitlines()[0] if reason else cause)
 

@@ -27,6 +27,7 @@ from loractl.protocol import (
     ListRequest,
     PauseRequest,
     PriorityRequest,
+    RejectedEvent,
     Reply,
     ResumeRequest,
     RetryRequest,
@@ -188,10 +189,10 @@ class RequestHandlers:
 
         if isinstance(result, Accepted):
             log.info("inbox: queued", job=result.job_id, source=result.source)
-            self.publish("job", job_id=result.job_id, state="queued", source=result.source)
+            self.publish_state(result.job_id, source=result.source)
         else:
             log.warning("inbox: rejected", name=result.name, reason=result.reason)
-            self.publish("rejected", name=result.name, reason=result.reason)
+            self.publish("rejected", RejectedEvent(name=result.name, reason=result.reason))
 
     def enqueue(
         self, source: Path, cfg: JobConfig, priority: int | None = None, job_id: str | None = None
@@ -259,7 +260,7 @@ class RequestHandlers:
         job = self.store.transition(
             job.id, JobState.CANCELLED, "cancelled by the user", outcome="cancelled"
         )
-        self.publish("job", job_id=job.id, state="cancelled")
+        self.publish_state(job.id)
         return Reply.success(request.id, id=job.id, state=str(job.state))
 
     def handle_pause(self, request: PauseRequest) -> Reply:

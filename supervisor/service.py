@@ -15,7 +15,6 @@ Safety rules it keeps:
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -37,8 +36,10 @@ from loractl.protocol import (
     ErrorCode,
     ExitCode,
     HistoryRequest,
+    JobEvent,
     LadderRequest,
     ListRequest,
+    Message,
     PauseRequest,
     PriorityRequest,
     ProtocolError,
@@ -436,13 +437,17 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             log.exception("handler failed", request=request.type)
             return Reply.failure(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def publish(self, topic: str, **data: Any) -> None:
+    def publish(self, topic: str, message: Message) -> None:
+        """One event on the events socket; nobody listening (or a slow one) loses nothing."""
         try:
-            self.events.send_multipart(
-                [topic.encode(), json.dumps(data, default=str).encode()], zmq.NOBLOCK
-            )
+            self.events.send_multipart([topic.encode(), message.encode()], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+
+    def publish_state(self, job_id: str, **extra: Any) -> None:
+        """A job's new state, as stored, on the ``job`` topic."""
+        state = str(self.store.get(job_id).state)
+        self.publish("job", JobEvent(job_id=job_id, state=state, **extra))
 
 
 def main(home: str | None = None, wait_for_lock: bool = False) -> int:

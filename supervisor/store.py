@@ -22,9 +22,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from loractl.protocol import JobState
 
 SCHEMA_VERSION = 1
 
@@ -34,19 +35,6 @@ BUSY_TIMEOUT_MS = 10_000
 
 _MIN_PREFIX = 4
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-class JobState(StrEnum):
-    """Where a job is in its lifecycle; how it ended lives in ``Job.outcome``."""
-
-    QUEUED = "queued"
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
