@@ -2,12 +2,14 @@
 
 Usage::
 
-    .venv/bin/python bench/overhead.py [--preset ladder|tiny] [--rounds 3] [--iters N]
+    .venv/bin/python bench/overhead.py [--preset ladder|tiny|varlen] [--rounds 3] [--iters N]
                                        [--checkpoint-every N] [--warmup 2] [--seed 0]
                                        [--ours-overrides JSON] [--out DIR] [--keep]
 
 Defaults per preset: ladder 48 iterations (12 optimizer steps of about 5 s on 2 CPU cores,
-a checkpoint every 5), tiny 480 iterations (120 steps of about 0.2 s, a checkpoint every 10).
+a checkpoint every 5), tiny 480 iterations (120 steps of about 0.2 s, a checkpoint every 10),
+varlen 128 iterations (4 epochs of 32 batches of 4 samples of 16-512 tokens, no accumulation,
+a checkpoint every 10).
 
 What runs. One tiny random Llama model and its data set are built once with
 ``loractl.daemon.tinymodel.prepare``. Then, for each round, both trainers run the same job, each
@@ -19,9 +21,16 @@ rounds, theirs first in even rounds) so slow drift of the machine hits both alik
 Same work. Both configs come from the same dict: model, data, iters, batch size, gradient
 accumulation, max_seq_length, LoRA rank/scale/dropout/layers, optimizer, learning-rate
 schedule and seed. The mlx-lm config keeps only the keys mlx-lm knows (``CONFIG_DEFAULTS``).
-Every training sample of the tinymodel presets is longer than max_seq_length, so every
+Every training sample of the tiny and ladder presets is longer than max_seq_length, so every
 micro-batch of either trainer is the same 256-token shape and carries the same number of loss
-tokens; the script checks that both trainers report the same token total. Validation is off
+tokens. The varlen preset's samples spread from 16 to 512 tokens (max_seq_length 512), so how
+samples are grouped into batches decides how much of each batch is padding: loractl sorts by
+token length before batching, as mlx-lm's ``iterate_batches`` means to, but in mlx-lm 0.32.2
+the sort key for the ``CacheDataset`` that ``mlx_lm.lora`` passes is ``CacheDataset.itemlen``,
+the number of fields of a raw sample, so its batches keep file order. The script measures both
+batchings (real tokens per padded token, from each trainer's own batch code) and prints them.
+Over whole epochs both trainers consume the same samples, so the script checks that both
+report the same token total. Validation is off
 in both (``val_batches: 0``: loractl skips it, mlx-lm runs zero batches at iterations 1 and
 ``iters``). Operational overhead stays ON for ours: heartbeats every second to a ZeroMQ ROUTER
 that this process binds and drains in a thread, the per-step JSON log line, the memory checks
@@ -69,6 +78,8 @@ Targets: throughput_ratio >= 0.97 and peak RSS ours <= 1.05x theirs. The script 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -97,6 +108,8 @@ MEMORY_TARGET = 1.05
 DEFAULTS = {
     "ladder": {"iters": 48, "checkpoint_every": 5},
     "tiny": {"iters": 480, "checkpoint_every": 10},
+    # 4 epochs of 32 batches of 4; lengths 16-512 tokens.
+    "varlen": {"iters": 128, "checkpoint_every": 10},
 }
 
 # Runs mlx-lm's own CLI entry point with one reporting callback. mlx_lm.lora.run() builds its
@@ -550,6 +563,41 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
 
 
+def batching_efficiency(paths: dict[str, Path], base: dict, epochs: int = 4) -> dict:
+    """Real tokens per padded token in each trainer's training batches, over a few epochs.
+
+    Theirs is measured on mlx-lm's own ``iterate_batches`` over the ``CacheDataset`` that
+    ``mlx_lm.lora`` hands it; ours on loractl's ``ExampleOrder`` and ``make_batch``. Both pad
+    a batch to one plus a multiple of 32 tokens, so padded tokens are what a step computes.
+    """
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    from loractl.daemon.data import ExampleOrder, make_batch, tokenize
+
+    batch_size, max_seq = int(base["batch_size"]), int(base["max_seq_length"])
+    _, tokenizer = load(str(paths["model"]))
+    raw, _, _ = load_local_dataset(paths["data"], tokenizer, None)
+    theirs_real = theirs_padded = 0
+    batches = iterate_batches(CacheDataset(raw), batch_size, max_seq, loop=True, seed=0)
+    per_epoch = len(raw) // batch_size
+    # iterate_batches prints a truncation warning for every batch that needs one.
+    with contextlib.redirect_stdout(io.StringIO()):
+        for _, (batch, lengths) in zip(range(epochs * per_epoch), batches, strict=False):
+            theirs_padded += batch.size
+            theirs_real += int(np.array(lengths)[:, 1].sum())
+    ours_data = tokenize(raw, str)
+    order = ExampleOrder(ours_data.lengths, batch_size, int(base["seed"]))
+    ours_real = ours_padded = 0
+    for start in range(0, epochs * order.epoch_length, batch_size):
+        batch, lengths = make_batch(ours_data, order.indices(start, batch_size), max_seq)
+        ours_padded += batch.size
+        ours_real += int(np.array(lengths)[:, 1].sum())
+    return {"ours": ours_real / ours_padded, "theirs": theirs_real / theirs_padded}
+
+
 def bench(args, out: Path, prepare) -> int:
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -565,6 +613,11 @@ def bench(args, out: Path, prepare) -> int:
         f"checkpoint_every={args.checkpoint_every} steps (save_every={args.checkpoint_every * ga}"
         f" iters) warmup={args.warmup} steps"
         + (f" ours_overrides={json.dumps(args.ours_overrides)}" if args.ours_overrides else "")
+    )
+    efficiency = batching_efficiency(paths, base)
+    print(
+        f"real tokens per padded token: ours {efficiency['ours']:.3f} (length-sorted batches), "
+        f"theirs {efficiency['theirs']:.3f} (mlx-lm's iterate_batches as mlx_lm.lora calls it)"
     )
     endpoint = f"ipc://{out / 'hb.sock'}"
     sink = HeartbeatSink(endpoint)
@@ -637,6 +690,7 @@ def bench(args, out: Path, prepare) -> int:
     )
     record = {
         "machine": info,
+        "padding_efficiency": efficiency,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "runs": [{k: v for k, v in asdict(r).items() if k != "cpu_samples"} for r in runs],
         "summary": summary,
