@@ -777,7 +777,8 @@ class JobConfig:
         0, "Scheduling priority, -100..100; higher runs first.", _int(-100, 100), "int"
     )
     epochs: int | None = _f(
-        None, "Passes over the training set; when set it replaces iters as the run length.",
+        None, "Passes over the training set (less its last len % batch_size examples, which"
+        " mlx-lm's batching leaves out); when set it replaces iters as the run length.",
         _int(1, optional=True), "int?", _ID,
     )  # fmt: skip
     memory_budget_mb: int | None = _f(
@@ -829,7 +830,8 @@ class JobConfig:
         return max(1, self.save_every // self.grad_accumulation_steps)
 
     def total_examples(self, train_len: int) -> int:
-        """Training examples the whole run consumes, given the training set's length.
+        """Training examples the whole run consumes, given the examples in one epoch (the
+        training set less the remainder that batching leaves out).
 
         Call it on the submitted config, not a rung's: a rung that shrinks batch_size must
         not shorten the run.
