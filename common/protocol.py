@@ -36,6 +36,7 @@ class ErrorCode(IntEnum):
     INVALID_STATE = 6
     INVALID_ARGUMENT = 7
     INTERNAL = 8
+    DISK_FULL = 9  # the supervisor's disk is full: reads work, writes wait for space
 
 
 class ExitCode(IntEnum):
@@ -204,14 +205,26 @@ def _check_type(kind: str, spec, value: Any) -> None:
         raise ProtocolError(ErrorCode.MALFORMED, f"{kind}: {spec.name} has the wrong type")
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    # Python's json reads NaN and Infinity, which JSON does not have; a NaN footprint would
+    # quietly pass every budget comparison.
+    raise _NotJSON(f"not a JSON message: {name} is not a number")
+
+
 def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> Message:
     """Turn one frame into a message, or raise ProtocolError saying exactly why not."""
     if len(frame) > limit:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(frame)} bytes exceeds {limit}")
     try:
-        data = json.loads(frame)
+        data = json.loads(frame, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.MALFORMED, f"not a JSON message: {exc}") from None
+    except _NotJSON as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "message is not a JSON object")
     version = data.get("v")

@@ -74,6 +74,7 @@ class Trainer:
     footprint_at_stop: float | None = None
     kill_at: float | None = None
     done_event: bool = False
+    crash_recorded: bool = False
     cgroup_oom_at_start: int | None = None
     pressure_seen: str = "normal"
 
@@ -384,10 +385,7 @@ class TrainerChild:
             exit_code, signum = (0, None) if trainer.done_event else (None, None)
         self.trainer = None
         self.keep_awake.release()
-        try:
-            self.on_exit(trainer, exit_code, signum)
-        except Exception as exc:
-            self._job_failed_internally(trainer.job_id, "handling its trainer's exit", exc)
+        self.handle_exit(trainer, exit_code, signum)
 
     def _stderr_tail(self, trainer: Trainer) -> str:
         try:
@@ -422,6 +420,8 @@ class TrainerChild:
         if not pid or not job_id:
             self.dropped_frames += 1
             return
+        if not self.recovered:
+            return  # until recovery has run, a trainer of ours is not a stray but unadopted
         if not self._known_job(job_id) or not _is_trainer_of(pid, job_id):
             self.dropped_frames += 1  # a stranger, or a lie about the pid: never signal it
             return
@@ -435,7 +435,6 @@ class TrainerChild:
 
     def on_heartbeat(self, trainer: Trainer, beat: Heartbeat) -> None:
         now = time.monotonic()
-        first = trainer.last_heartbeat is None or trainer.phase == "starting"
         trainer.last_heartbeat = now
         if beat.step != trainer.step:
             trainer.step = beat.step
@@ -452,7 +451,9 @@ class TrainerChild:
         if beat.last_checkpoint_step is not None:
             trainer.last_checkpoint_step = beat.last_checkpoint_step
         job = self.store.get(trainer.job_id)
-        if job.state == JobState.STARTING and first:
+        # On the stored state, not "the first heartbeat": if that write failed (a full disk),
+        # the next heartbeat makes it again.
+        if job.state == JobState.STARTING:
             self.store.transition(job.id, JobState.RUNNING, "first heartbeat", early_deaths=0)
             self.publish_state(job.id)
         self.store.update(

@@ -26,6 +26,7 @@ from loractl.supervisor.store import (
     TRANSITIONS,
     Job,
     JobState,
+    StoreFull,
 )
 
 log = structlog.get_logger("loractl.supervisor")
@@ -46,8 +47,27 @@ def _free_space(folder: Path) -> tuple[float | None, str]:
 class ExitHandling:
     """Turn a trainer's exit into the job's next state."""
 
+    def handle_exit(self, trainer: Trainer, exit_code: int | None, signum: int | None) -> None:
+        """``on_exit``, guarded: a full disk keeps the exit pending (retried once there is
+        space, never lost); any other error fails just this job."""
+        try:
+            self.on_exit(trainer, exit_code, signum)
+            self.pending_exit = None
+        except StoreFull as exc:
+            self.pending_exit = (trainer, exit_code, signum)
+            self.on_store_full(exc)
+        except Exception as exc:
+            self.pending_exit = None
+            self._job_failed_internally(trainer.job_id, "handling its trainer's exit", exc)
+
     def on_exit(self, trainer: Trainer, exit_code: int | None, signum: int | None) -> None:
         job = self.store.get(trainer.job_id)
+        if job.state not in (JobState.STARTING, JobState.RUNNING):
+            # Handled already, up to a write the disk refused (a retry after a full disk):
+            # only the loop's own timer may be missing.
+            if job.state == JobState.BACKOFF:
+                self._backoff_until.setdefault(job.id, time.monotonic())
+            return
         tail = self._stderr_tail(trainer)
         oom_kills = cgroup_oom_kill_count(os.getpid())
         oom_delta = (
@@ -95,8 +115,10 @@ class ExitHandling:
                 pid=trainer.pid,
                 footprint_mb=trainer.recent_footprint,
             )
-            job = self.store.add_crash(job.id, crash.record())
-            self.publish("crash", crash)
+            if not trainer.crash_recorded:  # once, even when this exit is handled again
+                job = self.store.add_crash(job.id, crash.record())
+                trainer.crash_recorded = True
+                self.publish("crash", crash)
         cfg = self._load_job_config(job)
         free_mb, disk_path = None, ""
         if verdict.cause == Cause.DISK_FULL:

@@ -14,6 +14,7 @@ Safety rules it keeps:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -63,8 +64,10 @@ from loractl.supervisor.store import (
     JobNotFound,
     JobState,
     Store,
+    StoreFull,
     new_job_id,
 )
+from loractl.wire import receive
 
 log = structlog.get_logger("loractl.supervisor")
 
@@ -110,6 +113,8 @@ class Settings:
     keep_awake: bool = True
     # Replaces caffeinate / systemd-inhibit; gets the trainer's pid as its argument.
     keep_awake_cmd: str = ""
+    # After the database's disk filled up, writes resume once this much is free again.
+    disk_resume_mb: float = 8.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -145,6 +150,10 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
         self._system = None
         self._backoff_until: dict[str, float] = {}
         self._adapter_paths: dict[str, Path] = {}
+        self.disk_full: StoreFull | None = None
+        self._next_disk_check = 0.0
+        self.pending_exit: tuple | None = None
+        self.recovered = False
         self.side_processes = SideProcesses()
         self.notifier = Notifier(
             self.side_processes, self.settings.notifications, self.settings.notify_cmd
@@ -199,8 +208,11 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             os.close(fd)
         if wait:
             self.layout.ensure()  # the supervisor we waited for took its socket folder away
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a full disk: the lock is what counts, the pid is a courtesy
+            log.warning("could not write the pidfile", error=str(exc))
         self._lock_fd = fd
 
     def run(self, wait_for_lock: bool = False) -> int:
@@ -252,7 +264,7 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             wake=wake,
         )
         try:
-            self.recover()
+            self._survive("recovering", self.recover)
             self.inbox.start()
             while not self._finished_shutdown():
                 ready = dict(poller.poll(int(self.settings.tick_s * 1000)))
@@ -312,14 +324,17 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
     # -- recovery after a restart ----------------------------------------------------------
 
     def recover(self) -> None:
-        """Resolve every job a previous supervisor left active: adopt its trainer or resume."""
+        """Resolve every job a previous supervisor left active: adopt its trainer or resume.
+        Safe to run again after a write failed midway (a full disk)."""
         for job in self.store.active():
             if job.state == JobState.BACKOFF:
                 self._rearm_backoff(job)
                 continue
+            if self.trainer is not None and self.trainer.job_id == job.id:
+                continue  # adopted, and recorded, on an earlier try
             if job.trainer_pid and self._is_our_trainer(job):
                 cfg = self._load_job_config(job)
-                self.trainer = Trainer(
+                adopted = Trainer(
                     job_id=job.id,
                     pid=job.trainer_pid,
                     attempt=job.attempt,
@@ -332,7 +347,9 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
                     step=job.step,
                     last_checkpoint_step=job.last_checkpoint_step,
                 )
+                # Recorded before it is ours: if the disk refuses, recovery runs again later.
                 self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)
+                self.trainer = adopted
                 self.keep_awake.hold(job.trainer_pid, f"loractl is training {job.name}")
                 log.info("re-adopted trainer", job=job.id, pid=job.trainer_pid)
             else:
@@ -342,6 +359,7 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
                     "supervisor restarted; trainer gone, resuming from checkpoint",
                     trainer_pid=None,
                 )
+        self.recovered = True
 
     # -- the loop's periodic work -----------------------------------------------------------
 
@@ -350,11 +368,48 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
         that belong to one job are caught closer to it (see ``_job_failed_internally``)."""
         try:
             work(*args)
+        except StoreFull as exc:
+            self.on_store_full(exc)
         except Exception:
             log.exception("supervisor error; still serving", during=during)
 
+    def on_store_full(self, exc: StoreFull) -> None:
+        """The database's disk is full. Reads go on; no trainer is started and a pending exit
+        or recovery waits until there is space again (checked once a second)."""
+        if self.disk_full is None:
+            log.warning("disk full; serving reads, writes wait for space", why=str(exc))
+        self.disk_full = exc
+        self._next_disk_check = time.monotonic() + 1.0
+
+    def _disk_still_full(self, now: float) -> bool:
+        if self.disk_full is None:
+            return False
+        if now < self._next_disk_check:
+            return True
+        self._next_disk_check = now + 1.0
+        import shutil
+
+        try:
+            usage = shutil.disk_usage(self.layout.home)
+        except OSError:
+            return True
+        free_mb = usage.free / 2**20
+        # A small volume never gets the full margin back; a quarter of it will do.
+        if free_mb < min(self.settings.disk_resume_mb, usage.total / 2**20 / 4):
+            return True
+        log.info("disk space is back; resuming writes", free_mb=round(free_mb, 1))
+        self.disk_full = None
+        return False
+
     def tick(self) -> None:
         now = time.monotonic()
+        if self._disk_still_full(now):
+            self._survive("reaping the trainer", self.reap)
+            return  # reads and requests still served; nothing else writes until there is room
+        if not self.recovered:
+            self._survive("recovering", self.recover)
+        if self.pending_exit is not None:
+            self.handle_exit(*self.pending_exit)
         self._survive("reaping the trainer", self.reap)
         self.side_processes.reap()
         for result in self.inbox.poll():
@@ -366,9 +421,9 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             if self.trainer is not None:
                 self._survive("checking liveness", self.check_liveness)
                 self._survive("stopping the trainer", self.escalate_stop)
-        if self.shutdown_requested or self.settings.hold_queue:
+        if self.shutdown_requested or self.settings.hold_queue or not self.recovered:
             return
-        if self.trainer is None:
+        if self.trainer is None and self.pending_exit is None:
             job = self._next_job(now)
             if job is not None:
                 self._spawn_guarded(job)
@@ -384,8 +439,25 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
     def _spawn_guarded(self, job: Job) -> None:
         try:
             self.spawn(job)
+        except StoreFull as exc:
+            # The job stays queued; a trainer we could not record must not run unwatched.
+            self._kill_unrecorded_trainer(job.id)
+            self.on_store_full(exc)
         except Exception as exc:
             self._job_failed_internally(job.id, "starting its trainer", exc)
+
+    def _kill_unrecorded_trainer(self, job_id: str) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.job_id != job_id:
+            return
+        try:
+            os.kill(trainer.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if trainer.popen is not None:
+            trainer.popen.wait()
+        self.trainer = None
+        self.keep_awake.release()
 
     # -- spawning ---------------------------------------------------------------------------
 
@@ -397,17 +469,15 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
 
     # -- control channel --------------------------------------------------------------------
 
+    def _drop_request(self, error: ProtocolError) -> None:
+        self.dropped_frames += 1
+        log.warning("dropped control message", reason=error.reason)
+
     def drain_control(self) -> None:
-        while True:
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                self.dropped_frames += 1
-                continue
+        # Frame by frame: a flood of frames is dropped unread, never echoed as an envelope.
+        for frames in receive(self.control, self._drop_request):
             envelope, payload = frames[:-1], frames[-1]
-            reply = self.dispatch(payload)
+            reply = self.dispatch(payload)  # still answers malformed or wrong-version requests
             try:
                 self.control.send_multipart([*envelope, reply.encode()], zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -427,6 +497,15 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             )
         try:
             return handler(request)
+        except StoreFull as exc:
+            return Reply.failure(request.id, ErrorCode.DISK_FULL, str(exc))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Reply.failure(
+                    request.id, ErrorCode.DISK_FULL, f"disk full: {exc}; free some space"
+                )
+            log.exception("handler failed", request=request.type)
+            return Reply.failure(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         except JobNotFound as exc:
             return Reply.failure(request.id, ErrorCode.NOT_FOUND, str(exc))
         except InvalidState as exc:
@@ -460,6 +539,12 @@ def main(home: str | None = None, wait_for_lock: bool = False) -> int:
     # user's alone: training data and configs can be private.
     os.umask(0o077)
     supervisor = Supervisor(home)
+    try:
+        # Before the log file is opened: never write into a folder someone else owns.
+        supervisor.layout.ensure()
+    except UnsafeFolder as exc:
+        print(f"loractl: {exc}", file=sys.stderr)
+        return int(ExitCode.CONFIG_ERROR)
     configure_logging(supervisor.layout.logs)
     try:
         return supervisor.run(wait_for_lock=wait_for_lock)

@@ -13,6 +13,7 @@ readers use WAL snapshots, so neither side sees "database is locked" under norma
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import secrets
@@ -103,6 +104,35 @@ class AmbiguousJob(JobNotFound):
         shown = ", ".join(candidates)
         super().__init__(f"{ref!r} matches several jobs ({shown}); type more of the id")
         self.candidates = candidates
+
+
+class StoreFull(OSError):
+    """The disk (or quota) holding the database is full: nothing was written. Reads still
+    work; the caller retries the write once there is space."""
+
+    def __init__(self, path: Path):
+        free = _free_mb(path)
+        shown = f"{free:.0f} MB free" if free is not None else "no space"
+        super().__init__(
+            errno.ENOSPC, f"disk full: {shown} on {path.parent}; free some space there"
+        )
+        self.free_mb = free
+
+
+def _free_mb(path: Path) -> float | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path.parent).free / 2**20
+    except OSError:
+        return None
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        # SQLITE_FULL (13); SQLITE_IOERR (10) is what a failed write of the WAL gives.
+        return getattr(exc, "sqlite_errorcode", None) in (13,) or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class JobExists(ValueError):
@@ -345,14 +375,19 @@ class Store:
         locked"; and the read-check-write of a transition must see the latest row."""
         with self._lock:
             conn = self.conn
-            self._set_durable(durable)
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                self._set_durable(durable)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.OperationalError, OSError) as exc:
+                if _is_disk_full(exc):
+                    raise StoreFull(self.path) from exc
                 raise
 
     def _read(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:

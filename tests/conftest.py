@@ -105,6 +105,7 @@ def inprocess_supervisor(tmp_path):
     for sock in (sup.events, sup.telemetry):
         sock.setsockopt(zmq.LINGER, 0)
     sup.inbox = NoInbox()
+    sup.recover()  # nothing to recover in a new home; the loop starts jobs only after it
     yield sup
     if sup.trainer is not None and sup.trainer.popen is not None:
         sup.trainer.popen.kill()

@@ -242,11 +242,6 @@ def test_supervisor_drops_a_huge_multipart_on_its_telemetry_socket(daemon):
     assert request(daemon.layout, StatusRequest()).ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor/service.py drain_control still reads with recv_multipart and echoes "
-    "the flood's frames back as the reply envelope; switch it to loractl.wire.receive",
-)
 def test_supervisor_drops_a_huge_multipart_on_its_control_socket(daemon):
     """The control ROUTER drops the flood unread (no reply to it), hands its memory back,
     and answers the valid request sent right after it."""
