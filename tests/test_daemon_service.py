@@ -196,8 +196,14 @@ def test_notifications_power_assertion_and_the_supervisor_log(tiny_workspace, tm
         assert completed == [("loud completed", f"adapters in {done['adapter_path']}")]
         command = done["use_with"].split()[0]
         assert shutil.which(command) or Path(command).is_file()
+        watched = loractl(sup.home, "watch", job_id, "--json")  # piped: no terminal
+        assert watched.returncode == 0, watched.stderr
+        events = [json.loads(line) for line in watched.stdout.splitlines()]
+        assert events[-1]["topic"] == "job" and events[-1]["state"] == "completed"
     finally:
         sup.stop()
+    shown = loractl(sup.home, "logs", "--daemon", "-n", "50")
+    assert shown.returncode == 0 and "job completed" in shown.stdout
     records = log_records(sup.home)
     assert all({"event", "timestamp", "level"} <= set(r) for r in records)
     spawned = [r for r in records if r["event"] == "spawned trainer" and r["job"] == job_id]
@@ -282,12 +288,25 @@ def test_status_list_show_and_daemon_stop_tell_the_user_what_happened(tiny_works
         assert failed["reason"].count("Invalid control character at column") == 1
         shown = loractl(sup.home, "show", failed["id"]).stdout
         assert "use with" not in shown
+        # The job `demo --prepare` writes works once copied into the inbox, as README says.
+        prepared = (tiny_workspace / "job.yaml").read_text()
+        (sup.layout.inbox / "prepared.yaml").write_text(
+            prepared.replace(str(tiny_workspace / "adapters"), str(tmp_path / "prepared"))
+        )
+        wait_for(lambda: "tiny-seed0" in {j["name"] for j in sup_list(sup)}, 30)
+        assert not (sup.layout.inbox / "rejected" / "prepared.yaml.error.txt").exists()
         stop = loractl(sup.home, "daemon", "stop")
         assert stop.returncode == 0
         assert f"Supervisor (pid {sup.proc.pid}) stopped" in stop.stdout
         assert sup.proc.wait(timeout=30) == 0
     finally:
         sup.stop()
+
+
+def sup_list(sup: SupervisorProcess) -> list[dict]:
+    from loractl.protocol import ListRequest
+
+    return request(sup.layout, ListRequest()).data["jobs"]
 
 
 def test_history_never_shows_a_missing_state():
