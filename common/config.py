@@ -300,6 +300,17 @@ def _local_or_hub(value, key, ctx):
         raise ctx.bad(key, "a local path or a Hugging Face repo id", value)
     local = _resolve(value, ctx.base_dir)
     if os.path.exists(local):
+        if not os.path.isdir(local):
+            what = _file_kind(local)
+            raise ctx.error(
+                f"key '{key}': {local!r} is {what}, not a folder"
+                + (
+                    " holding train.jsonl (and valid.jsonl)"
+                    if key == "data"
+                    else " holding config.json and the weights"
+                ),
+                key,
+            )
         return local
     if _looks_like_hf_id(value):
         return value
@@ -321,10 +332,41 @@ def _existing_file(value, key, ctx):
     return local
 
 
+def _file_kind(path: str) -> str:
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a file"
+
+
+# Never somewhere the system lives: checkpoints, logs and a lock file would land there.
+_SYSTEM_FOLDERS = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr",
+    "/System", "/Library", "/Applications", "/private/etc", "/private/var/db", "/var/db",
+)  # fmt: skip
+
+
 def _output_path(value, key, ctx):
     if not isinstance(value, str) or not value.strip():
         raise ctx.bad(key, "a non-empty path", value)
-    return _resolve(value, ctx.base_dir)
+    resolved = _resolve(value, ctx.base_dir)
+    real = os.path.realpath(resolved)
+    for system in _SYSTEM_FOLDERS:
+        if real == system or real.startswith(system + os.sep) or real == os.sep:
+            raise ctx.error(
+                f"key '{key}': {resolved!r} is a system folder; loractl writes checkpoints, "
+                "logs and a lock file there. Choose a folder of your own",
+                key,
+            )
+    return resolved
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(b?)\s*$", re.IGNORECASE)

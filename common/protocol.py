@@ -46,6 +46,7 @@ class ExitCode(IntEnum):
     CRASH = 1
     USAGE = 2
     DATA_ERROR = 65  # EX_DATAERR: retrying cannot help
+    ADAPTER_BUSY = 73  # EX_CANTCREAT: another trainer holds the adapter folder
     DISK_FULL = 74  # EX_IOERR: no room for a checkpoint; the job pauses until there is
     OUT_OF_MEMORY = 75  # EX_TEMPFAIL: caught in-process, worth a cheaper rung
     CONFIG_ERROR = 78  # EX_CONFIG: retrying cannot help

@@ -158,19 +158,25 @@ class CheckpointStore:
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        files = {}
-        for file_name, writer in write_tensors.items():
-            target = staging / file_name
-            writer(target)
-            fsync_path(target)
-            files[file_name] = sha256_file(target)
-        body = dict(state, step=step, files=files)
-        body["self_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
-        with (staging / STATE_FILE).open("wb") as handle:
-            handle.write(json.dumps(body, sort_keys=True, indent=1).encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        fsync_path(staging)
+        try:
+            files = {}
+            for file_name, writer in write_tensors.items():
+                target = staging / file_name
+                writer(target)
+                fsync_path(target)
+                files[file_name] = sha256_file(target)
+            body = dict(state, step=step, files=files)
+            body["self_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
+            with (staging / STATE_FILE).open("wb") as handle:
+                handle.write(json.dumps(body, sort_keys=True, indent=1).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            fsync_path(staging)
+        except BaseException:
+            # A full disk, most likely: give its space back now, and the previous checkpoint
+            # stays the newest one.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if final.exists():
             # Same step written twice (a stop right after a periodic checkpoint); the new one
             # is identical in content, so replace the old one.

@@ -26,7 +26,7 @@ from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import MB, available_mb
 from loractl.protocol import ExitCode
 from loractl.signatures import is_memory_exception
-from loractl.supervisor.classify import is_resource_limit_text
+from loractl.supervisor.classify import is_disk_full_error, is_resource_limit_text
 
 log = structlog.get_logger("loractl.trainer")
 
@@ -68,12 +68,73 @@ def configure_logging(log_path: Path | None) -> None:
         )
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = log_path.open("a", buffering=1, encoding="utf-8")
+    handle = _LogFile(log_path.open("a", buffering=1, encoding="utf-8"))
     structlog.configure(
         processors=processors,
         logger_factory=structlog.PrintLoggerFactory(file=handle),
         cache_logger_on_first_use=False,
     )
+
+
+# MLX's savers report a failed write without its errno ("[write] Unable to write 8 bytes");
+# with this little room left on the adapter disk, that is the reason.
+DISK_FULL_BELOW = 64 * MB
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or "Unable to write" in str(exc)
+
+
+# Held open (and flocked) for the whole life of the process: the adapter folder is ours alone.
+_ADAPTER_LOCK: list[int] = []
+
+
+def lock_adapter_folder(adapter_path: Path) -> str | None:
+    """Take the adapter folder for this process, or say who has it.
+
+    Two trainers on one folder would interleave checkpoints (one "completes" on the other's),
+    whoever started them: a foreground `loractl train`, the supervisor, or both.
+    """
+    import fcntl
+
+    lock_file = adapter_path / ".lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        return (
+            f"adapter_path {adapter_path} is in use by another trainer (pid {holder}); wait "
+            "for it to finish, or give this job its own adapter_path"
+        )
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # a full disk: holding the lock is what matters
+    _ADAPTER_LOCK.append(fd)
+    return None
+
+
+class _LogFile:
+    """The log file, minus its failures: a full disk must stop the run at its next
+    checkpoint, with a clear reason, not crash it in the middle of a log line."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, text: str) -> int:
+        try:
+            return self.handle.write(text)
+        except OSError:
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError:
+            pass
 
 
 def run(
@@ -114,6 +175,10 @@ def run(
     except OSError as exc:
         print(f"loractl: config error: adapter_path {adapter_path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
+    busy = lock_adapter_folder(adapter_path)
+    if busy:
+        print(f"loractl: {busy}", file=sys.stderr)
+        return ExitCode.ADAPTER_BUSY
     configure_logging(adapter_path / LOG_FILE)
     for warning in base.warnings:
         log.warning("config", warning=warning)
@@ -125,6 +190,7 @@ def run(
         fresh=fresh,
         telemetry_endpoint=telemetry_endpoint,
         job_id=job_id or cfg.name,
+        supervised=telemetry_endpoint is not None,
         attempt=attempt,
         rung=rung,
         show_progress=show_progress,
@@ -146,6 +212,7 @@ class TrainingSession:
         attempt: int,
         rung: int,
         show_progress: bool,
+        supervised: bool = False,
     ):
         from loractl.daemon.telemetry import Requests, Telemetry, new_progress
 
@@ -160,7 +227,15 @@ class TrainingSession:
             telemetry_endpoint, self.progress, self.requests, cfg.heartbeat_interval
         )
         self.adapter_path = Path(cfg.adapter_path)
+        self.job_id = job_id
+        self.supervised = supervised
         self._signals_seen = 0
+
+    def start_over_hint(self) -> str:
+        """How to discard the checkpoints and train from the start, for whoever runs us."""
+        if self.supervised:
+            return f"run `loractl retry --fresh {self.job_id}` to train it from the start"
+        return "pass --fresh to train it from the start"
 
     # -- top level -------------------------------------------------------------------------
 
@@ -179,6 +254,8 @@ class TrainingSession:
 
             if isinstance(exc, DataError):
                 return self._fail(ExitCode.DATA_ERROR, f"data error: {exc}")
+            if is_disk_full_error(exc) or (_is_write_failure(exc) and self._disk_nearly_full()):
+                return self._fail(ExitCode.DISK_FULL, self._disk_full_words())
             if is_resource_limit_text(str(exc)):
                 return self._fail(ExitCode.CRASH, resource_limit_words(exc))
             if is_memory_exception(exc):
@@ -187,6 +264,30 @@ class TrainingSession:
             return self._fail(ExitCode.CRASH, f"crashed: {type(exc).__name__}: {exc}")
         finally:
             self.telemetry.close()
+
+    def _existing_adapter_folder(self) -> Path:
+        folder = self.adapter_path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return folder
+
+    def _disk_nearly_full(self) -> bool:
+        try:
+            return shutil.disk_usage(self._existing_adapter_folder()).free < DISK_FULL_BELOW
+        except OSError:
+            return False
+
+    def _disk_full_words(self) -> str:
+        folder = self._existing_adapter_folder()
+        try:
+            free = f"{shutil.disk_usage(folder).free / MB:.0f} MB free"
+        except OSError:
+            free = "no space"
+        again = f"`loractl resume {self.job_id}`" if self.supervised else "the same command again"
+        return (
+            f"disk full: {free} on {folder}; the last complete checkpoint is kept. Free some "
+            f"space, then {again} continues from it"
+        )
 
     def _fail(self, code: ExitCode, message: str) -> int:
         print(f"loractl: {message}", file=sys.stderr)
@@ -338,8 +439,8 @@ class TrainingSession:
         adapters = self.adapter_path / "adapters.safetensors"
         message = (
             f"{self.cfg.name} is already complete: step {state.step}, {state.examples_seen} of "
-            f"{total} examples trained; the adapters are in {adapters}. Nothing to do; pass "
-            "--fresh to train it again from the start"
+            f"{total} examples trained; the adapters are in {adapters}. Nothing to do; "
+            + self.start_over_hint()
         )
         log.info("already complete", step=state.step, examples_seen=state.examples_seen)
         print(f"loractl: {message}", file=sys.stderr)
@@ -403,9 +504,7 @@ class TrainingSession:
         params = asdict(cfg.lora_parameters)
         if params.get("keys") is None:
             params.pop("keys")
-        linear_to_lora_layers(
-            model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora"
-        )
+        linear_to_lora_layers(model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
 
     def _build_optimizer(self):
         import mlx.optimizers as optim
@@ -460,7 +559,7 @@ class TrainingSession:
         if saved.get("config_hash") != self.cfg.identity_hash():
             raise ConfigError(
                 f"the checkpoints in {store.root} belong to a different run (model, data, seed "
-                "or schedule changed); pass --fresh to start over"
+                "or schedule changed); " + self.start_over_hint()
             )
         expected = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
         tensors = {k: np.array(v) for k, v in mx.load(str(checkpoint.adapters_file)).items()}
@@ -534,8 +633,9 @@ class TrainingSession:
         for note in others[:3]:
             print(f"loractl: adapter: {note}", file=sys.stderr)
         if len(others) > 3:
-            print(f"loractl: adapter: ... and {len(others) - 3} more (see train.log)",
-                  file=sys.stderr)
+            print(
+                f"loractl: adapter: ... and {len(others) - 3} more (see train.log)", file=sys.stderr
+            )
 
     def _write_adapter_config(self) -> None:
         from loractl.daemon.checkpoint import atomic_write_bytes
@@ -809,9 +909,7 @@ class TrainerHooks:
             path=str(checkpoint.path),
             seconds=round(seconds, 4),
         )
-        self.session.telemetry.event(
-            "checkpoint", path=str(checkpoint.path), seconds=seconds
-        )
+        self.session.telemetry.event("checkpoint", path=str(checkpoint.path), seconds=seconds)
 
 
 class FaultInjector:
@@ -851,6 +949,7 @@ class FaultInjector:
         for item in filter(None, spec.split(",")):
             step, count = item.split(":")
             plan[int(step)] = int(count)
+
         def attempt_and_step(name: str) -> tuple[int, int] | None:
             value = os.environ.get(name)
             if not value:

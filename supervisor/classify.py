@@ -42,6 +42,7 @@ class Cause(StrEnum):
     KILLED_EXTERNALLY = "killed_externally"
     GPU_WATCHDOG = "gpu_watchdog"
     DISK_FULL = "disk_full"
+    ADAPTER_BUSY = "adapter_busy"
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,15 @@ def is_disk_full_text(text: str) -> bool:
     """Whether the last error line in ``text`` says the disk (or the quota) is full."""
     lines = [line for line in text.splitlines() if line.strip()]
     return any(p.search(line) for line in lines[-3:] for p in DISK_FULL_PATTERNS)
+
+
+def is_disk_full_error(exc: BaseException) -> bool:
+    """Whether an exception (or its message: MLX's savers raise RuntimeError) means ENOSPC."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(p.search(str(exc)) for p in DISK_FULL_PATTERNS)
 
 
 def is_resource_limit_text(text: str) -> bool:
@@ -343,6 +353,16 @@ RULES: tuple[Rule, ...] = (
         retry=False,
         step_down=False,
         explain=lambda ev: _with_tail(f"{_how(ev)}: the disk is full", ev, DISK_FULL_PATTERNS),
+    ),
+    # Another trainer (a foreground `loractl train`, an orphan) holds the adapter folder: wait
+    # and try again; never two writers of one folder's checkpoints.
+    Rule(
+        "adapter_busy",
+        lambda ev: ev.exit_code == ExitCode.ADAPTER_BUSY,
+        Cause.ADAPTER_BUSY,
+        retry=True,
+        step_down=False,
+        explain=lambda ev: _with_tail("exit 73 (adapter folder busy)", ev),
     ),
     # Before every memory rule: MLX's buffer-count limit reads like an allocation failure
     # ("[metal::malloc]") but is not one; the trainer exits 1 on it, an older one 75, and an

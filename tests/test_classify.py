@@ -81,6 +81,7 @@ CASES = [
     ),
     ("exit 78", ev(ExitCode.CONFIG_ERROR, stderr_tail="config: rank must be > 0"), "config_error"),
     ("exit 74", ev(ExitCode.DISK_FULL, stderr_tail="disk full: 3 MB free on /x"), "disk_full"),
+    ("exit 73", ev(ExitCode.ADAPTER_BUSY, stderr_tail="in use by pid 7"), "adapter_busy"),
     (
         "ENOSPC in a traceback, exit 1",
         ev(1, stderr_tail="  File x\nOSError: [Errno 28] No space left on device: 'ck.tmp'"),

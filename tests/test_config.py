@@ -1244,3 +1244,18 @@ def test_optimizer_arguments_match_mlx_optimizer_signatures():
     for name, cls in classes.items():
         params = set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate"}
         assert _OPTIMIZER_ARGS[name] == params, name
+
+
+@pytest.mark.parametrize("folder", ["/etc", "/usr/share/x", "/System/Library", "/"])
+def test_adapter_path_in_a_system_folder_is_refused(job_dir, folder):
+    """adapter_path never points into the system: checkpoints and a lock file would land there."""
+    with pytest.raises(ConfigError, match="is a system folder"):
+        load_config(
+            write(job_dir, "job.yaml", f"model: model\ndata: data\nadapter_path: {folder}\n")
+        )
+
+
+def test_data_that_is_a_device_says_what_it_is(job_dir):
+    """data: /dev/zero is named for what it is (a character device), not "does not exist"."""
+    with pytest.raises(ConfigError, match="is a character device, not a folder holding train"):
+        load_config(write(job_dir, "job.yaml", "model: model\ndata: /dev/zero\n"))

@@ -25,6 +25,7 @@ RETRYING = {
     Cause.CRASH: False,
     Cause.KILLED_EXTERNALLY: False,
     Cause.GPU_WATCHDOG: False,
+    Cause.ADAPTER_BUSY: False,
 }
 
 
