@@ -115,3 +115,27 @@ def test_the_client_imports_no_mlx():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_permission_error_is_one_line_not_a_traceback(tmp_path):
+    """A file or folder the user may not touch ends the command with one line naming it and
+    exit 5, from any command of the group."""
+    import click
+
+    from loractl.client.cli import LazyGroup
+
+    @click.group(cls=LazyGroup)
+    def group():
+        pass
+
+    @group.command()
+    def touch():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+
+    result = CliRunner().invoke(group, ["touch"])
+    assert result.exit_code == 5
+    assert "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"loractl: permission denied: {tmp_path / 'locked'} (Permission denied); "
+        "check its owner and mode"
+    )
