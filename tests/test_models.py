@@ -88,7 +88,7 @@ def test_moe_lora_trains_and_steps_rank_down_expert_by_expert(moe_workspace, tmp
     generates(moe_workspace / "model", tmp_path / "adapters")
 
 
-QLORA_JOB = {"iters": 96, "checkpoint_every": 2}
+QLORA_JOB = {"iters": 64, "checkpoint_every": 2}
 
 
 def test_qlora_resumes_bitwise_after_sigkill_and_steps_rank_down(quantized_workspace, tmp_path):
@@ -108,7 +108,7 @@ def test_qlora_resumes_bitwise_after_sigkill_and_steps_rank_down(quantized_works
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for(lambda: proc.poll() is not None or last_step(tmp_path / "killed") >= 9, 120)
+    wait_for(lambda: proc.poll() is not None or last_step(tmp_path / "killed") >= 7, 120)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -118,7 +118,7 @@ def test_qlora_resumes_bitwise_after_sigkill_and_steps_rank_down(quantized_works
     assert digest(tmp_path / "killed") == digest(tmp_path / "baseline")
 
     stepped = make_job(quantized_workspace, tmp_path / "stepped", **QLORA_JOB)
-    first = run_trainer(stepped, "--fresh", env=trainer_env(LORACTL_FAULT_OOM="11:2"))
+    first = run_trainer(stepped, "--fresh", env=trainer_env(LORACTL_FAULT_OOM="9:2"))
     assert first.returncode == ExitCode.OUT_OF_MEMORY, first.stderr
     result = run_trainer(stepped, "--overrides", RANK_4, "--rung", "3")
     assert result.returncode == 0, result.stderr
