@@ -117,9 +117,7 @@ def reconcile(
                 new_a, new_b = convert_rank(tensor, saved[partner], new_rank, seed)
                 if new_b.shape == tuple(expected[partner]):
                     out[name], out[partner] = new_a, new_b
-                    notes.append(
-                        f"{name[:-7]}: rank {rank_of(tensor.shape)} -> {new_rank} by SVD"
-                    )
+                    notes.append(f"{name[:-7]}: rank {rank_of(tensor.shape)} -> {new_rank} by SVD")
                     continue
         if name.endswith(".lora_b"):
             partner = name[: -len("lora_b")] + "lora_a"

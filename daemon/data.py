@@ -123,9 +123,7 @@ def _check_fields(path: Path, number: int, sample: dict, fmt: str, cfg: JobConfi
             raise DataError(f"{path}:{number}: {cfg.chat_feature!r} must be a non-empty list")
         for message in messages:
             if not isinstance(message, dict) or "role" not in message:
-                raise DataError(
-                    f"{path}:{number}: each message needs a 'role' and a 'content'"
-                )
+                raise DataError(f"{path}:{number}: each message needs a 'role' and a 'content'")
 
 
 class TokenizedDataset:
@@ -181,8 +179,8 @@ def uses_hub_data(cfg: JobConfig) -> bool:
 
 def load_datasets(cfg: JobConfig, tokenizer, *, hub_online: bool = True) -> Datasets:
     """Load and tokenize train/valid (and test when ``cfg.test``) from a folder or the Hub."""
-    datasets = _load_hub(cfg, tokenizer, hub_online) if uses_hub_data(cfg) else _load_local(
-        cfg, tokenizer
+    datasets = (
+        _load_hub(cfg, tokenizer, hub_online) if uses_hub_data(cfg) else _load_local(cfg, tokenizer)
     )
     if len(datasets.train) < cfg.batch_size:
         raise DataError(

@@ -146,8 +146,7 @@ def test_supervisor_does_not_retry_an_unreachable_hub_dataset(tiny_workspace, tm
 def test_datasets_import_stays_out_of_local_training():
     """Training from a local folder never imports datasets (pyarrow, pandas: ~100 MB)."""
     code = (
-        "import sys, loractl.daemon.data, loractl.daemon.trainer; "
-        "print('datasets' in sys.modules)"
+        "import sys, loractl.daemon.data, loractl.daemon.trainer; print('datasets' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -21,11 +21,10 @@ def test_trainer_checkpoints_and_exits_1_naming_the_limit(tiny_workspace, tmp_pa
     assert "Traceback" not in result.stderr
     latest = (tmp_path / "adapters" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-00000005"
-    verdict = classify(ExitEvidence(exit_code=result.returncode, signal=None,
-                                    stderr_tail=result.stderr))
-    assert (verdict.cause, verdict.retry, verdict.step_down) == (
-        Cause.RESOURCE_LIMIT, True, False
+    verdict = classify(
+        ExitEvidence(exit_code=result.returncode, signal=None, stderr_tail=result.stderr)
     )
+    assert (verdict.cause, verdict.retry, verdict.step_down) == (Cause.RESOURCE_LIMIT, True, False)
 
 
 def test_supervisor_restarts_on_the_same_rung(tiny_workspace, tmp_path):
