@@ -387,6 +387,20 @@ class TrainerChild:
         self.keep_awake.release()
         self.handle_exit(trainer, exit_code, signum)
 
+    def kill_trainer_of(self, job_id: str) -> None:
+        """SIGKILL and reap ``job_id``'s trainer, if it is the one we run; forget it."""
+        trainer = self.trainer
+        if trainer is None or trainer.job_id != job_id:
+            return
+        try:
+            os.kill(trainer.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if trainer.popen is not None:
+            trainer.popen.wait()
+        self.trainer = None
+        self.keep_awake.release()
+
     def _stderr_tail(self, trainer: Trainer) -> str:
         try:
             with trainer.stderr_path.open("rb") as handle:

@@ -7,7 +7,6 @@ A mixin of :class:`loractl.supervisor.service.Supervisor`.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -218,17 +217,8 @@ class ExitHandling:
         import traceback
 
         log.exception("job failed inside the supervisor", job=job_id, during=during)
-        trainer = self.trainer
-        if trainer is not None and trainer.job_id == job_id:
-            # Never leave a trainer behind that nobody watches: one job, at most one trainer.
-            try:
-                os.kill(trainer.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if trainer.popen is not None:
-                trainer.popen.wait()
-            self.trainer = None
-            self.keep_awake.release()
+        # Never leave a trainer behind that nobody watches: one job, at most one trainer.
+        self.kill_trainer_of(job_id)
         error = f"{type(exc).__name__}: {exc}"
         try:
             self.store.record(

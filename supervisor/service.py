@@ -441,23 +441,10 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             self.spawn(job)
         except StoreFull as exc:
             # The job stays queued; a trainer we could not record must not run unwatched.
-            self._kill_unrecorded_trainer(job.id)
+            self.kill_trainer_of(job.id)
             self.on_store_full(exc)
         except Exception as exc:
             self._job_failed_internally(job.id, "starting its trainer", exc)
-
-    def _kill_unrecorded_trainer(self, job_id: str) -> None:
-        trainer = self.trainer
-        if trainer is None or trainer.job_id != job_id:
-            return
-        try:
-            os.kill(trainer.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if trainer.popen is not None:
-            trainer.popen.wait()
-        self.trainer = None
-        self.keep_awake.release()
 
     # -- spawning ---------------------------------------------------------------------------
 

@@ -154,3 +154,35 @@ def put_in_state(sup, config, state, script: str = STAND_IN, budget_mb: float = 
         store.transition(job.id, state, "test")
     assert store.get(job.id).state == state
     return job.id
+
+
+def mount_small_disk(folder: Path, size_mb: int) -> Path:
+    """A real tmpfs of ``size_mb`` at ``folder`` (root only; the test skips otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small disk needs root")
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    return folder
+
+
+def unmount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write until the disk refuses; returns the filler file (unlink it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler

@@ -4,13 +4,21 @@ that stops the run cleanly, keeps the last checkpoint, and pauses a supervised j
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import make_job, run_trainer, trainer_command, trainer_env, wait_for
+from conftest import (
+    fill_disk,
+    make_job,
+    mount_small_disk,
+    run_trainer,
+    trainer_command,
+    trainer_env,
+    unmount,
+    wait_for,
+)
 from loractl.client.control import request
 from loractl.daemon.checkpoint import CheckpointStore
 from loractl.protocol import ExitCode, ResumeRequest
@@ -46,32 +54,10 @@ def test_a_second_trainer_on_a_busy_adapter_folder_is_refused(tiny_workspace, tm
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """An 8 MB tmpfs for an adapter folder, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small disk needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-    return filler
+    """A 8 MB tmpfs, unmounted afterwards."""
+    disk = mount_small_disk(tmp_path / "disk", 8)
+    yield disk
+    unmount(disk)
 
 
 JOB = {"iters": 120, "checkpoint_every": 1, "keep_checkpoints": 2}
@@ -95,7 +81,7 @@ def test_a_full_adapter_disk_stops_cleanly_and_resumes_exactly(
         text=True,
     )
     wait_for(lambda: len(store.folders()) >= 2 or proc.poll() is not None, 120)
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == ExitCode.DISK_FULL, stderr
     assert f"disk full: 0 MB free on {small_disk / 'a'}" in stderr
@@ -121,7 +107,7 @@ def test_a_full_adapter_disk_pauses_a_supervised_job_until_resumed(
         )
         job_id = sup.submit(config)
         wait_for(lambda: (sup.show(job_id)["last_checkpoint_step"] or 0) >= 2, 120)
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         job = sup.wait_state(job_id, {"paused", "failed"}, timeout=120)
         assert job["state"] == "paused", job["reason"]
         assert job["reason"].startswith(f"disk full: 0 MB free on {small_disk / 'a'}")

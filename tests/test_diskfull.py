@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import make_job, wait_for
+from conftest import fill_disk, make_job, mount_small_disk, unmount, wait_for
 from loractl.client.control import RequestFailed, request
 from loractl.protocol import ErrorCode, PriorityRequest, StatusRequest, SubmitRequest
 from loractl.supervisor.harness import SupervisorProcess
@@ -19,32 +17,9 @@ from loractl.supervisor.harness import SupervisorProcess
 @pytest.fixture
 def small_disk(tmp_path):
     """A 6 MB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small disk needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write until the disk refuses; returns the filler file."""
-    filler = disk / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-    return filler
+    disk = mount_small_disk(tmp_path / "disk", 6)
+    yield disk
+    unmount(disk)
 
 
 def test_a_full_home_disk_never_takes_the_supervisor_down(tiny_workspace, tmp_path, small_disk):
@@ -62,7 +37,7 @@ def test_a_full_home_disk_never_takes_the_supervisor_down(tiny_workspace, tmp_pa
         pid = wait_for(
             lambda: sup.show(job_id)["progress"]["step"] >= 2 and sup.trainer_pid(job_id), 90
         )
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
 
         assert request(sup.layout, StatusRequest()).data["running"] == job_id
         with pytest.raises(RequestFailed) as refused:
@@ -82,7 +57,7 @@ def test_a_full_home_disk_never_takes_the_supervisor_down(tiny_workspace, tmp_pa
 
         # Killed and restarted while the disk is full: it starts, serves, and recovers later.
         sup.kill()
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         sup.start()
         assert request(sup.layout, StatusRequest()).data["pid"] == sup.proc.pid
         with pytest.raises(RequestFailed) as refused:
