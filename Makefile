@@ -25,6 +25,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The half-hour soak; `make test` runs the same test for 5 minutes.
+.PHONY: soak
+soak: $(STAMP)
+	LORACTL_SOAK_SECONDS=1800 $(BIN)/python -m pytest -q -m soak tests/soak
+
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 
