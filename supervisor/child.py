@@ -24,6 +24,7 @@ import zmq
 from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import footprint_mb, total_mb
 from loractl.protocol import (
+    ExitCode,
     Heartbeat,
     Message,
     ProtocolError,
@@ -73,7 +74,12 @@ class Trainer:
     stop_sent_at: float | None = None
     footprint_at_stop: float | None = None
     kill_at: float | None = None
-    done_event: bool = False
+    # The exit code the trainer announced (done: 0, stopped: 82, error: its code): the only
+    # word on how an adopted trainer, not our child, ended.
+    reported_exit: int | None = None
+    # A pause or cancel asked for while a hang or memory stop was already under way: carried
+    # out after the exit, so that stop keeps its own reason and grace.
+    then: str | None = None
     crash_recorded: bool = False
     cgroup_oom_at_start: int | None = None
     pressure_seen: str = "normal"
@@ -343,6 +349,19 @@ class TrainerChild:
         log.warning("trainer hung", why=why, pid=trainer.pid)
         self.stop_trainer("hang", grace=self.settings.hang_grace_s)
 
+    def user_stop(self, wish: str) -> None:
+        """Pause or cancel the running trainer. A stop already under way keeps its reason
+        and grace (a hung trainer still gets the short one, a memory stop still steps down);
+        the user's wish is carried out once it has exited."""
+        trainer = self.trainer
+        if trainer.stop_reason is None:
+            self.stop_trainer(f"user-{wish}", grace=self.settings.stop_grace_s)
+        elif trainer.stop_reason in ("user-pause", "user-cancel", "shutdown"):
+            if wish == "cancel":
+                trainer.stop_reason = "user-cancel"  # cancel wins over pause; same grace
+        else:
+            trainer.then = wish
+
     def stop_trainer(self, reason: str, grace: float) -> None:
         trainer = self.trainer
         trainer.stop_reason = reason
@@ -381,8 +400,8 @@ class TrainerChild:
                     return
             except psutil.NoSuchProcess:
                 pass
-            # Not our child: its exit status is lost. A "done" event says it finished.
-            exit_code, signum = (0, None) if trainer.done_event else (None, None)
+            # Not our child: its exit status is lost; what it announced is what we know.
+            exit_code, signum = trainer.reported_exit, None
         self.trainer = None
         self.keep_awake.release()
         self.handle_exit(trainer, exit_code, signum)
@@ -485,7 +504,11 @@ class TrainerChild:
             trainer.last_progress = time.monotonic()
             self.store.update(trainer.job_id, last_checkpoint_step=event.step)
         elif event.kind == "done":
-            trainer.done_event = True
+            trainer.reported_exit = int(ExitCode.DONE)
+        elif event.kind == "stopped":
+            trainer.reported_exit = int(ExitCode.STOPPED)
         elif event.kind in ("oom_retry", "error"):
+            if event.kind == "error" and isinstance(event.detail.get("exit_code"), int):
+                trainer.reported_exit = event.detail["exit_code"]
             self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail)
         self.publish("trainer_event", event)

@@ -131,6 +131,17 @@ class ExitHandling:
             disk_path=disk_path,
         )
         self.carry_out(job, after_exit(job, facts, verdict, cfg, self.policy), cfg)
+        if trainer.then:
+            self._then(job.id, trainer.then)
+
+    def _then(self, job_id: str, wish: str) -> None:
+        """The pause or cancel that arrived while another stop was under way."""
+        target = JobState.PAUSED if wish == "pause" else JobState.CANCELLED
+        if target not in TRANSITIONS[self.store.get(job_id).state]:
+            return  # it completed or failed meanwhile: nothing left to pause or cancel
+        extra = {"outcome": "cancelled"} if target == JobState.CANCELLED else {}
+        self.store.transition(job_id, target, f"{wish} by the user (asked while stopping)", **extra)
+        self.publish_state(job_id)
 
     def carry_out(self, job: Job, action: Action, cfg: JobConfig) -> None:
         """Apply the restart policy's decision to the job."""

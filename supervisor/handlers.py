@@ -255,7 +255,7 @@ class RequestHandlers:
         job = self.store.resolve(request.job)
         require_state(job, "cancel")
         if self._running(job):
-            self.stop_trainer("user-cancel", grace=self.settings.stop_grace_s)
+            self.user_stop("cancel")
             return Reply.success(request.id, id=job.id, state="stopping")
         job = self.store.transition(
             job.id, JobState.CANCELLED, "cancelled by the user", outcome="cancelled"
@@ -267,7 +267,7 @@ class RequestHandlers:
         job = self.store.resolve(request.job)
         require_state(job, "pause")
         if self._running(job):
-            self.stop_trainer("user-pause", grace=self.settings.stop_grace_s)
+            self.user_stop("pause")
             return Reply.success(request.id, id=job.id, state="stopping")
         job = self.store.transition(job.id, JobState.PAUSED, "paused by the user")
         return Reply.success(request.id, id=job.id, state=str(job.state))

@@ -106,7 +106,6 @@ def test_resume_of_a_running_job_is_refused_and_the_job_still_completes(
     for message in (ResumeRequest(job=job_id), RetryRequest(job=job_id)):
         reply = send(supervisor, message)
         assert reply.error == ErrorCode.INVALID_STATE
-    supervisor.trainer.done_event = True
     supervisor.trainer.popen.terminate()  # exits 82: "stopped", but nobody asked
     supervisor.trainer.popen.wait()
     supervisor.tick()
@@ -217,3 +216,51 @@ def test_a_stray_trainer_of_our_job_is_stopped_and_a_false_pid_is_not(
             orphan.wait()
     kinds = [e["kind"] for e in supervisor.store.events(job_id)]
     assert kinds.count("stray_trainer_stopped") == 1
+
+
+def test_a_cancel_during_a_hang_stop_keeps_the_hang_grace_then_cancels(
+    tiny_workspace, tmp_path, supervisor
+):
+    """A cancel that arrives while a hung trainer is being stopped neither stretches its
+    short hang grace nor hides the hang: the crash is recorded as a hang, then the job is
+    cancelled as asked."""
+    supervisor.settings = Settings(hold_queue=True, hang_grace_s=1.0, stop_grace_s=60)
+    job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.RUNNING)
+    supervisor.trainer.popen.send_signal(signal.SIGSTOP)  # deaf to SIGTERM: a real hang
+    supervisor._hang(supervisor.trainer, "no heartbeat for 99 s")
+    kill_at = supervisor.trainer.kill_at
+    assert send(supervisor, CancelRequest(job=job_id)).ok
+    assert supervisor.trainer.kill_at == kill_at and supervisor.trainer.stop_reason == "hang"
+    started = time.monotonic()
+    wait_for(lambda: (supervisor.tick(), supervisor.trainer is None)[1], 20)
+    assert time.monotonic() - started < 10
+    job = supervisor.store.get(job_id)
+    assert [c["cause"] for c in job.crashes] == ["hang"]
+    assert job.state == JobState.CANCELLED and job.outcome == "cancelled"
+
+
+def test_an_adopted_trainer_is_judged_by_the_exit_it_announced(
+    tiny_workspace, tmp_path, supervisor
+):
+    """A trainer a restarted supervisor adopted is not its child, so its exit status is lost;
+    the exit code it announced (here: disk full) decides, not "vanished"."""
+    from loractl.protocol import TrainerEvent
+
+    job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.RUNNING)
+    trainer = supervisor.trainer
+    popen, trainer.popen = trainer.popen, None  # as adopted: not ours to wait for
+    supervisor.on_trainer_event(
+        trainer,
+        TrainerEvent(
+            job_id=job_id,
+            pid=trainer.pid,
+            kind="error",
+            detail={"exit_code": 74, "reason": "disk full: 0 MB free on /x"},
+        ),
+    )
+    popen.kill()
+    popen.wait()
+    wait_for(lambda: (supervisor.tick(), supervisor.trainer is None)[1], 20)
+    job = supervisor.store.get(job_id)
+    assert job.crashes[-1]["cause"] == "disk_full" and job.crashes[-1]["rule"] == "disk_full"
+    assert job.state == JobState.PAUSED
