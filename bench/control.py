@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loractl.supervisor.harness import SupervisorProcess
+from loractl.client.harness import SupervisorProcess
 
 
 def timed(command: list[str], rounds: int) -> list[float]:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from loractl.client.harness import SupervisorProcess, wait_for
 from loractl.daemon.tinymodel import prepare
-from loractl.supervisor.harness import SupervisorProcess, wait_for
 
 
 def step_times(log: Path) -> list[float]:

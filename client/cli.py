@@ -308,7 +308,7 @@ def demo(directory, prepare, preset, seed, as_json) -> None:
         paths = build(directory, preset=preset or "tiny", seed=seed)
         emit({k: str(v) for k, v in paths.items()}, as_json=as_json)
         return
-    from loractl.daemon.demo import run_demo
+    from loractl.client.demo import run_demo
 
     sys.exit(run_demo(directory, preset=preset, seed=seed, as_json=as_json))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loractl.supervisor.harness import wait_for  # noqa: F401  (re-exported for tests)
+from loractl.client.harness import wait_for  # noqa: F401  (re-exported for tests)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

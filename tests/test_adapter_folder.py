@@ -20,9 +20,9 @@ from conftest import (
     wait_for,
 )
 from loractl.client.control import request
+from loractl.client.harness import SupervisorProcess
 from loractl.daemon.checkpoint import CheckpointStore
 from loractl.protocol import ExitCode, ResumeRequest
-from loractl.supervisor.harness import SupervisorProcess
 
 
 def digest(path: Path) -> str:

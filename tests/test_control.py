@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import make_job, wait_for
 from loractl.client.control import request
+from loractl.client.harness import SupervisorProcess
 from loractl.protocol import (
     PROTOCOL_VERSION,
     CancelRequest,
@@ -25,7 +26,6 @@ from loractl.protocol import (
     StatusRequest,
     decode,
 )
-from loractl.supervisor.harness import SupervisorProcess
 
 
 @pytest.fixture(scope="module")

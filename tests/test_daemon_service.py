@@ -19,10 +19,10 @@ import pytest
 
 from conftest import make_job, run_trainer, wait_for
 from loractl.client.control import request
+from loractl.client.harness import FAST, SupervisorProcess, trainers_of
 from loractl.client.render import history_table
 from loractl.paths import Layout
 from loractl.protocol import StatusRequest, SubmitRequest
-from loractl.supervisor.harness import FAST, SupervisorProcess, trainers_of
 
 # What launchd does with KeepAlive {SuccessfulExit: false}: start it again unless it exited 0.
 KEEP_ALIVE_LOOP = (

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import fill_disk, make_job, mount_small_disk, unmount, wait_for
 from loractl.client.control import RequestFailed, request
+from loractl.client.harness import SupervisorProcess
 from loractl.protocol import ErrorCode, PriorityRequest, StatusRequest, SubmitRequest
-from loractl.supervisor.harness import SupervisorProcess
 
 
 @pytest.fixture

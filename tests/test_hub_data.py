@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_job, trainer_command, trainer_env
+from loractl.client.harness import SupervisorProcess
 from loractl.daemon.hub import endpoint_reachable
 from loractl.protocol import ExitCode
-from loractl.supervisor.harness import SupervisorProcess
 
 CACHED = "loractl-test/tiny-set"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from loractl.client.harness import wait_for
 from loractl.config import JobConfig
 from loractl.supervisor import inbox as inbox_module
-from loractl.supervisor.harness import wait_for
 from loractl.supervisor.inbox import Accepted, Inbox, Rejected
 
 

@@ -11,8 +11,8 @@ import yaml
 
 from conftest import wait_for
 from loractl.client.control import request
+from loractl.client.harness import SupervisorProcess
 from loractl.protocol import ListRequest, StatusRequest
-from loractl.supervisor.harness import SupervisorProcess
 
 COUNT = 500
 

@@ -27,10 +27,10 @@ import pytest
 
 from conftest import make_job, trainer_command, trainer_env, wait_for
 from loractl.client.control import request
+from loractl.client.harness import FAST, trainers_of
 from loractl.daemon.checkpoint import CheckpointStore, verify
 from loractl.paths import Layout
 from loractl.protocol import ShowRequest, StatusRequest, SubmitRequest
-from loractl.supervisor.harness import FAST, trainers_of
 from loractl.supervisor.store import JobState, Store
 
 CYCLES = 50

@@ -4,9 +4,9 @@ the supervisor restarts it on the same rung instead of stepping down the ladder.
 from __future__ import annotations
 
 from conftest import make_job, run_trainer, trainer_env
+from loractl.client.harness import SupervisorProcess
 from loractl.protocol import ExitCode
 from loractl.supervisor.classify import Cause, ExitEvidence, classify
-from loractl.supervisor.harness import SupervisorProcess
 
 JOB = {"iters": 48, "checkpoint_every": 1}
 

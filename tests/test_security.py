@@ -21,9 +21,9 @@ import yaml
 import zmq
 
 from loractl.client.control import request
+from loractl.client.harness import SupervisorProcess
 from loractl.paths import Layout, UnsafeFolder
 from loractl.protocol import ClientExit, ExitCode, StatusRequest, SubmitRequest
-from loractl.supervisor.harness import SupervisorProcess
 
 OTHER_USER = "loractl-fuzz-other"
 NOBODY = 65534

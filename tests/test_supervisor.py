@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_job, run_trainer, wait_for
+from loractl.client.harness import SupervisorProcess, measure_footprint, trainers_of
 from loractl.daemon.tinymodel import prepare
-from loractl.supervisor.harness import SupervisorProcess, measure_footprint, trainers_of
 
 CHAOS_JOB = {"iters": 600, "checkpoint_every": 2, "grad_accumulation_steps": 4, "max_retries": 5}
 

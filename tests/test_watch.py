@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from conftest import make_job, wait_for
+from loractl.client.harness import SupervisorProcess
 from loractl.client.watch import (
     WatchState,
     eta_seconds,
@@ -25,7 +26,6 @@ from loractl.client.watch import (
     render,
     run_watch,
 )
-from loractl.supervisor.harness import SupervisorProcess
 
 ANSI = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 HIDE_CURSOR, SHOW_CURSOR = b"\x1b[?25l", b"\x1b[?25h"

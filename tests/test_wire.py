@@ -15,6 +15,7 @@ import zmq
 
 from conftest import wait_for
 from loractl.client.control import request
+from loractl.client.harness import SupervisorProcess
 from loractl.protocol import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
@@ -23,7 +24,6 @@ from loractl.protocol import (
     Reply,
     StatusRequest,
 )
-from loractl.supervisor.harness import SupervisorProcess
 from loractl.wire import ROUTING_ID_BYTES, drain, receive
 
 MB = 1_000_000

@@ -29,6 +29,7 @@ import yaml
 
 from conftest import make_job, run_trainer, wait_for
 from loractl.client.control import DaemonNotRunning, RequestFailed, request
+from loractl.client.harness import FAST, trainers_of
 from loractl.paths import Layout
 from loractl.protocol import (
     CancelRequest,
@@ -45,7 +46,6 @@ from loractl.protocol import (
     StatusRequest,
     SubmitRequest,
 )
-from loractl.supervisor.harness import FAST, trainers_of
 
 pytestmark = pytest.mark.soak
 

@@ -160,8 +160,8 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
 
 
 def _supervised(base: Path, directory: Path) -> int:
+    from loractl.client.harness import SupervisorProcess, measure_footprint, wait_for
     from loractl.client.render import job_details
-    from loractl.supervisor.harness import SupervisorProcess, measure_footprint, wait_for
 
     console.rule("6. the same job under the supervisor, with a memory budget")
     job = _write_job(base, directory / "supervised", "adapters")
