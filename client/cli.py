@@ -228,7 +228,7 @@ def submit(ctx, configs, priority, as_json) -> None:
 
     for path in configs:
         try:
-            load_config(path)
+            warn(load_config(path).warnings)
         except ConfigError as exc:
             fail(str(exc), ClientExit.CONFIG_ERROR, as_json)
     submitted = [
@@ -491,7 +491,23 @@ def config_validate(file, as_json) -> None:
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG_ERROR, as_json=as_json)
         return
-    emit({"ok": True, "config": cfg.to_dict(), "ladder": cfg.effective_ladder()}, as_json)
+    if not as_json:
+        warn(cfg.warnings)
+    emit(
+        {
+            "ok": True,
+            "config": cfg.to_dict(),
+            "ladder": cfg.effective_ladder(),
+            "warnings": list(cfg.warnings),
+        },
+        as_json,
+    )
+
+
+def warn(warnings) -> None:
+    """Keys mlx_lm.lora would ignore, and the like: said on stderr, never fatal."""
+    for warning in warnings:
+        click.echo(f"loractl: warning: {warning}", err=True)
 
 
 @main.command()

@@ -33,8 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import default_loss
 
 from loractl.daemon.data import ExampleOrder, eval_batches, make_batch
-from loractl.signatures import is_memory_exception
-from loractl.supervisor.classify import is_resource_limit_text
+from loractl.signatures import is_memory_exception, is_resource_limit_text
 
 
 @dataclass

@@ -25,8 +25,7 @@ import structlog
 from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import MB, available_mb
 from loractl.protocol import ExitCode
-from loractl.signatures import is_memory_exception
-from loractl.supervisor.classify import is_disk_full_error, is_resource_limit_text
+from loractl.signatures import is_disk_full_error, is_memory_exception, is_resource_limit_text
 
 log = structlog.get_logger("loractl.trainer")
 

@@ -15,7 +15,6 @@ Nothing here imports mlx or touches the OS, so it is cheap to import and trivial
 from __future__ import annotations
 
 import math
-import re
 import signal as _signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +22,14 @@ from enum import StrEnum
 
 from loractl.protocol import ExitCode
 from loractl.signatures import (
+    DISK_FULL_PATTERNS,
     GPU_WATCHDOG_PATTERNS,
     MEMORY_ERROR_PATTERNS,
+    RESOURCE_LIMIT_PATTERNS,
+    is_disk_full_text,
     is_gpu_watchdog,
     is_memory_error_text,
+    is_resource_limit_text,
 )
 
 
@@ -88,47 +91,6 @@ _LINE_LIMIT = 200
 # A data or config error's line is the whole diagnosis (file, line, what is wrong): it is kept
 # whole up to this much, so the reason never stops mid-sentence.
 _ERROR_LINE_LIMIT = 2000
-
-# MLX's Metal allocator refuses a new buffer once the process holds iogpu.rsrc_limit of them
-# (499000 by default), whatever memory is free: "[metal::malloc] Resource limit (499000)
-# exceeded." (mlx/backend/metal/allocator.cpp; mlx issue #4464). It counts buffers, not bytes,
-# so a cheaper rung does not help; a restart, which frees every buffer, does.
-RESOURCE_LIMIT_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"\[metal::malloc\] Resource limit \(\d+\) exceeded", re.IGNORECASE),
-)
-
-
-# ENOSPC and EDQUOT as Python, SQLite and safetensors word them.
-DISK_FULL_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28|122|69)\]"),
-    re.compile(r"database or disk is full", re.IGNORECASE),
-)
-
-
-def is_disk_full_text(text: str) -> bool:
-    """Whether the last error line in ``text`` says the disk (or the quota) is full."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return any(p.search(line) for line in lines[-3:] for p in DISK_FULL_PATTERNS)
-
-
-def is_disk_full_error(exc: BaseException) -> bool:
-    """Whether an exception (or its message: MLX's savers raise RuntimeError) means ENOSPC."""
-    import errno
-
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(p.search(str(exc)) for p in DISK_FULL_PATTERNS)
-
-
-def is_resource_limit_text(text: str) -> bool:
-    """Whether the last allocation failure in ``text`` is MLX's buffer-count limit."""
-    for line in reversed(text.splitlines()):
-        if any(p.search(line) for p in RESOURCE_LIMIT_PATTERNS):
-            return True
-        if is_memory_error_text(line):
-            return False
-    return False
-
 
 # The C++ runtime's preamble to an uncaught exception says nothing a reader needs.
 _NOISE_PREFIX = "libc++abi: terminating due to uncaught exception of type "

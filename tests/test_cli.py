@@ -139,3 +139,17 @@ def test_a_permission_error_is_one_line_not_a_traceback(tmp_path):
         f"loractl: permission denied: {tmp_path / 'locked'} (Permission denied); "
         "check its owner and mode"
     )
+
+
+def test_config_validate_shows_the_warnings_and_still_passes(tmp_path):
+    """A key mlx_lm.lora ignores is a warning: on stderr, in --json, exit 0."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "job.yaml"
+    path.write_text("model: model\ndata: data\nwandb_run_name: mine\n")
+    result = CliRunner().invoke(main, ["config", "validate", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [w for w in data["warnings"] if "wandb_run_name" in w]
+    result = CliRunner().invoke(main, ["config", "validate", str(path)])
+    assert result.exit_code == 0 and "warning" in result.stderr and "wandb_run_name" in result.stderr
