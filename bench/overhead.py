@@ -5,11 +5,24 @@ Usage::
     .venv/bin/python bench/overhead.py [--preset ladder|tiny|varlen] [--rounds 3] [--iters N]
                                        [--checkpoint-every N] [--warmup 2] [--seed 0]
                                        [--ours-overrides JSON] [--out DIR] [--keep]
+    .venv/bin/python bench/overhead.py --model MODEL_DIR [--data DATA_DIR] [--lora-layers 16]
+                                       [--max-seq-length 512] [--batch-size 1]
+                                       [--grad-accumulation-steps 1] [--rank 8] [...]
 
 Defaults per preset: ladder 48 iterations (12 optimizer steps of about 5 s on 2 CPU cores,
 a checkpoint every 5), tiny 480 iterations (120 steps of about 0.2 s, a checkpoint every 10),
 varlen 128 iterations (4 epochs of 32 batches of 4 samples of 16-512 tokens, no accumulation,
 a checkpoint every 10).
+
+A given model. ``--model DIR`` benches an existing mlx-lm model folder instead of a preset's
+tiny one (``bench/gpu_model.py`` writes a Mistral-7B-shaped 4-bit one for GPUs), on the text
+data in ``--data`` (default: ``data/`` beside the model folder), with the job settings taken
+from the flags: LoRA on the last ``--lora-layers`` layers (rank ``--rank``, scale 20, dropout
+0, mlx-lm's defaults), ``--batch-size``, ``--grad-accumulation-steps`` and
+``--max-seq-length``; learning rate 1e-4 with the same cosine schedule; 48 iterations and a
+checkpoint every 10 optimizer steps unless ``--iters``/``--checkpoint-every`` say otherwise.
+Everything else below holds as for the presets. The parent process itself stays on MLX's CPU
+device and loads only the tokenizer, so the trainers have the accelerator to themselves.
 
 What runs. One tiny random Llama model and its data set are built once with
 ``loractl.daemon.tinymodel.prepare``. Then, for each round, both trainers run the same job, each
@@ -111,6 +124,8 @@ DEFAULTS = {
     # 4 epochs of 32 batches of 4; lengths 16-512 tokens.
     "varlen": {"iters": 128, "checkpoint_every": 10},
 }
+# --model: a given model folder; the same cadence as the tiny preset's, fewer iterations.
+MODEL_DEFAULTS = {"iters": 48, "checkpoint_every": 10}
 
 # Runs mlx-lm's own CLI entry point with one reporting callback. mlx_lm.lora.run() builds its
 # callback with get_reporting_callbacks(); returning ours from it is the supported hook.
@@ -537,8 +552,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    given = parser.add_argument_group(
+        "a given model (instead of a preset's tiny one)",
+        "mlx-lm's model folder and text data; the job settings come from these flags",
+    )
+    given.add_argument("--model", type=Path, help="model folder (e.g. from bench/gpu_model.py)")
+    given.add_argument(
+        "--data", type=Path, help="folder with {train,valid}.jsonl (default: MODEL/../data)"
+    )
+    given.add_argument("--lora-layers", type=int, default=16, help="num_layers (default 16)")
+    given.add_argument("--max-seq-length", type=int, default=512)
+    given.add_argument("--batch-size", type=int, default=1)
+    given.add_argument("--grad-accumulation-steps", type=int, default=1)
+    given.add_argument("--rank", type=int, default=8, help="LoRA rank")
     args = parser.parse_args(argv)
-    defaults = DEFAULTS[args.preset]
+    if args.model is not None:
+        args.preset = "model"
+        args.model = args.model.resolve()
+        args.data = (args.data or args.model.parent / "data").resolve()
+        for what, folder in (("model", args.model), ("data", args.data)):
+            if not folder.is_dir():
+                parser.error(f"--{what} {folder}: no such folder")
+    defaults = MODEL_DEFAULTS if args.model is not None else DEFAULTS[args.preset]
     args.iters = args.iters or defaults["iters"]
     args.checkpoint_every = args.checkpoint_every or defaults["checkpoint_every"]
     return args
@@ -563,6 +598,28 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
 
 
+def given_model(args) -> tuple[dict[str, Path], dict]:
+    """``--model``: the paths and the shared job settings, as a preset's job.yaml gives them."""
+    paths = {"model": args.model, "data": args.data}
+    base = {
+        "name": "bench-model",
+        "model": str(args.model),
+        "data": str(args.data),
+        "fine_tune_type": "lora",
+        "optimizer": "adamw",
+        "num_layers": args.lora_layers,
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "learning_rate": 1.0e-4,
+        "lora_parameters": {"rank": args.rank, "scale": 20.0, "dropout": 0.0},
+        "max_seq_length": args.max_seq_length,
+        "grad_accumulation_steps": args.grad_accumulation_steps,
+        "val_batches": 0,
+        "seed": args.seed,
+    }
+    return paths, base
+
+
 def batching_efficiency(paths: dict[str, Path], base: dict, epochs: int = 4) -> dict:
     """Real tokens per padded token in each trainer's training batches, over a few epochs.
 
@@ -578,7 +635,17 @@ def batching_efficiency(paths: dict[str, Path], base: dict, epochs: int = 4) -> 
     from loractl.daemon.data import ExampleOrder, make_batch, tokenize
 
     batch_size, max_seq = int(base["batch_size"]), int(base["max_seq_length"])
-    _, tokenizer = load(str(paths["model"]))
+    if "config" not in paths:
+        # --model: a given model may be 4 GB; its tokenizer is all this needs, built as load()
+        # builds it.
+        from mlx_lm.utils import load_config, load_tokenizer
+
+        eos = load_config(Path(paths["model"])).get("eos_token_id")
+        tokenizer = load_tokenizer(
+            Path(paths["model"]), eos_token_ids=[eos] if isinstance(eos, int) else eos
+        )
+    else:
+        _, tokenizer = load(str(paths["model"]))
     raw, _, _ = load_local_dataset(paths["data"], tokenizer, None)
     theirs_real = theirs_padded = 0
     batches = iterate_batches(CacheDataset(raw), batch_size, max_seq, loop=True, seed=0)
@@ -601,11 +668,23 @@ def batching_efficiency(paths: dict[str, Path], base: dict, epochs: int = 4) -> 
 def bench(args, out: Path, prepare) -> int:
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    paths = prepare(out / "fixture", preset=args.preset, seed=args.seed)
-    base = yaml.safe_load(paths["config"].read_text(encoding="utf-8"))
+    if args.model is not None:
+        import mlx.core as mx
+
+        # Batching arrays stay off the accelerator: the trainers get it to themselves.
+        mx.set_default_device(mx.cpu)
+        paths, base = given_model(args)
+    else:
+        paths = prepare(out / "fixture", preset=args.preset, seed=args.seed)
+        base = yaml.safe_load(paths["config"].read_text(encoding="utf-8"))
     ga = int(base["grad_accumulation_steps"])
     args.iters -= args.iters % ga
     ours_cfg, theirs_cfg = make_configs(base, args, paths)
+    if args.model is not None:
+        print(
+            f"model={paths['model']} data={paths['data']} num_layers={base['num_layers']} "
+            f"rank={base['lora_parameters']['rank']}"
+        )
     print(
         f"preset={args.preset} rounds={args.rounds} iters={args.iters} "
         f"batch_size={base['batch_size']} grad_accumulation_steps={ga} "
