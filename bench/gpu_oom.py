@@ -55,10 +55,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +156,39 @@ class Supervisor:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
+class GpuSampler:
+    """The GPU's memory in use (nvidia-smi, every half second), as a maximum per rung: what the
+    trainer's own records cannot show for a rung whose first step never finished."""
+
+    def __init__(self, interval: float = 0.5):
+        self.rung = 0
+        self.peaks_mb: dict[int, float] = {}
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+        self.available = shutil.which("nvidia-smi") is not None
+        if self.available:
+            self._thread.start()
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, timeout=5)
+                used = float(out.stdout.split()[0])
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                used = None
+            if used is not None:
+                rung = self.rung
+                self.peaks_mb[rung] = max(self.peaks_mb.get(rung, 0.0), used)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.available:
+            self._thread.join(10)
+
+
 def measure_footprint(config: Path, overrides: dict, steps: int = 2) -> float:
     """Peak footprint (MB) of the trainer alone on ``config`` with ``overrides`` over its
     first steps, from the test harness (its home has moved before, so look in both)."""
@@ -235,7 +270,7 @@ def oom_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if CUDA_OOM.search(line)]
 
 
-def report(job: dict, args, work: Path, simulate: bool) -> int:
+def report(job: dict, args, work: Path, simulate: bool, gpu: GpuSampler) -> int:
     print("\n== result ==")
     print(f"job {job['id']}: state={job['state']} outcome={job['outcome']} rung={job['rung']}")
     if job.get("reason"):
@@ -282,10 +317,12 @@ def report(job: dict, args, work: Path, simulate: bool) -> int:
         shown = f"{footprint:,.0f} MB" if footprint else "no reading"
         mlx = log.get("mlx_peak_mb")
         mlx_shown = f"{mlx / 1024:,.2f} GiB" if mlx else "no completed step"
+        used = gpu.peaks_mb.get(rung)
+        gpu_shown = f", GPU in use (nvidia-smi) up to {used / 1024:,.1f} GiB" if used else ""
         print(
             f"rung {rung} ({entry['change']}; batch {settings['batch_size']} x seq "
-            f"{settings['max_seq_length']}): process footprint {shown}, MLX peak {mlx_shown}, "
-            f"attempts {log.get('attempts', 0)}, steps {log.get('steps', 0)}"
+            f"{settings['max_seq_length']}): process footprint {shown}, MLX peak {mlx_shown}"
+            f"{gpu_shown}, attempts {log.get('attempts', 0)}, steps {log.get('steps', 0)}"
             + (f", last step {log['step_seconds']} s" if log.get("step_seconds") else "")
         )
         for error in log.get("errors", [])[-2:]:
@@ -389,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     supervisor = Supervisor(work / "home").start()
     print(f"supervisor pid {supervisor.proc.pid}, home {supervisor.home}, log {supervisor.log}")
+    gpu = GpuSampler()
     job = None
     try:
         job_id = supervisor.submit(job_path)
@@ -397,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             job = supervisor.show(job_id)
+            gpu.rung = job["rung"]
             now = (job["state"], job["rung"], job["attempts"], len(job["crashes"]))
             if now != seen:
                 seen = now
@@ -414,10 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         running = job is not None and job["state"] not in DONE_STATES
         supervisor.stop(job["trainer_pid"] if running else None)
+        gpu.stop()
     if os.environ.get("LORACTL_GPU_OOM_DEBUG"):
         print(supervisor.tail())
     print(f"total {time.perf_counter() - tic:.1f} s")
-    return report(job, args, work, simulate)
+    return report(job, args, work, simulate, gpu)
 
 
 if __name__ == "__main__":
