@@ -32,6 +32,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import yaml
 
+from loractl import distributed as _dist
+
 __all__ = [
     "LADDER_KEYS",
     "MAX_CONFIG_BYTES",
@@ -672,6 +674,80 @@ def _ladder(value, key, ctx):
     return rungs
 
 
+_DISTRIBUTED_KEYS = ("backend", "hosts", "hostfile", "processes", "env", "starting_port")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _distributed(value, key, ctx):
+    """mlx.launch's options for a multi-process job; checked here so that a bad layout fails
+    at submit time rather than in the launcher's argparse at 3am."""
+    if value is None:
+        return None
+    _mapping(value, key, ctx, "null or a mapping of mlx.launch options")
+    for sub in value:
+        if sub not in _DISTRIBUTED_KEYS:
+            raise ctx.unknown(f"{key}.{sub}", _DISTRIBUTED_KEYS)
+    out: dict[str, Any] = {}
+    backend = value.get("backend")
+    if backend is not None:
+        out["backend"] = _choice(_dist.BACKENDS)(backend, f"{key}.backend", ctx)
+    hosts = value.get("hosts")
+    if hosts is not None:
+        if isinstance(hosts, str):
+            hosts = [h.strip() for h in hosts.split(",")]
+        if (
+            not isinstance(hosts, list)
+            or not hosts
+            or not all(isinstance(h, str) and h.strip() and "," not in h for h in hosts)
+        ):
+            raise ctx.bad(f"{key}.hosts", "a non-empty list of host names or IPs", value["hosts"])
+        out["hosts"] = [h.strip() for h in hosts]
+    hostfile = value.get("hostfile")
+    if hostfile is not None:
+        if hosts is not None:
+            raise ctx.error(f"key '{key}': set 'hosts' or 'hostfile', not both", f"{key}.hosts")
+        if value.get("processes") not in (None, 1):
+            # mlx.launch ignores -n with a hostfile; saying so beats a silently smaller job.
+            raise ctx.error(
+                f"key '{key}.processes': mlx.launch ignores it with a hostfile, which lists "
+                "one entry per rank",
+                f"{key}.processes",
+            )
+        path = _existing_file(hostfile, f"{key}.hostfile", ctx)
+        try:
+            _dist.hostfile_hosts(path)
+        except ValueError as exc:
+            raise ctx.error(f"key '{key}.hostfile': {exc}", f"{key}.hostfile") from None
+        out["hostfile"] = path
+    processes = value.get("processes")
+    if processes is not None:
+        out["processes"] = _int(1)(processes, f"{key}.processes", ctx)
+    env = value.get("env")
+    if env is not None:
+        _mapping(env, f"{key}.env", ctx, "a mapping of environment variable names to values")
+        out["env"] = {}
+        for name, setting in env.items():
+            where = f"{key}.env.{name}"
+            if not _ENV_NAME.match(name):
+                # mlx.launch drops such a name with only a warning on its stderr.
+                raise ctx.bad(where, "a name of letters, digits and '_'", name)
+            if isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
+                raise ctx.bad(where, "a string or a number", setting)
+            out["env"][name] = str(setting)
+    port = value.get("starting_port")
+    if port is not None:
+        out["starting_port"] = _int(1024, 65535)(port, f"{key}.starting_port", ctx)
+    if out.get("backend", "ring") == "ring" and hostfile is None:
+        names = [h for h in out.get("hosts", []) if not _dist.is_ip(h)]
+        if names:
+            raise ctx.error(
+                f"key '{key}.hosts': the ring backend (mlx.launch's default without CUDA) needs "
+                f"IP addresses, got {_show(names[0])}; use IPs or a hostfile with 'ips'",
+                f"{key}.hosts",
+            )
+    return out
+
+
 # --- the schema ---------------------------------------------------------------------------
 
 
@@ -855,6 +931,13 @@ class JobConfig:
         "int",
     )  # fmt: skip
     notify: bool = _f(False, "Send a desktop notification when the job ends.", _bool(), "bool")
+    # Not an identity field itself: only the world size it implies is (see identity_hash), so
+    # moving a job to other hosts or ports keeps its checkpoints.
+    distributed: dict | None = _f(
+        None, "Run on several processes through mlx.launch: backend, hosts, hostfile,"
+        " processes (mlx.launch's -n), env, starting_port; null: one process.", _distributed,
+        "mapping?",
+    )  # fmt: skip
 
     # Not a field: what loading noticed but did not refuse (keys mlx_lm.lora would ignore),
     # one line each, for the CLI, the supervisor and the trainer to show.
@@ -881,6 +964,11 @@ class JobConfig:
         if self.epochs is not None:
             return self.epochs * train_len
         return self.iters * self.batch_size
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks the job runs on: 1 unless ``distributed`` says otherwise."""
+        return _dist.world_size(self.distributed)
 
     def to_dict(self) -> dict:
         """Every field as plain JSON-safe data (a deep copy)."""
@@ -918,6 +1006,10 @@ class JobConfig:
                     k: v for k, v in dataclasses.asdict(value).items() if k not in _LADDER_LORA_KEYS
                 }
             payload[f.name] = value
+        # Each rank reads its own shard of every batch, so a checkpoint resumed on another
+        # number of ranks would train on other data; single-process hashes stay as they were.
+        if self.world_size > 1:
+            payload["world_size"] = self.world_size
         blob = json.dumps(
             {"loractl_config_identity": 1, "fields": payload},
             sort_keys=True,
@@ -1110,6 +1202,7 @@ def parse_config(
     values.setdefault("adapter_path", _resolve(_FIELDS["adapter_path"].default, base))
 
     cfg = JobConfig(**values)
+    _check_world(cfg, ctx)
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
         raise ctx.error(
             f"key 'heartbeat_timeout': must be greater than heartbeat_interval"
@@ -1120,6 +1213,26 @@ def parse_config(
     cfg._base_dir = base
     cfg.warnings = warnings
     return cfg
+
+
+def _check_world(cfg: JobConfig, ctx: _Ctx) -> None:
+    """Every rank takes batch_size / world_size examples of each batch, as in mlx-lm."""
+    world = cfg.world_size
+    if world == 1:
+        return
+    if cfg.batch_size % world:
+        raise ctx.error(
+            f"key 'batch_size': {cfg.batch_size} is not divisible by the {world} ranks of"
+            " 'distributed'; each rank takes an equal share of every batch",
+            "batch_size",
+        )
+    for index, rung in enumerate(cfg.ladder or []):
+        if "batch_size" in rung and rung["batch_size"] % world:
+            raise ctx.error(
+                f"key 'ladder[{index}].batch_size': {rung['batch_size']} is not divisible by"
+                f" the {world} ranks of 'distributed'",
+                f"ladder[{index}].batch_size",
+            )
 
 
 class _YamlLoader(yaml.SafeLoader):

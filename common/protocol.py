@@ -118,6 +118,10 @@ class Heartbeat(Message):
     footprint_mb: float = 0.0
     last_checkpoint_step: int | None = None
     rung: int = 0
+    # A distributed job's ranks each send their own; one process is rank 0 of 1.
+    rank: int = 0
+    world_size: int = 1
+    host: str = ""
     sent_at: float = field(default_factory=time.time)
 
 
@@ -132,6 +136,9 @@ class TrainerEvent(Message):
     step: int = 0
     examples_seen: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+    host: str = ""
     sent_at: float = field(default_factory=time.time)
 
 

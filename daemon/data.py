@@ -326,10 +326,26 @@ def make_batch(
     return mx.array(tokens), mx.array(list(zip(offsets, lengths, strict=True)))
 
 
+def rank_share(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's part of a global batch: every world_size-th example from its rank on.
+
+    mlx-lm's ``iterate_batches`` slices each length-sorted batch the same way
+    (``idx[i + rank : i + batch_size : world_size]``), so the ranks' shares are alike in length.
+    """
+    return list(indices[rank::world_size])
+
+
 def eval_batches(
-    dataset: TokenizedDataset, batch_size: int, num_batches: int, max_seq_length: int, seed: int
+    dataset: TokenizedDataset,
+    batch_size: int,
+    num_batches: int,
+    max_seq_length: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
 ):
-    """Validation batches as mlx-lm makes them (length-sorted, shuffled), the same every time.
+    """Validation batches as mlx-lm makes them (length-sorted, shuffled), the same every time;
+    with several ranks, this rank's share of each.
 
     mlx-lm draws the batch order afresh at each evaluation; a fixed one makes every
     evaluation of the run compare like with like, and a resumed run's match the original's.
@@ -341,4 +357,5 @@ def eval_batches(
     if num_batches != -1:
         total = min(total, num_batches)
     for b in range(total):
-        yield make_batch(dataset, order[b * batch_size : (b + 1) * batch_size], max_seq_length)
+        batch = order[b * batch_size : (b + 1) * batch_size]
+        yield make_batch(dataset, rank_share(batch, rank, world_size), max_seq_length)

@@ -10,8 +10,12 @@ PLAIN_EVERY_SECONDS = 10.0
 
 
 class Display:
-    def __init__(self, enabled: bool, total_examples: int, start_examples: int = 0):
+    def __init__(
+        self, enabled: bool, total_examples: int, start_examples: int = 0, quiet: bool = False
+    ):
         self.enabled = enabled
+        # A distributed job's other ranks: rank 0 speaks for the job, once per line.
+        self.quiet = quiet
         self.total = total_examples
         self._last_plain = 0.0
         self._bar = None
@@ -67,6 +71,8 @@ class Display:
                 self._task, completed=progress.examples_seen, stats=self.stats(progress)
             )
             return
+        if self.quiet:
+            return
         now = time.monotonic()
         if now - self._last_plain >= PLAIN_EVERY_SECONDS or progress.examples_seen >= self.total:
             self._last_plain = now
@@ -79,5 +85,5 @@ class Display:
     def note(self, text: str) -> None:
         if self._bar is not None:
             self._bar.console.print(text)
-        else:
+        elif not self.quiet:
             print(f"loractl: {text}", file=sys.stderr, flush=True)

@@ -17,6 +17,12 @@ Exactness rules, each of which a resumed run depends on:
 - checkpoints happen only at optimizer-step boundaries, when no gradient is half-accumulated;
 - the optimizer state (which includes its step count, so a schedule resumes too) is saved and
   restored whole.
+
+Several ranks (``plan.world_size`` > 1, started by mlx.launch) train as mlx-lm's trainer does:
+each takes its share of every global batch (``rank_share``), the gradients are averaged
+across ranks at each update (``mlx.nn.average_gradients``) and the losses, token counts and
+evaluations are summed across them, so every rank holds the same model and reports the same
+numbers. With one rank none of that adds an operation, and the compiled step is unchanged.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import default_loss
 
-from loractl.daemon.data import ExampleOrder, eval_batches, make_batch
+from loractl.daemon.data import ExampleOrder, eval_batches, make_batch, rank_share
 from loractl.signatures import is_memory_exception, is_resource_limit_text
 
 
@@ -63,6 +70,9 @@ class LoopPlan:
     # The batch size the data order is cut with: the job's submitted one for the whole run,
     # so that a rung changing batch_size neither repeats nor skips data. 0: batch_size.
     order_batch_size: int = 0
+    # This process's place among the ranks mlx.launch started; batch_size is the global one.
+    rank: int = 0
+    world_size: int = 1
 
     def total_iterations(self, state: LoopState) -> int:
         """The iteration number the run ends on, counting from where ``state`` stands."""
@@ -125,9 +135,10 @@ class Hooks(Protocol):
     def stop_requested(self) -> bool: ...
 
 
-def micro_step_seed(seed: int, examples_seen: int) -> int:
-    # Keyed on examples seen, not on the step number, so it survives accumulation changes.
-    return (seed * 1_000_003 + examples_seen) % (1 << 63)
+def micro_step_seed(seed: int, examples_seen: int, rank: int = 0) -> int:
+    # Keyed on examples seen, not on the step number, so it survives accumulation changes;
+    # and on the rank, so ranks draw different dropout masks for their different examples.
+    return (seed * 1_000_003 + examples_seen + rank * (1 << 40)) % (1 << 63)
 
 
 def snapshot(model: nn.Module, optimizer, state: LoopState) -> Boundary:
@@ -165,7 +176,13 @@ def evaluate(model, dataset, plan: LoopPlan, loss=default_loss) -> float:
     total_loss = mx.array(0.0)
     total_tokens = mx.array(0)
     for batch, lengths in eval_batches(
-        dataset, plan.batch_size, plan.val_batches, plan.max_seq_length, plan.seed
+        dataset,
+        plan.batch_size,
+        plan.val_batches,
+        plan.max_seq_length,
+        plan.seed,
+        plan.rank,
+        plan.world_size,
     ):
         value, tokens = loss(model, batch, lengths)
         total_loss += value * tokens
@@ -173,6 +190,10 @@ def evaluate(model, dataset, plan: LoopPlan, loss=default_loss) -> float:
         mx.eval(total_loss, total_tokens)
         clear_cache_over(plan.clear_cache_threshold)
     model.train()
+    if plan.world_size > 1:
+        # mlx-lm's evaluate: each rank scored its share; the mean is over every rank's tokens.
+        total_loss = mx.distributed.all_sum(total_loss)
+        total_tokens = mx.distributed.all_sum(total_tokens)
     if total_tokens.item() == 0:
         return float("nan")
     return (total_loss / total_tokens).item()
@@ -192,13 +213,22 @@ def train(
     """Train until ``plan.total_examples`` have been consumed. Returns "done" or "stopped"."""
     loss_value_and_grad = nn.value_and_grad(model, loss)
     compiled_state = [model.state, optimizer.state, mx.random.state]
+    distributed = plan.world_size > 1
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def micro_step(batch, lengths, prev_grad, update_divisor):
         (value, tokens), grad = loss_value_and_grad(model, batch, lengths)
+        if distributed:
+            # The loss of the global batch as mlx-lm reports it (the mean of the ranks' means)
+            # and its tokens, so the log and the checkpoint's history match across ranks.
+            value = mx.distributed.all_sum(value) / plan.world_size
+            tokens = mx.distributed.all_sum(tokens)
         if prev_grad is not None:
             grad = tree_map(lambda g, p: g + p, grad, prev_grad)
         if update_divisor:
+            if distributed:
+                # Where mlx-lm averages: once per update, over the accumulated gradient.
+                grad = average_gradients(grad)
             if update_divisor > 1:
                 grad = tree_map(lambda g: g / update_divisor, grad)
             optimizer.update(model, grad)
@@ -247,7 +277,10 @@ def train(
             iteration_tic = time.perf_counter()
             remaining = plan.total_examples - state.examples_seen
             indices = order.indices(state.examples_seen, min(plan.batch_size, remaining))
-            batch, lengths = make_batch(train_set, indices, plan.max_seq_length)
+            # The config keeps every batch size divisible by the ranks, and the run's length
+            # is a multiple of it, so each rank's share is never empty.
+            share = rank_share(indices, plan.rank, plan.world_size)
+            batch, lengths = make_batch(train_set, share, plan.max_seq_length)
             last = (
                 micro == plan.grad_accumulation_steps - 1
                 or state.examples_seen + len(indices) >= plan.total_examples
@@ -264,7 +297,7 @@ def train(
 
             value, count, grad = _step_with_retry(
                 run,
-                seed=micro_step_seed(plan.seed, state.examples_seen),
+                seed=micro_step_seed(plan.seed, state.examples_seen, plan.rank),
                 evaluate_also=compiled_state,
                 on_retry=roll_back,
                 boundary=boundary,

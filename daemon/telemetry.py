@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -38,8 +39,19 @@ log = structlog.get_logger("loractl.telemetry")
 Progress = Heartbeat
 
 
-def new_progress(job_id: str, attempt: int, rung: int) -> Heartbeat:
-    return Heartbeat(job_id=job_id, attempt=attempt, rung=rung, phase="loading", pid=os.getpid())
+def new_progress(
+    job_id: str, attempt: int, rung: int, rank: int = 0, world_size: int = 1
+) -> Heartbeat:
+    return Heartbeat(
+        job_id=job_id,
+        attempt=attempt,
+        rung=rung,
+        phase="loading",
+        pid=os.getpid(),
+        rank=rank,
+        world_size=world_size,
+        host=socket.gethostname(),
+    )
 
 
 def fresh_heartbeat(progress: Heartbeat) -> Heartbeat:
@@ -104,6 +116,9 @@ class Telemetry:
                 step=self.progress.step,
                 examples_seen=self.progress.examples_seen,
                 detail=detail,
+                rank=self.progress.rank,
+                world_size=self.progress.world_size,
+                host=self.progress.host,
             )
         )
 

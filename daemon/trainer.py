@@ -4,6 +4,14 @@ It loads the config, the model and the data with mlx-lm's own parts, resumes fro
 valid checkpoint, runs the plain loop in ``loop.py`` with hooks for heartbeats, logging,
 checkpoints, stop requests and memory hygiene, and writes mlx-lm-compatible adapters. Its exit
 code tells the supervisor what happened (see ``loractl.protocol.ExitCode``).
+
+A distributed job runs one trainer per rank, started by mlx.launch (see
+``loractl.distributed.launch_command``). Every rank trains; rank 0 alone holds the adapter
+folder's lock and writes checkpoints, adapters and train.log (the others log to
+``train.rank<N>.log``). The ranks agree at every optimizer step on whether to stop or
+checkpoint, and wait for each other after a checkpoint, so all of them stop on, and resume
+from, the same step. Every rank heartbeats and announces its own exit; a rank whose peer dies
+fails with "a peer rank was lost" (exit 1), and mlx.launch then terminates the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 import structlog
 
 from loractl.config import ConfigError, JobConfig, load_config
+from loractl.distributed import RANK_LOG_PATTERN
 from loractl.memory import MB, available_mb
 from loractl.protocol import ExitCode
 from loractl.signatures import is_disk_full_error, is_memory_exception, is_resource_limit_text
@@ -31,6 +40,10 @@ log = structlog.get_logger("loractl.trainer")
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train.log"
+
+
+# What MLX's ring backend raises in the survivors when a rank exits or is killed.
+PEER_LOST_TEXT = "connection to a peer was lost"
 
 
 class ModelError(ValueError):
@@ -49,6 +62,33 @@ def resource_limit_words(exc: BaseException) -> str:
 # mlx-lm names its periodic adapter saves after the iteration, zero-padded to 7 digits.
 def iteration_adapter_name(iteration: int) -> str:
     return f"{iteration:07d}_adapters.safetensors"
+
+
+def init_world(cfg: JobConfig):
+    """This process's distributed group: mlx.launch's ranks, or a group of one without it.
+
+    Raises ConfigError when the config's layout and the launched one differ: the world size
+    is part of the run's identity, and a rank left waiting for a peer that was never started
+    would hang instead of failing.
+    """
+    import mlx.core as mx
+
+    world = mx.distributed.init()
+    if world.size() != cfg.world_size:
+        raise ConfigError(
+            f"the config's 'distributed' section makes {cfg.world_size} rank(s) but this "
+            f"process is one of {world.size()}; start the job with the command "
+            "loractl.distributed.launch_command builds (mlx.launch)"
+        )
+    return world
+
+
+def barrier(world) -> None:
+    """Wait for every rank: an all_sum of a scalar returns only once all ranks have sent."""
+    if world.size() > 1:
+        import mlx.core as mx
+
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world))
 
 
 def configure_logging(log_path: Path | None) -> None:
@@ -163,28 +203,36 @@ def run(
         # batch_size must not halve the number of examples the job trains on.
         base = load_config(config_path, settings or None)
         cfg = base.with_overrides(overrides) if overrides else base
+        world = init_world(cfg)
     except ConfigError as exc:
         print(f"loractl: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
+    rank = world.rank()
     for warning in base.warnings:
-        print(f"loractl: warning: {warning}", file=sys.stderr)
+        if rank == 0:
+            print(f"loractl: warning: {warning}", file=sys.stderr)
     adapter_path = Path(cfg.adapter_path)
     try:
         adapter_path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"loractl: config error: adapter_path {adapter_path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
-    busy = lock_adapter_folder(adapter_path)
+    # Only rank 0 writes to the folder, so only it takes the lock: the other ranks of the
+    # same job would otherwise find it busy.
+    busy = lock_adapter_folder(adapter_path) if rank == 0 else None
     if busy:
         print(f"loractl: {busy}", file=sys.stderr)
         return ExitCode.ADAPTER_BUSY
-    configure_logging(adapter_path / LOG_FILE)
+    configure_logging(
+        adapter_path / (LOG_FILE if rank == 0 else RANK_LOG_PATTERN.format(rank=rank))
+    )
     for warning in base.warnings:
         log.warning("config", warning=warning)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     session = TrainingSession(
         cfg,
+        world=world,
         base_cfg=base,
         fresh=fresh,
         telemetry_endpoint=telemetry_endpoint,
@@ -204,6 +252,7 @@ class TrainingSession:
         self,
         cfg: JobConfig,
         *,
+        world=None,
         base_cfg: JobConfig | None = None,
         fresh: bool,
         telemetry_endpoint: str | None,
@@ -219,8 +268,12 @@ class TrainingSession:
         self.base_cfg = base_cfg or cfg
         self.fresh = fresh
         self.rung = rung
-        self.show_progress = show_progress
-        self.progress = new_progress(job_id, attempt, rung)
+        self.world = world if world is not None else init_world(cfg)
+        self.rank = self.world.rank()
+        self.world_size = self.world.size()
+        # One progress bar per job, not one per rank on the same terminal.
+        self.show_progress = show_progress and self.rank == 0
+        self.progress = new_progress(job_id, attempt, rung, self.rank, self.world_size)
         self.requests = Requests()
         self.telemetry = Telemetry(
             telemetry_endpoint, self.progress, self.requests, cfg.heartbeat_interval
@@ -229,6 +282,7 @@ class TrainingSession:
         self.job_id = job_id
         self.supervised = supervised
         self._signals_seen = 0
+        self.collective_watch: CollectiveWatch | None = None
 
     def start_over_hint(self) -> str:
         """How to discard the checkpoints and train from the start, for whoever runs us."""
@@ -259,6 +313,9 @@ class TrainingSession:
                 return self._fail(ExitCode.CRASH, resource_limit_words(exc))
             if is_memory_exception(exc):
                 return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory: {exc}")
+            if self.world_size > 1 and PEER_LOST_TEXT in str(exc):
+                # Not this rank's fault: the dead peer's own exit (or its silence) says why.
+                return self._fail(ExitCode.CRASH, f"a peer rank was lost (rank {self.rank}): {exc}")
             traceback.print_exc()
             return self._fail(ExitCode.CRASH, f"crashed: {type(exc).__name__}: {exc}")
         finally:
@@ -305,6 +362,14 @@ class TrainingSession:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        if self.world_size > 1:
+            self.collective_watch = CollectiveWatch(self)
+            self.collective_watch.start()
+
+    def touch(self) -> None:
+        """The main thread is back in Python (a hook ran): see ``CollectiveWatch``."""
+        if self.collective_watch is not None:
+            self.collective_watch.touch()
 
     # -- the attempt -----------------------------------------------------------------------
 
@@ -348,11 +413,14 @@ class TrainingSession:
         self._apply_adapters(model)
         optimizer = self._build_optimizer()
         store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
-        if self.fresh:
+        if self.fresh and self.rank == 0:
             shutil.rmtree(store.root, ignore_errors=True)
+        # No rank may read the checkpoints while rank 0 may still be deleting them.
+        barrier(self.world)
         resumed = self._resume(store, model, optimizer)
         saved = resumed[1] if resumed else {}
         state = resumed[0] if resumed else LoopState()
+        self._agree_on_start(state)
         # The data order and the run's length were fixed by the attempt that started the run;
         # a later attempt (a rung, a changed batch_size) keeps them, so no data repeats.
         order_batch_size = saved.get("order", {}).get("batch_size") or self.base_cfg.batch_size
@@ -362,7 +430,8 @@ class TrainingSession:
             return self._already_complete(state, total)
         if state.step == 0 and cfg.resume_adapter_file:
             model.load_weights(cfg.resume_adapter_file, strict=False)
-        self._write_adapter_config()
+        if self.rank == 0:
+            self._write_adapter_config()
         # The model, data and transformers' import leave ~100k long-lived objects; freezing
         # them keeps the periodic gc.collect() of the memory hygiene from rescanning them
         # (30-60 ms each time on the tiny model).
@@ -379,6 +448,8 @@ class TrainingSession:
             val_batches=cfg.val_batches,
             clear_cache_threshold=cfg.clear_cache_threshold,
             order_batch_size=order_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         hooks = TrainerHooks(self, model, optimizer, store, plan, order, callback)
         self.progress.total_examples = total
@@ -417,7 +488,8 @@ class TrainingSession:
                     hooks=hooks,
                 )
         except OutOfMemory as exc:
-            hooks.checkpoint_boundary(exc.boundary)
+            if self.rank == 0:
+                hooks.checkpoint_boundary(exc.boundary)
             if exc.resource_limit:
                 return self._fail(ExitCode.CRASH, resource_limit_words(exc))
             return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory twice in one step: {exc}")
@@ -432,6 +504,25 @@ class TrainingSession:
             return ExitCode.STOPPED
         self._finish(model, datasets, plan)
         return ExitCode.DONE
+
+    def _agree_on_start(self, state) -> None:
+        """Every rank resumed from the same step, or none trains.
+
+        The ranks read the same checkpoint folder after a barrier, so they agree unless the
+        folder is not shared (ranks on other hosts) or a rank could not read a checkpoint.
+        """
+        if self.world_size == 1:
+            return
+        import mlx.core as mx
+
+        mine = mx.array([state.step, state.examples_seen], dtype=mx.int64)
+        low = mx.distributed.all_min(mine, group=self.world)
+        high = mx.distributed.all_max(mine, group=self.world)
+        if not mx.array_equal(low, high).item():
+            raise ConfigError(
+                f"the ranks resumed from different steps ({low[0].item()} to {high[0].item()}); "
+                f"every rank must see the checkpoints in {self.adapter_path} (a shared folder)"
+            )
 
     def _already_complete(self, state, total: int) -> int:
         """A run whose checkpoint has consumed every example: say so, change nothing."""
@@ -651,13 +742,18 @@ class TrainingSession:
             test_loss = evaluate(model, datasets.test, test_plan)
             log.info("test", test_loss=test_loss)
             print(f"loractl: test loss {test_loss:.3f}", file=sys.stderr)
+        # A rank announces "done" only once rank 0's adapters are on disk.
+        barrier(self.world)
         self.progress.phase = "done"
         log.info("done", adapter_path=str(self.adapter_path))
         self.telemetry.event("done", adapter_path=str(self.adapter_path))
 
     def write_adapters(self, model, *names: str) -> None:
         """mlx-lm's adapter file (and any ``names`` beside it), each written atomically so a
-        reader (mlx_lm.generate, a resume_adapter_file) never sees half of one."""
+        reader (mlx_lm.generate, a resume_adapter_file) never sees half of one. Rank 0's
+        alone: every rank holds the same weights."""
+        if self.rank != 0:
+            return
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
@@ -669,6 +765,62 @@ class TrainingSession:
             with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
+
+
+class CollectiveWatch:
+    """Ends a rank stuck in a collective whose peer is gone, once it is told to stop.
+
+    MLX's ring backend (0.32.4) usually raises "connection to a peer was lost" in the
+    survivors, but a rank blocked in a compiled step's collectives can instead wait forever
+    (seen on this project's machines). Blocked in C, it never runs its Python SIGTERM handler,
+    and mlx.launch, which terminates the other ranks when one dies, waits for it forever. So a
+    thread sees the signal through the wakeup fd (written by the C-level handler whatever the
+    main thread is doing) and, when the main thread has not come back to a hook for longer
+    than it ever took before (three times the longest gap seen, at least ``MIN_GRACE_S``),
+    announces the failure and exits. A healthy rank reaches its next hook well within that
+    and stops the ordinary way, at a checkpoint.
+    """
+
+    MIN_GRACE_S = 10.0
+
+    def __init__(self, session: TrainingSession):
+        import socket
+        import threading
+
+        self.session = session
+        self._last = time.monotonic()
+        self._longest = 0.0
+        self._reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._writer = writer  # kept referenced: the wakeup fd must stay open
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._run, name="collective-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def touch(self) -> None:
+        now = time.monotonic()
+        self._longest = max(self._longest, now - self._last)
+        self._last = now
+
+    def _run(self) -> None:
+        stop_signals = {int(signal.SIGTERM), int(signal.SIGINT)}
+        while not any(byte in stop_signals for byte in self._reader.recv(64)):
+            pass
+        while True:
+            grace = max(self.MIN_GRACE_S, 3 * self._longest)
+            waited = time.monotonic() - self._last
+            if waited > grace:
+                break
+            time.sleep(min(1.0, grace - waited + 0.05))
+        message = (
+            f"rank {self.session.rank} was asked to stop but has been inside a collective for "
+            f"{waited:.0f} s (longest step so far {self._longest:.1f} s): a peer rank is gone"
+        )
+        self.session._fail(ExitCode.CRASH, message)
+        self.session.telemetry.close()
+        os._exit(ExitCode.CRASH)
 
 
 class Reporter:
@@ -738,6 +890,7 @@ class TrainerHooks:
             enabled=session.show_progress,
             total_examples=plan.total_examples,
             start_examples=session.progress.examples_seen,
+            quiet=session.rank != 0,
         )
         self._fault = FaultInjector.from_env()
         # Tests audit the exact examples consumed across kills and resumes through this trace.
@@ -745,6 +898,7 @@ class TrainerHooks:
         self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
 
     def before_micro_step(self, state, indices) -> None:
+        self.session.touch()
         if self.reporter is None:
             self.reporter = Reporter(
                 self.cfg,
@@ -754,15 +908,17 @@ class TrainerHooks:
                 state.tokens_seen,
             )
         self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
-        if self._trace is not None:
+        # ``indices`` is the global batch, the same on every rank: one rank traces it.
+        if self._trace is not None and self.session.rank == 0:
             self._trace.write(
                 json.dumps({"start": state.examples_seen, "indices": list(indices)}) + "\n"
             )
             self._trace.flush()
 
     def after_iteration(self, state, report) -> None:
+        self.session.touch()
         self.reporter.after_iteration(state, report)
-        if state.iteration % self.cfg.save_every == 0:
+        if state.iteration % self.cfg.save_every == 0 and self.session.rank == 0:
             # mlx-lm's save_every: the adapters now, and a copy named after the iteration
             # that mlx_lm.generate --adapter-path or resume_adapter_file can use as it is.
             self.session.write_adapters(self.model, iteration_adapter_name(state.iteration))
@@ -795,6 +951,7 @@ class TrainerHooks:
             mlx_peak_mb=round(progress.mlx_peak_mb, 1),
         )
         self.display.update(progress)
+        self._agree_on_requests()
         low_memory = available_mb() < cfg.low_memory_mb
         if (
             state.step % cfg.cleanup_every == 0
@@ -808,9 +965,11 @@ class TrainerHooks:
                 log.warning("low memory: cache cleared", available_mb=round(available_mb()))
 
     def before_eval(self, state) -> None:
+        self.session.touch()
         self.progress.phase = "eval"
 
     def on_eval(self, state, val_loss: float, seconds: float) -> None:
+        self.session.touch()
         self.progress.phase = "train"
         self.progress.eval_seconds = seconds
         log.info(
@@ -831,6 +990,22 @@ class TrainerHooks:
         log.warning("allocation failed; cache cleared, retrying step", error=str(error))
         self.session.telemetry.event("oom_retry", error=str(error)[:500])
 
+    def _agree_on_requests(self) -> None:
+        """With several ranks, a stop or checkpoint request that reached any rank (a signal,
+        a supervisor command) applies to all of them at this step: a rank that stopped alone
+        would leave the others blocked in their next collective."""
+        requests = self.session.requests
+        if self.session.world_size == 1:
+            return
+        import mlx.core as mx
+
+        mine = mx.array([requests.stop.is_set(), requests.checkpoint.is_set()], dtype=mx.int32)
+        stop, checkpoint = mx.distributed.all_max(mine, group=self.session.world).tolist()
+        if stop:
+            requests.stop.set()
+        if checkpoint:
+            requests.checkpoint.set()
+
     def checkpoint_due(self, state) -> bool:
         if self.session.requests.checkpoint.is_set():
             self.session.requests.checkpoint.clear()
@@ -843,12 +1018,15 @@ class TrainerHooks:
     def checkpoint(self, state) -> None:
         from mlx.utils import tree_flatten
 
-        self._write_checkpoint(
-            state,
-            tree_flatten(self.model.trainable_parameters()),
-            tree_flatten(self.optimizer.state),
-        )
-        self.session.write_adapters(self.model)
+        if self.session.rank == 0:
+            self._write_checkpoint(
+                state,
+                tree_flatten(self.model.trainable_parameters()),
+                tree_flatten(self.optimizer.state),
+            )
+            self.session.write_adapters(self.model)
+        # No rank moves past (or stops after) a step whose checkpoint is not yet on disk.
+        barrier(self.session.world)
 
     def checkpoint_boundary(self, boundary) -> None:
         """Checkpoint the last consistent state after a fatal allocation failure, if we can."""

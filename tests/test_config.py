@@ -851,6 +851,14 @@ def non_default_values(tmp_path: Path) -> dict:
         "cleanup_every": 20,
         "low_memory_mb": 2048,
         "notify": True,
+        # One rank (batch_size 1 allows no more), yet every option is set.
+        "distributed": {
+            "backend": "ring",
+            "hosts": ["127.0.0.1"],
+            "processes": 1,
+            "env": {"MLX_METAL_FAST_SYNCH": "1"},
+            "starting_port": 40000,
+        },
     }
 
 

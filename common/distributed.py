@@ -1,0 +1,116 @@
+"""A distributed job's layout and the mlx.launch command that starts it.
+
+A job config's ``distributed`` section mirrors mlx.launch's own options (``backend``,
+``hosts``, ``hostfile``, ``processes`` for ``-n``, ``env``, ``starting_port``), so what a user
+knows from mlx.launch carries over. loractl writes no launcher and no collective of its own:
+the supervisor runs the command built here, and the trainer talks to its peers through
+``mx.distributed``.
+
+This module never imports mlx: the supervisor and the config loader import it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_HOST",
+    "LAUNCHER",
+    "RANK_LOG_PATTERN",
+    "hostfile_hosts",
+    "launch_command",
+    "world_size",
+]
+
+# mlx/_distributed_utils/launch.py (mlx 0.32.4) accepts exactly these; without --backend it
+# takes the hostfile's, else nccl with CUDA and ring without.
+BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
+# mlx.launch's console script, inline: its module has no __main__ guard, so ``python -m``
+# would only import it, and this way no venv bin folder needs finding.
+LAUNCHER = (
+    "import sys; from mlx._distributed_utils.launch import main; "
+    "sys.argv[0] = 'mlx.launch'; sys.exit(main())"
+)
+# mlx.launch's default --hosts: every rank on this machine.
+DEFAULT_HOST = "127.0.0.1"
+# Ranks other than 0 log here, beside rank 0's train.log, so a peer's failure can be read.
+RANK_LOG_PATTERN = "train.rank{rank}.log"
+
+
+def hostfile_hosts(path: str | Path) -> list[dict[str, Any]]:
+    """The host entries of an mlx.launch hostfile (a list, or a mapping with 'hosts').
+
+    Raises ValueError with the reason when the file cannot be read or has no host list.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read hostfile {path}: {exc}") from None
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list) or not hosts:
+        raise ValueError(f"hostfile {path}: expected a non-empty list of hosts")
+    for index, host in enumerate(hosts):
+        if not isinstance(host, dict) or not isinstance(host.get("ssh"), str):
+            raise ValueError(f"hostfile {path}: host {index} needs an 'ssh' name")
+    return hosts
+
+
+def world_size(section: Mapping[str, Any] | None) -> int:
+    """How many ranks mlx.launch starts for a ``distributed`` section (None: one process).
+
+    As in mlx.launch: a hostfile's hosts are one rank each (it ignores ``-n`` then); otherwise
+    each host of ``hosts`` (default: this machine) is repeated ``processes`` times.
+    """
+    if not section:
+        return 1
+    if section.get("hostfile"):
+        return len(hostfile_hosts(section["hostfile"]))
+    hosts = section.get("hosts") or [DEFAULT_HOST]
+    return len(hosts) * int(section.get("processes") or 1)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def launch_command(
+    section: Mapping[str, Any],
+    trainer_argv: Sequence[str],
+    *,
+    starting_port: int | None = None,
+    python: str | None = None,
+) -> list[str]:
+    """The argv that starts every rank of a job: mlx.launch run by ``python`` (default: this
+    interpreter) with the section's options, then ``--`` and the trainer's own argv.
+
+    ``trainer_argv`` is what a single-process attempt would run (``[python, "-m",
+    "loractl.daemon.trainer", CONFIG, ...]``); mlx.launch runs it through a shell with
+    ``exec``, so each local rank's pid is the trainer's. ``starting_port`` overrides the
+    section's (the ring backend listens on it and the ports after it, one per rank), so
+    parallel jobs on one machine need not clash. The launcher's exit status says nothing
+    (it exits 0 when a rank dies); the ranks' heartbeats and announced exits do.
+    """
+    argv = [python or sys.executable, "-c", LAUNCHER]
+    if section.get("backend"):
+        argv += ["--backend", section["backend"]]
+    if section.get("hostfile"):
+        argv += ["--hostfile", str(section["hostfile"])]
+    else:
+        argv += ["--hosts", ",".join(section.get("hosts") or [DEFAULT_HOST])]
+        argv += ["-n", str(int(section.get("processes") or 1))]
+    port = starting_port if starting_port is not None else section.get("starting_port")
+    if port is not None:
+        argv += ["--starting-port", str(int(port))]
+    for key, value in (section.get("env") or {}).items():
+        argv += ["--env", f"{key}={value}"]
+    return [*argv, "--", *trainer_argv]
