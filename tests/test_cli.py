@@ -152,4 +152,5 @@ def test_config_validate_shows_the_warnings_and_still_passes(tmp_path):
     data = json.loads(result.stdout)
     assert [w for w in data["warnings"] if "wandb_run_name" in w]
     result = CliRunner().invoke(main, ["config", "validate", str(path)])
-    assert result.exit_code == 0 and "warning" in result.stderr and "wandb_run_name" in result.stderr
+    assert result.exit_code == 0
+    assert "warning" in result.stderr and "wandb_run_name" in result.stderr
