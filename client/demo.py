@@ -187,9 +187,11 @@ def _supervised(base: Path, directory: Path) -> int:
         for _ in range(5):
             # The memory guard may retire a trainer at any moment; kill whichever is live.
             state = wait_for(
-                lambda: (j := supervisor.show(job_id))["trainer_pid"]
-                and j["progress"]["step"] >= 2
-                and j,
+                lambda: (
+                    (j := supervisor.show(job_id))["trainer_pid"]
+                    and j["progress"]["step"] >= 2
+                    and j
+                ),
                 600,
                 interval=0.1,
             )

@@ -33,8 +33,13 @@ LINUX = FIXTURES / "linux"
 
 @pytest.mark.parametrize(
     ("level", "expected"),
-    [(1, Pressure.NORMAL), (2, Pressure.WARN), (4, Pressure.CRITICAL), (0, Pressure.NORMAL),
-     (6, Pressure.CRITICAL)],
+    [
+        (1, Pressure.NORMAL),
+        (2, Pressure.WARN),
+        (4, Pressure.CRITICAL),
+        (0, Pressure.NORMAL),
+        (6, Pressure.CRITICAL),
+    ],
 )
 def test_macos_level_mapping(level, expected):
     """sysctl levels 1/2/4 map to normal/warn/critical, and odd values err toward the worse."""
@@ -181,8 +186,11 @@ def test_cgroup_count_unified_v2(tmp_path):
     proc, sys_root = fake_tree(
         tmp_path,
         "0::/user.slice/loractl.service\n",
-        {"user.slice/loractl.service/memory.events":
-         (LINUX / "cgroup_v2_memory.events.txt").read_text()},
+        {
+            "user.slice/loractl.service/memory.events": (
+                LINUX / "cgroup_v2_memory.events.txt"
+            ).read_text()
+        },
     )
     assert cgroup_oom_kill_count(4242, proc_root=proc, sys_root=sys_root) == 2
 
@@ -206,8 +214,9 @@ def test_cgroup_count_unavailable(tmp_path):
     proc, sys_root = fake_tree(tmp_path, "0::/x\n", {})
     assert cgroup_oom_kill_count(4242, proc_root=proc, sys_root=sys_root) is None
     assert cgroup_oom_kill_count(999, proc_root=proc, sys_root=sys_root) is None
-    proc, sys_root = fake_tree(tmp_path / "old", "3:memory:/\n", {"memory/memory.oom_control":
-                                                                 "under_oom 0\n"})
+    proc, sys_root = fake_tree(
+        tmp_path / "old", "3:memory:/\n", {"memory/memory.oom_control": "under_oom 0\n"}
+    )
     assert cgroup_oom_kill_count(4242, proc_root=proc, sys_root=sys_root) is None
     assert read_oom_kill_counter(None) is None
 
@@ -230,7 +239,8 @@ def write_proc(tmp_path, meminfo: str, psi_text: str | None):
 def test_linux_reading_from_fixtures(tmp_path):
     """The fixture /proc tree yields meminfo's numbers and PSI as the source."""
     root = write_proc(
-        tmp_path, (LINUX / "meminfo.txt").read_text(),
+        tmp_path,
+        (LINUX / "meminfo.txt").read_text(),
         (LINUX / "pressure_memory.txt").read_text(),
     )
     assert linux_system_memory(root) == SystemMemory(

@@ -44,8 +44,10 @@ def test_messages_round_trip_with_type_id_and_version():
         (b'{"type": "nope", "id": "x", "v": 1}', ErrorCode.UNKNOWN_TYPE),
         (b'{"type": "heartbeat", "id": "x", "v": 1, "evil": 1}', ErrorCode.MALFORMED),
         (b'{"type": "heartbeat", "id": 5, "v": 1}', ErrorCode.MALFORMED),
-        (b'{"type": "trainer_command", "id": "x", "v": 1, "action": "rm"}',
-         ErrorCode.INVALID_ARGUMENT),
+        (
+            b'{"type": "trainer_command", "id": "x", "v": 1, "action": "rm"}',
+            ErrorCode.INVALID_ARGUMENT,
+        ),
         (b'{"type": "heartbeat", "id": "x", "v": 1, "footprint_mb": NaN}', ErrorCode.MALFORMED),
         (b"{" * 100000, ErrorCode.TOO_LARGE),
         (b"[" * 5000 + b"]" * 5000, ErrorCode.MALFORMED),
