@@ -105,9 +105,13 @@ class SupervisorProcess:
 
 
 def trainers_of(home: Path) -> list[psutil.Process]:
-    """Live trainer processes whose config lives under ``home``."""
+    """Live trainer processes whose config lives under ``home``.
+
+    A process forked by a trainer carries the trainer's command line until it execs (a
+    library's helper, caught in that instant); it is part of that trainer, not a second one.
+    """
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
+    for proc in psutil.process_iter(["cmdline", "status", "ppid"]):
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
@@ -116,7 +120,8 @@ def trainers_of(home: Path) -> list[psutil.Process]:
             continue
         if "loractl.daemon.trainer" in cmdline and str(home) in cmdline:
             found.append(proc)
-    return found
+    pids = {proc.pid for proc in found}
+    return [proc for proc in found if proc.info["ppid"] not in pids]
 
 
 def measure_footprint(config: Path, overrides: dict, steps: int = 3, timeout: float = 300) -> float:
