@@ -36,7 +36,7 @@ class DaemonNotRunning(RuntimeError):
         home = f" --home {layout.home}" if "LORACTL_HOME" not in os.environ else ""
         super().__init__(
             f"the loractl daemon is not running for {layout.home}; start it with "
-            f"`loractl{home} daemon run`"
+            f"`loractl{home} daemon start` (installed as a service) or `loractl{home} daemon run`"
         )
 
 
