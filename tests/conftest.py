@@ -186,3 +186,25 @@ def fill_disk(disk: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+# Exit code, stdout and stderr of a command that succeeded.
+OK = (0, "", "")
+
+
+class FakeRunner:
+    """A stand-in for launchctl/systemctl: answers each call from a queue per subcommand
+    (then success) and records every argv."""
+
+    def __init__(self, **answers: list[tuple[int, str, str]]):
+        self.answers = {verb.replace("_", "-"): list(queue) for verb, queue in answers.items()}
+        self.calls: list[list[str]] = []
+
+    def run(self, argv):
+        self.calls.append(list(argv))
+        verb = next(word for word in argv[1:] if word != "--user")
+        queue = self.answers.get(verb)
+        return queue.pop(0) if queue else OK
+
+    def verbs(self) -> list[str]:
+        return [" ".join(word for word in argv if word != "--user") for argv in self.calls]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, OK, FakeRunner
 from loractl.launchd import (
     DEFAULT_LABEL,
     LAUNCHD,
@@ -69,26 +69,6 @@ ERRORS = launchctl_errors()
 
 def failing(code: int) -> tuple[int, str, str]:
     return code, "", ERRORS[code] + "\n"
-
-
-OK = (0, "", "")
-
-
-class FakeRunner:
-    """Answers each call from a queue per subcommand (then success); records every argv."""
-
-    def __init__(self, **answers: list[tuple[int, str, str]]):
-        self.answers = {verb.replace("_", "-"): list(queue) for verb, queue in answers.items()}
-        self.calls: list[list[str]] = []
-
-    def run(self, argv):
-        self.calls.append(list(argv))
-        verb = next(word for word in argv[1:] if word != "--user")
-        queue = self.answers.get(verb)
-        return queue.pop(0) if queue else OK
-
-    def verbs(self) -> list[str]:
-        return [" ".join(word for word in argv if word != "--user") for argv in self.calls]
 
 
 @pytest.fixture(autouse=True)

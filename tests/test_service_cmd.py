@@ -14,28 +14,14 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from conftest import FakeRunner
 from loractl.client.service_cmd import RUNNER_KEY, register, service_status
 from loractl.launchd import LAUNCHD, SYSTEMD, build_definition, default_target, definition_path
 from loractl.paths import Layout
 from loractl.protocol import ClientExit
 
-OK = (0, "", "")
 USER_MANAGER = (0, "Version=252\n", "")
 NO_BUS = (1, "", "Failed to connect to bus: No medium found\n")
-
-
-class FakeRunner:
-    """Answers each call from a queue per subcommand (then success); records every argv."""
-
-    def __init__(self, **answers: list[tuple[int, str, str]]):
-        self.answers = {verb.replace("_", "-"): list(queue) for verb, queue in answers.items()}
-        self.calls: list[list[str]] = []
-
-    def run(self, argv):
-        self.calls.append(list(argv))
-        verb = next(word for word in argv[1:] if word != "--user")
-        queue = self.answers.get(verb)
-        return queue.pop(0) if queue else OK
 
 
 @pytest.fixture(autouse=True)
