@@ -208,3 +208,15 @@ class FakeRunner:
 
     def verbs(self) -> list[str]:
         return [" ".join(word for word in argv if word != "--user") for argv in self.calls]
+
+
+@pytest.fixture
+def user_home_folder(tmp_path, monkeypatch) -> Path:
+    """Every path the service layer derives from $HOME lands in the test's folder."""
+    home = tmp_path / "user"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("LORACTL_HOME", raising=False)
+    return home

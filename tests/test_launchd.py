@@ -72,15 +72,8 @@ def failing(code: int) -> tuple[int, str, str]:
 
 
 @pytest.fixture(autouse=True)
-def user_home(tmp_path, monkeypatch) -> Path:
-    """Every path the service layer derives from $HOME lands in the test's folder."""
-    home = tmp_path / "user"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    monkeypatch.delenv("LORACTL_HOME", raising=False)
-    return home
+def user_home(user_home_folder) -> Path:
+    return user_home_folder
 
 
 @pytest.fixture
