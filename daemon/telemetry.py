@@ -7,6 +7,10 @@ commands (checkpoint-now, clear-cache, stop) into flags the training loop reads 
 Because the thread runs while the main thread is inside a long step, a live trainer keeps
 heartbeating and the supervisor can tell "slow" from "dead"; the step counter is the separate
 signal that tells "working" from "stuck".
+
+Over ipc:// (trainer and supervisor on one Mac) the private socket folder is the security.
+Over tcp:// (a distributed job's rank on another Mac) the DEALER is a CURVE client holding
+the install's client key (see loractl.keys); a tcp endpoint without keys is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 import zmq
 
+from loractl.keys import CurveKeys, is_tcp, load_keys, secure_client
 from loractl.memory import footprint_mb
 from loractl.protocol import (
     Heartbeat,
@@ -89,8 +94,19 @@ class Telemetry:
         progress: Progress,
         requests: Requests,
         interval: float = 1.0,
+        keys_dir: str | None = None,
     ):
         self.endpoint = endpoint
+        # Loaded here, in the caller's thread, so missing or open keys fail the start with
+        # their message instead of silently killing the heartbeat thread.
+        self.keys: CurveKeys | None = None
+        if endpoint is not None and is_tcp(endpoint):
+            if keys_dir is None:
+                raise ValueError(
+                    f"telemetry endpoint {endpoint} is TCP, which needs CURVE keys: pass "
+                    "keys_dir, the keys folder copied from the supervisor's Mac"
+                )
+            self.keys = load_keys(keys_dir)
         self.progress = progress
         self.requests = requests
         self.interval = interval
@@ -134,6 +150,8 @@ class Telemetry:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.SNDHWM, 100)
         sock.setsockopt(zmq.ROUTING_ID, f"trainer-{os.getpid()}".encode())
+        if self.keys is not None:
+            secure_client(sock, self.keys)
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
