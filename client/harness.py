@@ -98,7 +98,16 @@ class SupervisorProcess:
                 self.proc.kill()
                 self.proc.wait()
         for proc in trainers_of(self.home):
-            proc.kill()
+            # A distributed job's launcher first: its ranks are its children.
+            try:
+                family = [*proc.children(recursive=True), proc]
+            except psutil.NoSuchProcess:
+                continue
+            for member in family:
+                try:
+                    member.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
     def debug(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

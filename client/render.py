@@ -78,6 +78,14 @@ def job_details(job: dict[str, Any]) -> str:
     ]
     if job.get("trainer_pid"):
         lines.append(f"  trainer pid: {job['trainer_pid']}")
+    if job.get("ranks"):
+        lines.append("  ranks:")
+        for rank in job["ranks"]:
+            footprint = f"{rank['footprint_mb']:.0f} MB" if rank.get("footprint_mb") else "-"
+            lines.append(
+                f"    {rank['rank']}: {rank['host']} pid {rank['pid']}, step {rank['step']}, "
+                f"{footprint}"
+            )
     if job.get("ladder"):
         lines.append("  ladder:")
         for rung in job["ladder"]:
@@ -88,8 +96,9 @@ def job_details(job: dict[str, Any]) -> str:
     if job.get("crashes"):
         lines.append("  crashes:")
         for crash in job["crashes"]:
+            where = f" rank {crash.get('rank', 0)}" if job.get("ranks") else ""
             lines.append(
-                f"    step {crash['step']} rung {crash['rung']}: {crash['cause']} "
+                f"    step {crash['step']} rung {crash['rung']}{where}: {crash['cause']} "
                 f"({crash['explanation']})"
             )
     if job.get("reason"):

@@ -22,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_HOST",
     "LAUNCHER",
+    "free_port_range",
     "RANK_LOG_PATTERN",
     "hostfile_hosts",
     "launch_command",
@@ -81,6 +82,33 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def free_port_range(count: int, host: str = DEFAULT_HOST, tries: int = 50) -> int:
+    """A port p with p .. p + count - 1 free on ``host``: the ring backend listens on one
+    port per rank from ``--starting-port`` on, so two jobs (or a stale one) must not clash.
+    mlx.launch's own default (32323) is tried by every job alike."""
+    import socket
+
+    for _ in range(tries):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        if port + count - 1 > 65535:
+            continue
+        taken = []
+        try:
+            for offset in range(1, count):
+                extra = socket.socket()
+                taken.append(extra)
+                extra.bind((host, port + offset))
+        except OSError:
+            continue
+        finally:
+            for extra in taken:
+                extra.close()
+        return port
+    raise OSError(f"no {count} consecutive free ports on {host}")
 
 
 def launch_command(

@@ -419,6 +419,9 @@ class CrashEvent(Message):
     attempt: int = 0
     pid: int = 0
     footprint_mb: float | None = None
+    # The rank that failed (a distributed job's first to fail; a single process is rank 0).
+    rank: int = 0
+    host: str = ""
     at: float = field(default_factory=time.time)
 
     def record(self) -> dict[str, Any]:

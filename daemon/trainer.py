@@ -315,7 +315,9 @@ class TrainingSession:
                 return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory: {exc}")
             if self.world_size > 1 and PEER_LOST_TEXT in str(exc):
                 # Not this rank's fault: the dead peer's own exit (or its silence) says why.
-                return self._fail(ExitCode.CRASH, f"a peer rank was lost (rank {self.rank}): {exc}")
+                return self._fail(
+                    ExitCode.CRASH, f"a peer rank was lost (rank {self.rank}): {exc}", True
+                )
             traceback.print_exc()
             return self._fail(ExitCode.CRASH, f"crashed: {type(exc).__name__}: {exc}")
         finally:
@@ -345,10 +347,13 @@ class TrainingSession:
             f"space, then {again} continues from it"
         )
 
-    def _fail(self, code: ExitCode, message: str) -> int:
+    def _fail(self, code: ExitCode, message: str, peer_lost: bool = False) -> int:
+        """Announce the failure (``peer_lost``: only because another rank went away, so the
+        supervisor blames that rank, not this one) and return the exit code."""
         print(f"loractl: {message}", file=sys.stderr)
         log.error("attempt failed", exit_code=int(code), reason=message)
-        self.telemetry.event("error", exit_code=int(code), reason=message)
+        extra = {"peer_lost": True} if peer_lost else {}
+        self.telemetry.event("error", exit_code=int(code), reason=message, **extra)
         return int(code)
 
     def _install_signal_handlers(self) -> None:
@@ -818,7 +823,7 @@ class CollectiveWatch:
             f"rank {self.session.rank} was asked to stop but has been inside a collective for "
             f"{waited:.0f} s (longest step so far {self._longest:.1f} s): a peer rank is gone"
         )
-        self.session._fail(ExitCode.CRASH, message)
+        self.session._fail(ExitCode.CRASH, message, peer_lost=True)
         self.session.telemetry.close()
         os._exit(ExitCode.CRASH)
 

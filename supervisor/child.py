@@ -22,6 +22,7 @@ import structlog
 import zmq
 
 from loractl.config import ConfigError, JobConfig, load_config
+from loractl.distributed import free_port_range, launch_command
 from loractl.memory import footprint_mb, total_mb
 from loractl.protocol import (
     ExitCode,
@@ -36,6 +37,13 @@ from loractl.supervisor.ladder import (
     rung_overrides,
 )
 from loractl.supervisor.pressure import Pressure, cgroup_oom_kill_count, read_system_memory
+from loractl.supervisor.ranks import (
+    Rank,
+    attempt_exit,
+    launched_by,
+    local_rank_processes,
+    process_alive,
+)
 from loractl.supervisor.store import (
     Job,
     JobState,
@@ -45,6 +53,8 @@ from loractl.wire import drain
 log = structlog.get_logger("loractl.supervisor")
 
 STDERR_TAIL_BYTES = 8192
+# How long an ended launcher's killed ranks may take to go before the attempt counts as over.
+LINGER_S = 10.0
 
 
 @dataclass
@@ -83,10 +93,32 @@ class Trainer:
     crash_recorded: bool = False
     cgroup_oom_at_start: int | None = None
     pressure_seen: str = "normal"
+    # A distributed attempt: ``pid`` is mlx.launch's, and each rank reports on its own.
+    world_size: int = 1
+    ranks: dict[int, Rank] = field(default_factory=dict)
+    # The rank blamed for this attempt's end: the first to die, hang or outgrow its budget.
+    culprit: int | None = None
+    lingering_since: float | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
     @property
     def recent_footprint(self) -> float | None:
+        if self.culprit is not None and self.culprit in self.ranks:
+            return self.ranks[self.culprit].footprint_mb
         return max(self.footprints) if self.footprints else None
+
+    def live_ranks(self) -> list[Rank]:
+        return [rank for rank in self.ranks.values() if rank.ended_at is None]
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _is_trainer_of(pid: int, job_id: str) -> bool:
@@ -178,17 +210,34 @@ class TrainerChild:
         ]
         if self._fresh_start_requested(job.id, attempt):
             command.append("--fresh")
-        with stderr_path.open("ab") as stderr:
-            # A new session: a signal aimed at the supervisor's process group (Ctrl-C, launchd
-            # stopping the agent) must not kill the trainer before it can checkpoint.
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-                cwd=self.layout.job_dir(job.id),
-            )
+        stdin, keep_open = subprocess.DEVNULL, ()
+        if cfg.world_size > 1:
+            section = cfg.distributed
+            port = None if section.get("starting_port") else free_port_range(cfg.world_size)
+            command = launch_command(section, command, starting_port=port)
+            # mlx.launch polls its stdin: at EOF (/dev/null) its loop spins a core. A pipe
+            # whose write end the launcher itself holds never reaches EOF, even after we die.
+            stdin, write_end = os.pipe()
+            keep_open = (write_end,)
+        try:
+            with stderr_path.open("ab") as stderr:
+                # A new session: a signal aimed at the supervisor's process group (Ctrl-C,
+                # launchd stopping the agent) must not kill the trainer before it can
+                # checkpoint. For a distributed job the session holds the launcher and its
+                # local ranks, so one killpg reaches them all.
+                popen = subprocess.Popen(
+                    command,
+                    stdin=stdin,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    start_new_session=True,
+                    cwd=self.layout.job_dir(job.id),
+                    pass_fds=keep_open,
+                )
+        finally:
+            if keep_open:
+                os.close(stdin)
+                os.close(keep_open[0])
         try:
             started_at = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:
@@ -205,6 +254,7 @@ class TrainerChild:
             last_checkpoint_step=job.last_checkpoint_step,
             # The trainer shares our cgroup, and our pid outlives it for the exit check.
             cgroup_oom_at_start=cgroup_oom_kill_count(os.getpid()),
+            world_size=cfg.world_size,
         )
         self.store.transition(
             job.id,
@@ -216,7 +266,14 @@ class TrainerChild:
         )
         self.keep_awake.hold(popen.pid, f"loractl is training {job.name}")
         self.publish_state(job.id, pid=popen.pid)
-        log.info("spawned trainer", job=job.id, pid=popen.pid, attempt=attempt, rung=job.rung)
+        log.info(
+            "spawned trainer",
+            job=job.id,
+            pid=popen.pid,
+            attempt=attempt,
+            rung=job.rung,
+            ranks=cfg.world_size,
+        )
 
     def _note_peak(self, trainer: Trainer, footprint: float) -> None:
         if footprint > trainer.peak_mb * 1.01:
@@ -232,14 +289,42 @@ class TrainerChild:
         except zmq.ZMQError:
             return False  # not connected (yet, or any more): signals still work
 
+    def command_all(self, trainer: Trainer, action: str) -> None:
+        """Send ``action`` to the trainer, or to every rank still running."""
+        if not trainer.distributed:
+            self.send_command(trainer.pid, action)
+            return
+        for rank in trainer.live_ranks():
+            self.send_command(rank.pid, action)
+
+    def _rank_footprints(self, trainer: Trainer) -> tuple[float | None, int | None]:
+        """The largest footprint among the ranks and whose it is. Ranks on this machine are
+        read now; others as their last heartbeat said."""
+        largest, whose = None, None
+        for rank in trainer.live_ranks():
+            if rank.local:
+                try:
+                    reading = footprint_mb(rank.pid)
+                except (psutil.Error, ProcessLookupError):
+                    continue
+                # An exiting rank reads as nothing: keep what it last used.
+                rank.footprint_mb = reading or rank.footprint_mb
+            if rank.footprint_mb and (largest is None or rank.footprint_mb > largest):
+                largest, whose = rank.footprint_mb, rank.rank
+        return largest, whose
+
     def guard_memory(self) -> None:
         trainer = self.trainer
-        try:
-            footprint = footprint_mb(trainer.pid)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
-            return
-        except psutil.AccessDenied:
-            footprint = None
+        rank = None
+        if trainer.distributed:
+            footprint, rank = self._rank_footprints(trainer)
+        else:
+            try:
+                footprint = footprint_mb(trainer.pid)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
+                return
+            except psutil.AccessDenied:
+                footprint = None
         if footprint:
             trainer.footprints.append(footprint)
             self._note_peak(trainer, footprint)
@@ -254,6 +339,7 @@ class TrainerChild:
             runaway = critical or footprint > trainer.budget_mb * self.settings.runaway_factor
             grace = self.settings.checkpoint_grace_s if runaway else self.settings.stop_grace_s
             grace = min(grace, self.settings.stop_grace_s)
+            where = {"rank": rank} if rank is not None else {}
             self.store.record(
                 trainer.job_id,
                 "memory_guard",
@@ -261,17 +347,20 @@ class TrainerChild:
                 footprint_mb=round(footprint, 1),
                 budget_mb=round(trainer.budget_mb, 1),
                 grace_s=grace,
+                **where,
             )
             log.warning(
                 "over budget; stopping trainer",
                 footprint=footprint,
                 budget=trainer.budget_mb,
                 grace_s=grace,
+                **where,
             )
+            trainer.culprit = rank
             self.stop_trainer("memory", grace=grace)
             trainer.footprint_at_stop = footprint
             return
-        if critical and self._biggest_consumer(trainer.pid):
+        if critical and self._biggest_consumer(self._trainer_pids(trainer)):
             grace = min(self.settings.checkpoint_grace_s, self.settings.stop_grace_s)
             self.store.record(
                 trainer.job_id, "memory_guard", action="stop", pressure="critical", grace_s=grace
@@ -283,8 +372,8 @@ class TrainerChild:
             now = time.monotonic()
             if now - self._last_warn_action >= self.settings.warn_action_interval_s:
                 self._last_warn_action = now
-                self.send_command(trainer.pid, "checkpoint_now")
-                self.send_command(trainer.pid, "clear_cache")
+                self.command_all(trainer, "checkpoint_now")
+                self.command_all(trainer, "clear_cache")
                 self.store.record(
                     trainer.job_id,
                     "memory_guard",
@@ -313,19 +402,30 @@ class TrainerChild:
         self.escalate_stop()
 
     @staticmethod
-    def _biggest_consumer(pid: int) -> bool:
+    def _trainer_pids(trainer: Trainer) -> set[int]:
+        if trainer.distributed:
+            return {rank.pid for rank in trainer.live_ranks() if rank.local}
+        return {trainer.pid}
+
+    @staticmethod
+    def _biggest_consumer(pids: set[int]) -> bool:
         biggest = max(
             psutil.process_iter(["pid", "memory_info"]),
             key=lambda p: p.info["memory_info"].rss if p.info["memory_info"] else 0,
             default=None,
         )
-        return biggest is not None and biggest.info["pid"] == pid
+        return biggest is not None and biggest.info["pid"] in pids
 
     def check_liveness(self) -> None:
         trainer = self.trainer
+        if trainer.distributed:
+            self._watch_ranks(trainer)
         if trainer.stop_reason is not None:
             return
         now = time.monotonic()
+        if trainer.distributed:
+            self._check_ranks(trainer, now)
+            return
         if trainer.last_heartbeat is None:
             if now - trainer.spawned_at > self.settings.startup_timeout_s:
                 self._hang(
@@ -344,9 +444,70 @@ class TrainerChild:
             if now - trainer.last_progress > stall:
                 self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
 
+    def _check_ranks(self, trainer: Trainer, now: float) -> None:
+        """A distributed job is alive while every rank heartbeats and the slowest advances."""
+        if len(trainer.ranks) < trainer.world_size:
+            if now - trainer.spawned_at > self.settings.startup_timeout_s:
+                silent = sorted(set(range(trainer.world_size)) - set(trainer.ranks))
+                trainer.culprit = silent[0]
+                self._hang(
+                    trainer,
+                    f"rank(s) {', '.join(map(str, silent))} sent no heartbeat "
+                    f"{self.settings.startup_timeout_s:.0f} s after start",
+                )
+            return
+        for rank in trainer.live_ranks():
+            silent = now - rank.last_heartbeat
+            if silent > trainer.heartbeat_timeout:
+                trainer.culprit = rank.rank
+                self._hang(trainer, f"no heartbeat from rank {rank.rank} for {silent:.1f} s")
+                return
+        if trainer.phase in ("train", "eval") and trainer.step >= 0:
+            stall = max(
+                self.settings.stall_min_s,
+                self.settings.stall_factor * (trainer.max_step_seconds + trainer.max_eval_seconds),
+            )
+            if now - trainer.last_progress > stall:
+                trainer.culprit = min(trainer.ranks.values(), key=lambda r: r.step).rank
+                self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
+
+    def _watch_ranks(self, trainer: Trainer) -> None:
+        """Notice a local rank's end from the process table: a SIGKILLed rank says nothing,
+        and mlx.launch does not tell anyone."""
+        now = time.monotonic()
+        for rank in trainer.live_ranks():
+            if rank.local and not process_alive(rank.pid, rank.started_at):
+                rank.ended_at = now
+                if rank.failed:
+                    self._rank_failed(trainer, rank)
+
+    def _rank_failed(self, trainer: Trainer, rank: Rank) -> None:
+        """One rank is gone for good: the others cannot go on without it. Stop them all at
+        the next step (through their stop command) and blame the first to fail."""
+        if trainer.stop_reason is not None or rank.peer_lost:
+            return  # a stop is already under way, or it only lost its peer
+        trainer.culprit = rank.rank
+        how = (
+            f"announced exit {rank.reported_exit}"
+            if rank.reported_exit is not None
+            else ("no announced exit")
+        )
+        self.store.record(
+            trainer.job_id,
+            "rank_lost",
+            rank=rank.rank,
+            host=rank.host,
+            pid=rank.pid,
+            how=how,
+            reason=rank.reason,
+        )
+        log.warning("rank lost; stopping the others", rank=rank.rank, pid=rank.pid, how=how)
+        self.stop_trainer("rank-lost", grace=self.settings.hang_grace_s)
+
     def _hang(self, trainer: Trainer, why: str) -> None:
-        self.store.record(trainer.job_id, "hang_detected", reason=why, pid=trainer.pid)
-        log.warning("trainer hung", why=why, pid=trainer.pid)
+        where = {"rank": trainer.culprit} if trainer.distributed else {}
+        self.store.record(trainer.job_id, "hang_detected", reason=why, pid=trainer.pid, **where)
+        log.warning("trainer hung", why=why, pid=trainer.pid, **where)
         self.stop_trainer("hang", grace=self.settings.hang_grace_s)
 
     def user_stop(self, wish: str) -> None:
@@ -367,11 +528,25 @@ class TrainerChild:
         trainer.stop_reason = reason
         trainer.stop_sent_at = time.monotonic()
         trainer.kill_at = trainer.stop_sent_at + grace
+        if trainer.distributed:
+            self._stop_ranks(trainer)
+            return
         self.send_command(trainer.pid, "stop")
         try:
             os.kill(trainer.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+    def _stop_ranks(self, trainer: Trainer) -> None:
+        """The stop command to every rank: the ranks agree on it at their next step, so all
+        stop at the same checkpoint. Not SIGTERM as well: mlx.launch terminates the remaining
+        ranks once one has exited, and a second signal means "now, skip the checkpoint". A
+        local rank never heard from gets the signal, its only way to hear."""
+        self.command_all(trainer, "stop")
+        heard = {rank.pid for rank in trainer.ranks.values()}
+        for pid in local_rank_processes(trainer.pid):
+            if pid not in heard:
+                _signal(pid, signal.SIGTERM)
 
     def escalate_stop(self) -> None:
         trainer = self.trainer
@@ -379,10 +554,23 @@ class TrainerChild:
             return
         log.warning("grace period over; SIGKILL", pid=trainer.pid, reason=trainer.stop_reason)
         trainer.kill_at = None
-        try:
-            os.kill(trainer.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._kill_all(trainer)
+
+    @staticmethod
+    def _kill_all(trainer: Trainer) -> None:
+        """SIGKILL the trainer; for a distributed job, its launcher's whole session: every
+        local rank and every ssh that carries a remote one (which then gets SIGHUP)."""
+        if trainer.distributed:
+            for rank in trainer.live_ranks():
+                if rank.local:
+                    _signal(rank.pid, signal.SIGKILL)
+            try:
+                if os.getpgid(trainer.pid) == trainer.pid:
+                    os.killpg(trainer.pid, signal.SIGKILL)
+                    return
+            except ProcessLookupError:
+                return
+        _signal(trainer.pid, signal.SIGKILL)
 
     def reap(self) -> None:
         trainer = self.trainer
@@ -402,19 +590,43 @@ class TrainerChild:
                 pass
             # Not our child: its exit status is lost; what it announced is what we know.
             exit_code, signum = trainer.reported_exit, None
+        if trainer.distributed:
+            if self._ranks_linger(trainer):
+                return  # the next attempt must not overlap this one's last rank
+            # The launcher's own status says nothing; the ranks' ends do.
+            self._watch_ranks(trainer)
+            exit_code, signum, rank = attempt_exit(
+                trainer.ranks, trainer.world_size, self._stderr_tail(trainer), trainer.culprit
+            )
+            trainer.culprit = rank
         self.trainer = None
         self.keep_awake.release()
         self.handle_exit(trainer, exit_code, signum)
+
+    def _ranks_linger(self, trainer: Trainer) -> bool:
+        """Whether a process of the ended launcher's session (a rank it started) is still
+        alive. A rank killed with its launcher can outlive it for a moment; one left behind
+        by a launcher that died is killed. Given up on after LINGER_S: never blocks."""
+        try:
+            os.killpg(trainer.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        now = time.monotonic()
+        if trainer.lingering_since is None:
+            trainer.lingering_since = now
+            try:
+                os.killpg(trainer.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+            log.warning("launcher gone but a rank lingers; killing it", pid=trainer.pid)
+        return now - trainer.lingering_since < LINGER_S
 
     def kill_trainer_of(self, job_id: str) -> None:
         """SIGKILL and reap ``job_id``'s trainer, if it is the one we run; forget it."""
         trainer = self.trainer
         if trainer is None or trainer.job_id != job_id:
             return
-        try:
-            os.kill(trainer.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._kill_all(trainer)
         if trainer.popen is not None:
             trainer.popen.wait()
         self.trainer = None
@@ -437,13 +649,38 @@ class TrainerChild:
     def drain_telemetry(self) -> None:
         for _frames, message in drain(self.telemetry, self._drop):
             trainer = self.trainer
-            if trainer is None or getattr(message, "pid", None) != trainer.pid:
+            if trainer is None or not self._from_trainer(trainer, message):
                 self._stray(message)
                 continue
             if isinstance(message, Heartbeat):
                 self.on_heartbeat(trainer, message)
             elif isinstance(message, TrainerEvent):
                 self.on_trainer_event(trainer, message)
+
+    def _from_trainer(self, trainer: Trainer, message: Message) -> bool:
+        """Whether a message comes from the running attempt: its trainer, or for a
+        distributed job one of its ranks (a local one proven by the process table)."""
+        pid = getattr(message, "pid", None)
+        if not trainer.distributed:
+            return pid == trainer.pid
+        if getattr(message, "job_id", None) != trainer.job_id:
+            return False
+        rank_number = getattr(message, "rank", None)
+        known = trainer.ranks.get(rank_number)
+        if known is not None:
+            return known.pid == pid
+        if not isinstance(rank_number, int) or not 0 <= rank_number < trainer.world_size:
+            return False
+        started_at = launched_by(pid, trainer.pid) if isinstance(pid, int) else None
+        host = getattr(message, "host", "")
+        local = started_at is not None
+        if not local and (not host or host == self.hostname):
+            return False  # claims this machine, but the launcher did not start it
+        trainer.ranks[rank_number] = Rank(
+            rank=rank_number, pid=pid, host=host, local=local, started_at=started_at
+        )
+        log.info("rank joined", job=trainer.job_id, rank=rank_number, pid=pid, host=host)
+        return True
 
     def _stray(self, message: Message) -> None:
         """A trainer we do not own is talking. If it is an orphan of one of our jobs, stop it:
@@ -469,8 +706,16 @@ class TrainerChild:
     def on_heartbeat(self, trainer: Trainer, beat: Heartbeat) -> None:
         now = time.monotonic()
         trainer.last_heartbeat = now
-        if beat.step != trainer.step:
-            trainer.step = beat.step
+        step = beat.step
+        if trainer.distributed:
+            rank = trainer.ranks[beat.rank]
+            rank.last_heartbeat, rank.step = now, beat.step
+            if beat.footprint_mb:
+                rank.footprint_mb = beat.footprint_mb
+            # The job is as far as its slowest rank, and alive once every rank has spoken.
+            step = min(r.step for r in trainer.ranks.values())
+        if step != trainer.step:
+            trainer.step = step
             trainer.last_progress = now
         trainer.phase = beat.phase
         trainer.examples_seen = beat.examples_seen
@@ -484,14 +729,18 @@ class TrainerChild:
         if beat.last_checkpoint_step is not None:
             trainer.last_checkpoint_step = beat.last_checkpoint_step
         job = self.store.get(trainer.job_id)
+        everyone = len(trainer.ranks) == trainer.world_size or not trainer.distributed
         # On the stored state, not "the first heartbeat": if that write failed (a full disk),
         # the next heartbeat makes it again.
-        if job.state == JobState.STARTING:
-            self.store.transition(job.id, JobState.RUNNING, "first heartbeat", early_deaths=0)
+        if job.state == JobState.STARTING and everyone:
+            why = f"all {trainer.world_size} ranks heartbeat" if trainer.distributed else ""
+            self.store.transition(
+                job.id, JobState.RUNNING, why or "first heartbeat", early_deaths=0
+            )
             self.publish_state(job.id)
         self.store.update(
             job.id,
-            step=beat.step,
+            step=max(trainer.step, 0),
             examples_seen=beat.examples_seen,
             total_examples=beat.total_examples,
             last_checkpoint_step=trainer.last_checkpoint_step,
@@ -510,5 +759,23 @@ class TrainerChild:
         elif event.kind in ("oom_retry", "error"):
             if event.kind == "error" and isinstance(event.detail.get("exit_code"), int):
                 trainer.reported_exit = event.detail["exit_code"]
-            self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail)
+            where = {"rank": event.rank} if trainer.distributed else {}
+            self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail, **where)
+        if trainer.distributed and event.kind in ("done", "stopped", "error"):
+            self._rank_announced(trainer, event)
         self.publish("trainer_event", event)
+
+    def _rank_announced(self, trainer: Trainer, event: TrainerEvent) -> None:
+        """A rank said how it ends. A failure of its own (not a lost peer) stops the rest
+        at once, before mlx.launch or a collective timeout does it less gently."""
+        rank = trainer.ranks[event.rank]
+        rank.reported_exit = trainer.reported_exit
+        rank.reason = str(event.detail.get("reason", ""))
+        rank.peer_lost = bool(event.detail.get("peer_lost"))
+        if not rank.local:
+            rank.ended_at = time.monotonic()  # its process is out of our sight
+        if event.kind == "error":
+            trainer.reported_exit = None  # one rank's word, not the attempt's
+            if not rank.peer_lost:
+                rank.ended_at = rank.ended_at or time.monotonic()
+                self._rank_failed(trainer, rank)

@@ -95,10 +95,13 @@ class ExitHandling:
             signal=signal_name(signum) if signum else None,
             cause=str(verdict.cause),
             rule=verdict.rule,
+            rank=trainer.culprit,
         )
+        self.last_ranks[job.id] = [trainer.ranks[n].describe() for n in sorted(trainer.ranks)]
         job = self.store.update(
             job.id, trainer_pid=None, last_checkpoint_step=trainer.last_checkpoint_step
         )
+        culprit = trainer.ranks.get(trainer.culprit) if trainer.culprit is not None else None
         if verdict.cause not in (Cause.DONE, Cause.STOPPED):
             crash = CrashEvent(
                 job_id=job.id,
@@ -111,8 +114,10 @@ class ExitHandling:
                 checkpoint_step=trainer.last_checkpoint_step,
                 rung=trainer.rung,
                 attempt=trainer.attempt,
-                pid=trainer.pid,
+                pid=culprit.pid if culprit else trainer.pid,
                 footprint_mb=trainer.recent_footprint,
+                rank=culprit.rank if culprit else 0,
+                host=culprit.host if culprit else self.hostname,
             )
             if not trainer.crash_recorded:  # once, even when this exit is handled again
                 job = self.store.add_crash(job.id, crash.record())

@@ -360,6 +360,13 @@ class RequestHandlers:
             },
         }
 
+    def _ranks(self, job: Job) -> list[dict[str, Any]]:
+        """A distributed job's ranks: live while it runs, else as its last attempt ended."""
+        trainer = self.trainer
+        if trainer is not None and trainer.job_id == job.id and trainer.distributed:
+            return [trainer.ranks[n].describe() for n in sorted(trainer.ranks)]
+        return self.last_ranks.get(job.id, [])
+
     def describe(self, job: Job) -> dict[str, Any]:
         try:
             cfg = self._load_job_config(job)
@@ -382,6 +389,7 @@ class RequestHandlers:
             "trainer_pid": self.trainer.pid
             if self.trainer and self.trainer.job_id == job.id
             else None,
+            "ranks": self._ranks(job),
             "crashes": job.crashes,
             "peak_memory_mb": job.peak_memory_mb,
             "ladder": ladder,

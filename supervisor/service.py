@@ -140,6 +140,9 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             backoff_cap_s=self.settings.backoff_cap_s,
         )
         self.trainer: Trainer | None = None
+        # Each distributed job's ranks as its last attempt left them, for `show`.
+        self.last_ranks: dict[str, list[dict[str, Any]]] = {}
+        self.hostname = socket.gethostname()
         self.shutdown_requested = False
         self.dropped_frames = 0
         self.started_at = time.time()
@@ -346,6 +349,7 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
                     last_heartbeat=time.monotonic(),  # give it one timeout to speak up
                     step=job.step,
                     last_checkpoint_step=job.last_checkpoint_step,
+                    world_size=cfg.world_size,
                 )
                 # Recorded before it is ours: if the disk refuses, recovery runs again later.
                 self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)

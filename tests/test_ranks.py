@@ -1,0 +1,274 @@
+"""A distributed job under the real supervisor: 2 ranks on localhost through mlx.launch, with
+rank kills, a memory step-down and a supervisor kill; and how a launcher's end is read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import make_job, run_trainer, wait_for
+from loractl.client.harness import SupervisorProcess
+from loractl.protocol import ExitCode
+from loractl.supervisor.ranks import Rank, attempt_exit, first_failed, launcher_exits
+
+TWO_RANKS = {"distributed": {"backend": "ring", "processes": 2}}
+# Batch 2 is one sample per rank; long enough for two kills between checkpoints.
+JOB = {"batch_size": 2, "iters": 60, "grad_accumulation_steps": 1, "checkpoint_every": 2}
+
+
+def adapter_digest(job: dict) -> str:
+    return hashlib.sha256(
+        (Path(job["adapter_path"]) / "adapters.safetensors").read_bytes()
+    ).hexdigest()
+
+
+def step_losses(adapter_path: str | Path) -> list[float]:
+    losses = []
+    for line in (Path(adapter_path) / "train.log").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "step":
+            losses.append(record["loss"])
+    return losses
+
+
+def rank_processes(home: Path) -> list[psutil.Process]:
+    """Live rank trainers of jobs under ``home`` (not the mlx.launch processes above them)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or len(cmdline) < 4:
+            continue
+        if cmdline[1:3] == ["-m", "loractl.daemon.trainer"] and str(home) in " ".join(cmdline):
+            found.append(proc)
+    # A trainer's forked helper carries its command line until it execs: part of that rank.
+    pids = {proc.pid for proc in found}
+    return [proc for proc in found if proc.ppid() not in pids]
+
+
+class RankCounter:
+    """Samples the number of live ranks in a thread: the most ever seen at once."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.most = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            try:
+                self.most = max(self.most, len(rank_processes(self.home)))
+            except psutil.Error:
+                continue
+
+    def __enter__(self) -> RankCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    sup = SupervisorProcess(tmp_path / "home")
+    yield sup
+    sup.stop()
+
+
+def two_ranks_running(sup: SupervisorProcess, job_id: str, step: int) -> dict | None:
+    job = sup.show(job_id)
+    if job["state"] == "running" and len(job["ranks"]) == 2 and job["progress"]["step"] >= step:
+        return job
+    return None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_workspace, tmp_path_factory):
+    """One supervised 2-rank run of JOB with no fault: the reference."""
+    folder = tmp_path_factory.mktemp("reference")
+    sup = SupervisorProcess(folder / "home").start()
+    try:
+        job_id = sup.submit(make_job(tiny_workspace, folder / "job", **JOB, **TWO_RANKS))
+        job = sup.wait_state(job_id, {"completed", "failed"}, timeout=240)
+        listening = [
+            c for c in psutil.Process(sup.proc.pid).net_connections("tcp") if c.status == "LISTEN"
+        ]
+    finally:
+        sup.stop()
+    assert job["state"] == "completed", job["reason"] + sup.debug()
+    return job, listening
+
+
+# --- how a launcher's end is read ------------------------------------------------------------
+
+
+def test_launcher_lines_give_each_ranks_end():
+    """mlx.launch's log lines become rank -> exit code (negative: signal; None: terminated)."""
+    text = (
+        "noise\n[WARNING] Node with rank 1 exited with code -9\n"
+        "loractl: a peer rank was lost (rank 0)\n[WARNING] Node with rank 0 was killed\n"
+        "Node with rank 2 exited with code 75\n"
+    )
+    assert launcher_exits(text) == {1: -9, 0: None, 2: 75}
+
+
+def test_the_first_rank_to_fail_on_its_own_is_blamed_not_the_peers_that_lost_it():
+    """A survivor that only lost its peer is never the culprit, even if it ended first."""
+    survivor = Rank(rank=0, pid=10, host="a", local=True, ended_at=1.0, reported_exit=1)
+    survivor.peer_lost = True
+    killed = Rank(rank=1, pid=11, host="a", local=True, ended_at=2.0)
+    ranks = {0: survivor, 1: killed}
+    assert first_failed(ranks) is killed
+    log = "Node with rank 1 exited with code -9\n"
+    assert attempt_exit(ranks, 2, log, culprit=None) == (None, 9, 1)
+    # An announced exit beats the launcher's word; the supervisor's own verdict beats both.
+    killed.reported_exit = int(ExitCode.OUT_OF_MEMORY)
+    assert attempt_exit(ranks, 2, log, culprit=None) == (int(ExitCode.OUT_OF_MEMORY), None, 1)
+    assert attempt_exit(ranks, 2, log, culprit=0) == (1, None, 0)
+
+
+def test_done_and_stopped_attempts_have_no_culprit():
+    """All ranks done is done; a coordinated stop ends stopped even when mlx.launch then
+    terminated the slower rank (a second signal, after the shared checkpoint)."""
+
+    def rank(n: int, code: int | None) -> Rank:
+        return Rank(rank=n, pid=n + 1, host="a", local=True, ended_at=1.0, reported_exit=code)
+
+    done = {0: rank(0, 0), 1: rank(1, 0)}
+    assert attempt_exit(done, 2, "", None) == (0, None, None)
+    stopped = {0: rank(0, None), 1: rank(1, int(ExitCode.STOPPED))}
+    log = "Node with rank 1 exited with code 82\nNode with rank 0 exited with code -15\n"
+    assert attempt_exit(stopped, 2, log, None) == (int(ExitCode.STOPPED), None, None)
+    # Only one rank of two ever spoke, and said done: not the whole job.
+    assert attempt_exit({0: rank(0, 0)}, 2, "", None) == (None, None, None)
+
+
+# --- real ranks under the real supervisor --------------------------------------------------
+
+
+def test_two_rank_job_completes_like_one_process_and_shows_its_ranks(
+    tiny_workspace, tmp_path, uninterrupted
+):
+    """Supervised, 2 ranks of batch 1 follow one process of batch 2 within 1%; `show` lists
+    both ranks with host, pid, step and footprint; the supervisor opens no TCP port."""
+    job, listening = uninterrupted
+    assert job["attempts"] == 1 and job["crashes"] == []
+    assert [r["rank"] for r in job["ranks"]] == [0, 1]
+    for rank in job["ranks"]:
+        assert set(rank) == {"rank", "host", "pid", "step", "footprint_mb"}
+        assert rank["step"] == JOB["iters"] and rank["footprint_mb"] > 0 and rank["host"]
+    assert job["ranks"][0]["pid"] != job["ranks"][1]["pid"]
+    running = [e for e in job["history"] if e.get("to_state") == "running"]
+    assert running and "all 2 ranks heartbeat" in running[0]["cause"]
+    assert listening == [], "a single-machine job must not open a TCP port"
+
+    single = make_job(tiny_workspace, tmp_path, **JOB)
+    result = run_trainer(single, "--fresh")
+    assert result.returncode == 0, result.stderr
+    one, two = step_losses(tmp_path / "adapters"), step_losses(job["adapter_path"])
+    assert len(one) == len(two) == JOB["iters"]
+    assert all(abs(a - b) < 0.01 * abs(a) for a, b in zip(one, two, strict=True))
+    assert two[-1] < two[0]
+
+
+def test_rank_1_sigkilled_twice_relaunches_both_and_ends_bitwise_equal(
+    tiny_workspace, tmp_path, supervisor, uninterrupted
+):
+    """Each SIGKILL of rank 1 stops rank 0, relaunches both from the checkpoint, and is
+    recorded as rank 1 killed externally; the adapter equals the uninterrupted run's."""
+    reference, _ = uninterrupted
+    supervisor.start()
+    job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "job", **JOB, **TWO_RANKS))
+    with RankCounter(supervisor.home) as counter:
+        for kill, at_step in enumerate((8, 30)):
+            job = wait_for(lambda s=at_step: two_ranks_running(supervisor, job_id, s), 120)
+            victim = job["ranks"][1]["pid"]
+            survivor = job["ranks"][0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            job = wait_for(
+                lambda n=kill: len((j := supervisor.show(job_id))["crashes"]) > n and j, 60
+            )
+            assert not psutil.pid_exists(survivor) or psutil.Process(survivor).status() == (
+                psutil.STATUS_ZOMBIE
+            ), "the surviving rank was left running"
+        job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=240)
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert counter.most == 2, "never more than one attempt's ranks at once"
+    assert job["attempts"] == 3
+    for crash in job["crashes"]:
+        seen = (crash["rank"], crash["cause"], crash["signal"])
+        assert seen == (1, "killed_externally", "SIGKILL"), crash
+    lost = [e["detail"] for e in job["history"] if e["kind"] == "rank_lost"]
+    assert [d["rank"] for d in lost] == [1, 1]
+    assert adapter_digest(job) == adapter_digest(reference)
+    assert rank_processes(supervisor.home) == []
+
+
+def test_a_budget_only_the_cheaper_rung_fits_steps_the_two_rank_job_down(
+    tiny_workspace, tmp_path, supervisor
+):
+    """With a per-rank budget between the measured rung-0 and rung-1 footprints, the memory
+    guard stops both ranks, the job steps down one rung and completes there."""
+    # 8 samples per rank: the sequence length then moves each rank's footprint by tens of MB.
+    heavy = {"batch_size": 16, "grad_accumulation_steps": 1, "max_seq_length": 256, **TWO_RANKS}
+    ladder = [{"max_seq_length": 128}]
+    supervisor.start()
+    peaks = []
+    for seq in (256, 128):
+        probe = make_job(
+            tiny_workspace, tmp_path / f"probe{seq}", iters=6, **{**heavy, "max_seq_length": seq}
+        )
+        job = supervisor.wait_state(supervisor.submit(probe), {"completed", "failed"}, 240)
+        assert job["state"] == "completed", job["reason"]
+        peaks.append(job["peak_memory_mb"]["0"])
+    assert peaks[0] > peaks[1] * 1.1, peaks
+    budget = int((peaks[0] + peaks[1]) / 2)
+    config = make_job(
+        tiny_workspace,
+        tmp_path / "job",
+        iters=16,
+        checkpoint_every=1,
+        memory_budget_mb=budget,
+        ladder=ladder,
+        **heavy,
+    )
+    job_id = supervisor.submit(config)
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=300)
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert job["rung"] == 1 and job["effective_config"]["max_seq_length"] == 128
+    assert [c["cause"] for c in job["crashes"]] == ["memory"]
+    assert job["crashes"][0]["rank"] in (0, 1)
+    guard = [e["detail"] for e in job["history"] if e["kind"] == "memory_guard"]
+    assert guard and guard[0]["rank"] in (0, 1) and guard[0]["footprint_mb"] > budget
+    assert job["peak_memory_mb"]["1"] <= budget < job["peak_memory_mb"]["0"]
+
+
+def test_supervisor_sigkill_leaves_no_orphan_rank_and_nothing_runs_twice(
+    tiny_workspace, tmp_path, supervisor, uninterrupted
+):
+    """The supervisor dies mid-run; the next one adopts the launcher and its ranks, never a
+    second set, and the job ends bitwise equal in its first attempt."""
+    reference, _ = uninterrupted
+    supervisor.start()
+    job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "job", **JOB, **TWO_RANKS))
+    with RankCounter(supervisor.home) as counter:
+        wait_for(lambda: two_ranks_running(supervisor, job_id, 10), 120)
+        supervisor.kill()
+        supervisor.start()
+        job = wait_for(lambda: two_ranks_running(supervisor, job_id, 0), 60)
+        assert [e for e in job["history"] if e["kind"] == "adopted"]
+        job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=240)
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert counter.most == 2
+    assert job["attempts"] == 1 and job["crashes"] == []
+    assert adapter_digest(job) == adapter_digest(reference)
+    assert rank_processes(supervisor.home) == []
