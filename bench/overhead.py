@@ -130,13 +130,15 @@ MODEL_DEFAULTS = {"iters": 48, "checkpoint_every": 10}
 # Runs mlx-lm's own CLI entry point with one reporting callback. mlx_lm.lora.run() builds its
 # callback with get_reporting_callbacks(); returning ours from it is the supported hook.
 THEIRS_WRAPPER = f"""\
-import json, sys, time
+import json, os, sys, time
 import mlx_lm.lora as lora
 
 class BenchReport(lora.TrainingCallback):
     def on_train_loss_report(self, info):
         record = {{k: info[k] for k in ("iteration", "trained_tokens", "peak_memory")}}
         record["t"] = time.time()
+        # Under mlx.launch (bench/distributed.py) every rank reports; MLX_RANK says which.
+        record["rank"] = int(os.environ.get("MLX_RANK", "0"))
         print({MARKER!r} + json.dumps(record), flush=True)
 
 lora.get_reporting_callbacks = lambda *args, **kwargs: BenchReport()
@@ -354,9 +356,16 @@ def run_ours(cfg: Path, run_dir: Path, sink: HeartbeatSink, rnd: int, warmup: in
     sink.take()
     result = spawn(cmd, run_dir, run_dir / "ours.out", "ours", rnd)
     result.heartbeats = sink.take()
-    log = run_dir / "adapters-ours" / "train.log"
+    records, peak, result.saves = ours_records(run_dir / "adapters-ours" / "train.log")
+    return finish(result, records, peak, warmup, run_dir / "ours.out")
+
+
+def ours_records(log: Path) -> tuple[list[tuple[float, int]], float, int]:
+    """From our trainer's log: (time, tokens) per step record, the largest mlx_peak_mb, and
+    the number of checkpoints."""
     records: list[tuple[float, int]] = []
     peaks: list[float] = []
+    saves = 0
     for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
         event = json.loads(line)
         kind = event.get("event")
@@ -368,26 +377,39 @@ def run_ours(cfg: Path, run_dir: Path, sink: HeartbeatSink, rnd: int, warmup: in
             records.append((t, tokens))
             peaks.append(event["mlx_peak_mb"])
         elif kind == "checkpoint":
-            result.saves += 1
-    return finish(result, records, max(peaks, default=float("nan")), warmup, run_dir / "ours.out")
+            saves += 1
+    return records, max(peaks, default=float("nan")), saves
 
 
 def run_theirs(cfg: Path, run_dir: Path, rnd: int, warmup: int) -> Run:
     cmd = [sys.executable, "-c", THEIRS_WRAPPER, str(cfg)]
     result = spawn(cmd, run_dir, run_dir / "theirs.out", "theirs", rnd)
+    text = (run_dir / "theirs.out").read_text(encoding="utf-8", errors="replace")
+    records, peak, result.saves = theirs_records(text)
+    return finish(result, records, peak, warmup, run_dir / "theirs.out")
+
+
+def theirs_records(text: str, rank: int = 0) -> tuple[list[tuple[float, int]], float, int]:
+    """From THEIRS_WRAPPER's output: (time, tokens) per report of ``rank``, its last MLX peak
+    in MiB, and the number of adapter saves (mlx-lm saves on rank 0 only)."""
     records: list[tuple[float, int]] = []
     peak = float("nan")
     previous = 0
-    text = (run_dir / "theirs.out").read_text(encoding="utf-8", errors="replace")
-    for line in text.splitlines():
-        if line.startswith(MARKER):
-            event = json.loads(line[len(MARKER) :])
-            records.append((event["t"], event["trained_tokens"] - previous))
-            previous = event["trained_tokens"]
-            peak = event["peak_memory"] * 1e9 / MIB
-        elif "save" in line and "_adapters.safetensors" in line:
-            result.saves += 1
-    return finish(result, records, peak, warmup, run_dir / "theirs.out")
+    # Each record is one JSON object after MARKER. mlx.launch relays the ranks' output chunk
+    # by chunk, and print() writes the newline separately, so another rank's chunk may land
+    # right after a record on the same line: read each object on its own.
+    decoder = json.JSONDecoder()
+    at = text.find(MARKER)
+    while at != -1:
+        event, end = decoder.raw_decode(text, at + len(MARKER))
+        at = text.find(MARKER, end)
+        if event.get("rank", 0) != rank:
+            continue
+        records.append((event["t"], event["trained_tokens"] - previous))
+        previous = event["trained_tokens"]
+        peak = event["peak_memory"] * 1e9 / MIB
+    saves = sum("save" in line and "_adapters.safetensors" in line for line in text.splitlines())
+    return records, peak, saves
 
 
 def finish(result: Run, records, mlx_peak: float, warmup: int, output: Path) -> Run:
