@@ -43,10 +43,13 @@ pipe with room in it is always writable, so each of those threads spins on ``sel
 long as the rank runs: measured here, about 0.6 cores per rank, in the launcher process, on
 a machine that has 2. Its main loop also selects on its own stdin, which at EOF
 (``/dev/null``) is always readable. ``--launcher-stdin`` says what the launcher's stdin is for
-the runs this script starts itself (theirs, and ours with ``--unsupervised``; the supervisor
-picks its own, a pipe whose write end the launcher holds):
+the runs this script starts itself (theirs, and ours with ``--unsupervised``). The supervisor
+picks its own: a stream primed with 256 KiB of newlines that never reaches EOF (see
+``loractl.supervisor.child._launcher_stdin``), the ``full`` mode below, so a supervised job's
+launcher does not spin; a user's own ``mlx.launch`` from a terminal does.
 
-- ``pipe`` (default): such a pipe, never at EOF, as the supervisor does;
+- ``pipe`` (default): a pipe whose write end the launcher holds, never at EOF: as a user's
+  own ``mlx.launch`` behaves (its relay threads spin);
 - ``devnull``: ``/dev/null``;
 - ``full``: such a pipe with 256 KiB of newlines written into it first. The launcher copies
   them into every rank's stdin pipe until that pipe is full; a full pipe is not writable, so

@@ -24,7 +24,9 @@ __all__ = [
     "LAUNCHER",
     "free_port_range",
     "RANK_LOG_PATTERN",
+    "address_towards",
     "hostfile_hosts",
+    "remote_hosts",
     "launch_command",
     "world_size",
 ]
@@ -76,6 +78,39 @@ def world_size(section: Mapping[str, Any] | None) -> int:
     return len(hosts) * int(section.get("processes") or 1)
 
 
+def remote_hosts(section: Mapping[str, Any] | None) -> list[str]:
+    """The addresses of the section's hosts that are not this machine, in rank order.
+
+    mlx.launch runs a rank locally only for the host ``127.0.0.1`` and reaches every other
+    one over ssh, so those are the ranks whose telemetry has to cross the network. A
+    hostfile entry is reached at its first IP (the ring backend's), else its ssh name.
+    """
+    if not section:
+        return []
+    if section.get("hostfile"):
+        entries = [
+            ((entry.get("ips") or [None])[0] or entry["ssh"], entry["ssh"])
+            for entry in hostfile_hosts(section["hostfile"])
+        ]
+    else:
+        entries = [(host, host) for host in section.get("hosts") or [DEFAULT_HOST]]
+    return [address for address, ssh in entries if ssh != DEFAULT_HOST]
+
+
+def address_towards(host: str) -> str:
+    """This machine's address on the route to ``host``: where that host's ranks can reach
+    the supervisor. A UDP socket's connect sends nothing; it only picks the route."""
+    import socket
+
+    try:
+        target = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)[0][4]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)
+            return probe.getsockname()[0]
+    except OSError as exc:
+        raise OSError(f"no route to the distributed host {host}: {exc}") from None
+
+
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -84,31 +119,34 @@ def is_ip(host: str) -> bool:
     return True
 
 
+# Ring ports are picked below the ephemeral ranges (Linux 32768-60999, macOS 49152-65535), so
+# no outgoing connection can take one between the pick and the ranks' bind.
+RING_PORTS = (20000, 32700)
+
+
 def free_port_range(count: int, host: str = DEFAULT_HOST, tries: int = 50) -> int:
     """A port p with p .. p + count - 1 free on ``host``: the ring backend listens on one
     port per rank from ``--starting-port`` on, so two jobs (or a stale one) must not clash.
-    mlx.launch's own default (32323) is tried by every job alike."""
+    mlx.launch's own default (32323) would be the same for every job."""
+    import random
     import socket
 
+    low, high = RING_PORTS
     for _ in range(tries):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-        if port + count - 1 > 65535:
-            continue
-        taken = []
+        port = random.randrange(low, high - count)
+        probes = []
         try:
-            for offset in range(1, count):
-                extra = socket.socket()
-                taken.append(extra)
-                extra.bind((host, port + offset))
+            for offset in range(count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind((host, port + offset))
         except OSError:
             continue
         finally:
-            for extra in taken:
-                extra.close()
+            for probe in probes:
+                probe.close()
         return port
-    raise OSError(f"no {count} consecutive free ports on {host}")
+    raise OSError(f"no {count} consecutive free ports on {host} in {low}-{high}")
 
 
 def launch_command(

@@ -187,6 +187,7 @@ def run(
     attempt: int = 0,
     rung: int = 0,
     show_progress: bool | None = None,
+    keys_dir: str | None = None,
 ) -> int:
     """Run one attempt of a job and return its exit code. Never raises.
 
@@ -204,8 +205,12 @@ def run(
         base = load_config(config_path, settings or None)
         cfg = base.with_overrides(overrides) if overrides else base
         world = init_world(cfg)
+        keys_problem = _telemetry_keys_problem(telemetry_endpoint, keys_dir)
     except ConfigError as exc:
         print(f"loractl: config error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if keys_problem:
+        print(f"loractl: config error: {keys_problem}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
     rank = world.rank()
     for warning in base.warnings:
@@ -236,6 +241,7 @@ def run(
         base_cfg=base,
         fresh=fresh,
         telemetry_endpoint=telemetry_endpoint,
+        keys_dir=keys_dir,
         job_id=job_id or cfg.name,
         supervised=telemetry_endpoint is not None,
         attempt=attempt,
@@ -243,6 +249,22 @@ def run(
         show_progress=show_progress,
     )
     return session.run()
+
+
+def _telemetry_keys_problem(endpoint: str | None, keys_dir: str | None) -> str:
+    """Why the telemetry channel cannot be secured, or "": over tcp:// (ranks on other Macs)
+    it needs this install's CURVE keys, copied from the supervisor's Mac."""
+    from loractl.keys import MissingKeys, UnsafeKeys, is_tcp, load_keys
+
+    if not endpoint or not is_tcp(endpoint):
+        return ""
+    if not keys_dir:
+        return f"telemetry over {endpoint} needs --keys-dir, the supervisor's keys folder"
+    try:
+        load_keys(keys_dir)
+    except (MissingKeys, UnsafeKeys) as exc:
+        return str(exc)
+    return ""
 
 
 class TrainingSession:
@@ -261,6 +283,7 @@ class TrainingSession:
         rung: int,
         show_progress: bool,
         supervised: bool = False,
+        keys_dir: str | None = None,
     ):
         from loractl.daemon.telemetry import Requests, Telemetry, new_progress
 
@@ -276,7 +299,11 @@ class TrainingSession:
         self.progress = new_progress(job_id, attempt, rung, self.rank, self.world_size)
         self.requests = Requests()
         self.telemetry = Telemetry(
-            telemetry_endpoint, self.progress, self.requests, cfg.heartbeat_interval
+            telemetry_endpoint,
+            self.progress,
+            self.requests,
+            cfg.heartbeat_interval,
+            keys_dir=keys_dir,
         )
         self.adapter_path = Path(cfg.adapter_path)
         self.job_id = job_id
@@ -1163,6 +1190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--telemetry")
+    parser.add_argument(
+        "--keys-dir", help="this install's CURVE keys folder; required for a tcp:// --telemetry"
+    )
     parser.add_argument("--job-id", default="")
     parser.add_argument("--attempt", type=int, default=0)
     parser.add_argument("--rung", type=int, default=0)
@@ -1182,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         job_id=args.job_id,
         attempt=args.attempt,
         rung=args.rung,
+        keys_dir=args.keys_dir,
     )
 
 

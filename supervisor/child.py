@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import structlog
 import zmq
 
 from loractl.config import ConfigError, JobConfig, load_config
-from loractl.distributed import free_port_range, launch_command
+from loractl.distributed import address_towards, free_port_range, launch_command, remote_hosts
 from loractl.memory import footprint_mb, total_mb
 from loractl.protocol import (
     ExitCode,
@@ -98,6 +99,8 @@ class Trainer:
     ranks: dict[int, Rank] = field(default_factory=dict)
     # The rank blamed for this attempt's end: the first to die, hang or outgrow its budget.
     culprit: int | None = None
+    # Some ranks run on other Macs: they report over the CURVE-secured TCP socket.
+    remote: bool = False
     lingering_since: float | None = None
 
     @property
@@ -112,6 +115,31 @@ class Trainer:
 
     def live_ranks(self) -> list[Rank]:
         return [rank for rank in self.ranks.values() if rank.ended_at is None]
+
+
+# What mlx.launch's stdin is primed with: more than a rank's stdin pipe holds (64 KiB).
+LAUNCHER_STDIN_BYTES = 256 * 1024
+
+
+def _launcher_stdin() -> tuple[socket.socket, socket.socket]:
+    """A stdin for mlx.launch that keeps it from spinning, as ``(ours, its)``.
+
+    mlx.launch (0.32.4) relays its stdin to every rank, and each rank's relay thread selects
+    on that rank's stdin pipe for writing: while the pipe has room the select returns at
+    once and the thread spins, costing a core on a small Mac and slowing every collective.
+    Priming the stream with more than a pipe holds fills each rank's pipe, and the threads
+    then sleep in select (ranks never read stdin). Its main loop spins at EOF too, so the
+    launcher also inherits our end: the stream never ends, even after we die.
+    """
+    ours, its = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LAUNCHER_STDIN_BYTES)
+    its.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LAUNCHER_STDIN_BYTES)
+    ours.setblocking(False)
+    try:
+        ours.send(b"\n" * LAUNCHER_STDIN_BYTES)  # what fits is enough; never block on it
+    except BlockingIOError:
+        pass
+    return ours, its
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -183,22 +211,18 @@ class TrainerChild:
     def _stderr_path(self, job_id: str, attempt: int) -> Path:
         return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.stderr"
 
-    def spawn(self, job: Job) -> None:
-        try:
-            cfg = self._load_job_config(job)
-        except ConfigError as exc:
-            self._fail(job, "config_error", f"config no longer loads: {exc}")
-            return
-        attempt = job.attempt + 1
-        stderr_path = self._stderr_path(job.id, attempt)
-        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+    def attempt_command(self, job: Job, cfg: JobConfig, attempt: int) -> tuple[list[str], bool]:
+        """The argv of one attempt, and whether some of its ranks run on other Macs: the
+        trainer, or for a distributed job mlx.launch running the trainer on every rank."""
+        remote = remote_hosts(cfg.distributed) if cfg.world_size > 1 else []
+        endpoint = self._telemetry_endpoint(job.id, attempt, remote)
         command = [
             sys.executable,
             "-m",
             "loractl.daemon.trainer",
             job.config_path,
             "--telemetry",
-            self.layout.telemetry,
+            endpoint,
             "--job-id",
             job.id,
             "--attempt",
@@ -210,15 +234,22 @@ class TrainerChild:
         ]
         if self._fresh_start_requested(job.id, attempt):
             command.append("--fresh")
-        stdin, keep_open = subprocess.DEVNULL, ()
+        if remote:
+            from loractl.keys import keys_folder
+
+            command += ["--keys-dir", str(keys_folder(self.layout.home))]
         if cfg.world_size > 1:
             section = cfg.distributed
             port = None if section.get("starting_port") else free_port_range(cfg.world_size)
             command = launch_command(section, command, starting_port=port)
-            # mlx.launch polls its stdin: at EOF (/dev/null) its loop spins a core. A pipe
-            # whose write end the launcher itself holds never reaches EOF, even after we die.
-            stdin, write_end = os.pipe()
-            keep_open = (write_end,)
+        return command, bool(remote)
+
+    @staticmethod
+    def _start(command: list[str], cfg: JobConfig, stderr_path: Path, cwd: Path):
+        stdin, keep_open, ends = subprocess.DEVNULL, (), ()
+        if cfg.world_size > 1:
+            ends = _launcher_stdin()
+            stdin, keep_open = ends[1].fileno(), (ends[0].fileno(),)
         try:
             with stderr_path.open("ab") as stderr:
                 # A new session: a signal aimed at the supervisor's process group (Ctrl-C,
@@ -231,13 +262,30 @@ class TrainerChild:
                     stdout=subprocess.DEVNULL,
                     stderr=stderr,
                     start_new_session=True,
-                    cwd=self.layout.job_dir(job.id),
+                    cwd=cwd,
                     pass_fds=keep_open,
                 )
         finally:
-            if keep_open:
-                os.close(stdin)
-                os.close(keep_open[0])
+            for end in ends:
+                end.close()
+        return popen
+
+    def spawn(self, job: Job) -> None:
+        try:
+            cfg = self._load_job_config(job)
+        except ConfigError as exc:
+            self._fail(job, "config_error", f"config no longer loads: {exc}")
+            return
+        attempt = job.attempt + 1
+        stderr_path = self._stderr_path(job.id, attempt)
+        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        command, remote = self.attempt_command(job, cfg, attempt)
+        try:
+            popen = self._start(command, cfg, stderr_path, self.layout.job_dir(job.id))
+        except BaseException:
+            if remote:
+                self.close_remote_telemetry()
+            raise
         try:
             started_at = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:
@@ -255,6 +303,7 @@ class TrainerChild:
             # The trainer shares our cgroup, and our pid outlives it for the exit check.
             cgroup_oom_at_start=cgroup_oom_kill_count(os.getpid()),
             world_size=cfg.world_size,
+            remote=bool(remote),
         )
         self.store.transition(
             job.id,
@@ -275,14 +324,48 @@ class TrainerChild:
             ranks=cfg.world_size,
         )
 
+    def _endpoint_path(self, job_id: str, attempt: int) -> Path:
+        return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.endpoint"
+
+    def _telemetry_endpoint(self, job_id: str, attempt: int, remote: list[str]) -> str:
+        """Where this attempt's trainers report: the local ipc socket, or for ranks on other
+        Macs the TCP one, whose address is kept beside the attempt so that a restarted
+        supervisor can rebind it and the ranks reconnect."""
+        if not remote:
+            return self.layout.telemetry
+        address = self.settings.telemetry_address or address_towards(remote[0])
+        endpoint = self.open_remote_telemetry(address)
+        path = self._endpoint_path(job_id, attempt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(endpoint)
+        return endpoint
+
+    def reopen_remote_telemetry(self, job_id: str, attempt: int) -> bool:
+        """After a restart: listen again where an adopted attempt's remote ranks report."""
+        try:
+            endpoint = self._endpoint_path(job_id, attempt).read_text().strip()
+        except OSError:
+            return False
+        address, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        try:
+            self.open_remote_telemetry(address, int(port))
+        except (zmq.ZMQError, OSError, ValueError) as exc:
+            # Its ranks then fall silent, are found hung and are killed with the launcher.
+            log.warning("cannot listen for remote ranks again", endpoint=endpoint, error=str(exc))
+            return False
+        return True
+
     def _note_peak(self, trainer: Trainer, footprint: float) -> None:
         if footprint > trainer.peak_mb * 1.01:
             trainer.peak_mb = footprint
             self.store.note_peak(trainer.job_id, trainer.rung, footprint)
 
     def send_command(self, pid: int, action: str) -> bool:
+        trainer = self.trainer
+        remote = trainer is not None and trainer.remote and self.remote_telemetry is not None
+        sock = self.remote_telemetry if remote else self.telemetry
         try:
-            self.telemetry.send_multipart(
+            sock.send_multipart(
                 [f"trainer-{pid}".encode(), TrainerCommand(action=action).encode()], zmq.NOBLOCK
             )
             return True
@@ -601,6 +684,8 @@ class TrainerChild:
             trainer.culprit = rank
         self.trainer = None
         self.keep_awake.release()
+        if trainer.remote:
+            self.close_remote_telemetry()
         self.handle_exit(trainer, exit_code, signum)
 
     def _ranks_linger(self, trainer: Trainer) -> bool:
@@ -631,6 +716,8 @@ class TrainerChild:
             trainer.popen.wait()
         self.trainer = None
         self.keep_awake.release()
+        if trainer.remote:
+            self.close_remote_telemetry()
 
     def _stderr_tail(self, trainer: Trainer) -> str:
         try:
@@ -646,8 +733,8 @@ class TrainerChild:
         self.dropped_frames += 1
         log.warning("dropped telemetry frame", reason=error.reason)
 
-    def drain_telemetry(self) -> None:
-        for _frames, message in drain(self.telemetry, self._drop):
+    def drain_telemetry(self, sock: zmq.Socket | None = None) -> None:
+        for _frames, message in drain(sock or self.telemetry, self._drop):
             trainer = self.trainer
             if trainer is None or not self._from_trainer(trainer, message):
                 self._stray(message)
@@ -674,8 +761,10 @@ class TrainerChild:
         started_at = launched_by(pid, trainer.pid) if isinstance(pid, int) else None
         host = getattr(message, "host", "")
         local = started_at is not None
-        if not local and (not host or host == self.hostname):
-            return False  # claims this machine, but the launcher did not start it
+        if not local and (not trainer.remote or not host or host == self.hostname):
+            # Claims this machine but the launcher did not start it, or another Mac for a
+            # job that has no ranks there.
+            return False
         trainer.ranks[rank_number] = Rank(
             rank=rank_number, pid=pid, host=host, local=local, started_at=started_at
         )

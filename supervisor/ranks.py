@@ -148,6 +148,17 @@ def attempt_exit(
         return (None, -code) if code < 0 else (code, None)
 
     if culprit is not None:
+        code = logged.get(culprit)
+        blamed = ranks.get(culprit)
+        if code == -15 and (blamed is None or blamed.reported_exit is None):
+            # Ended by the launcher's SIGTERM, unannounced: mlx.launch terminates the others
+            # once one rank fails, so the rank that failed first (perhaps before it ever
+            # spoke, at start-up) is the one to blame.
+            for number, other in sorted(logged.items()):
+                peer = ranks.get(number)
+                lost_peer = peer is not None and peer.peer_lost
+                if number != culprit and other not in (None, 0, -15, 82) and not lost_peer:
+                    return (*end_of(number), number)
         return (*end_of(culprit), culprit)
     reported = {n: r.reported_exit for n, r in ranks.items()}
     if len(reported) == world_size and all(c == ExitCode.DONE for c in reported.values()):

@@ -115,6 +115,9 @@ class Settings:
     keep_awake_cmd: str = ""
     # After the database's disk filled up, writes resume once this much is free again.
     disk_resume_mb: float = 8.0
+    # The address ranks on other Macs reach this supervisor at (default: this machine's
+    # address on the route to the job's first remote host).
+    telemetry_address: str = ""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -143,6 +146,11 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
         # Each distributed job's ranks as its last attempt left them, for `show`.
         self.last_ranks: dict[str, list[dict[str, Any]]] = {}
         self.hostname = socket.gethostname()
+        # Telemetry over TCP for ranks on other Macs: CURVE-secured, open only while a job
+        # with remote ranks runs (a single-machine job opens no TCP port).
+        self.remote_telemetry: zmq.Socket | None = None
+        self._authenticator = None
+        self.poller: zmq.Poller | None = None
         self.shutdown_requested = False
         self.dropped_frames = 0
         self.started_at = time.time()
@@ -239,7 +247,7 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, self._on_child)
-        poller = zmq.Poller()
+        poller = self.poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.telemetry, zmq.POLLIN)
         poller.register(wake_read, zmq.POLLIN)
@@ -278,6 +286,10 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
                         pass
                 if self.telemetry in ready:
                     self._survive("reading telemetry", self.drain_telemetry)
+                if self.remote_telemetry is not None and self.remote_telemetry in ready:
+                    self._survive(
+                        "reading remote telemetry", self.drain_telemetry, self.remote_telemetry
+                    )
                 if self.control in ready:
                     self._survive("serving requests", self.drain_control)
                 self._survive("the loop's periodic work", self.tick)
@@ -289,6 +301,7 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             wake_write.close()
             for sock in (self.control, self.telemetry, self.events):
                 sock.close()
+            self.close_remote_telemetry()
             self.store.close()
             self._remove_runtime_files()
             # A clean stop leaves no pidfile: one that is left means a crash (doctor says so).
@@ -296,6 +309,44 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
             os.close(self._lock_fd)
         log.info("supervisor stopped")
         return 0
+
+    def open_remote_telemetry(self, address: str, port: int = 0) -> str:
+        """Bind the CURVE-secured telemetry socket for ranks on other Macs (once) and return
+        the endpoint they connect to. Only clients holding this install's keys get through;
+        the keys are made on first use, in ``<home>/keys``."""
+        from loractl.keys import ensure_keys, keys_folder, secure_server
+
+        if self.remote_telemetry is not None:
+            return self.remote_telemetry.getsockopt_string(zmq.LAST_ENDPOINT)
+        context = zmq.Context.instance()
+        keys = ensure_keys(keys_folder(self.layout.home))
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        authenticator = secure_server(sock, keys, context)
+        try:
+            sock.bind(f"tcp://{address}:{port or '*'}")
+        except zmq.ZMQError:
+            authenticator.stop()
+            sock.close()
+            raise
+        self.remote_telemetry, self._authenticator = sock, authenticator
+        if self.poller is not None:
+            self.poller.register(sock, zmq.POLLIN)
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("remote telemetry open", endpoint=endpoint)
+        return endpoint
+
+    def close_remote_telemetry(self) -> None:
+        if self.remote_telemetry is None:
+            return
+        if self.poller is not None:
+            self.poller.unregister(self.remote_telemetry)
+        self.remote_telemetry.close()
+        self._authenticator.stop()
+        self.remote_telemetry = self._authenticator = None
+        log.info("remote telemetry closed")
 
     def _remove_runtime_files(self) -> None:
         """Take our socket files and their folder away; we still hold the lock, so no other
@@ -350,6 +401,9 @@ class Supervisor(TrainerChild, ExitHandling, RequestHandlers):
                     step=job.step,
                     last_checkpoint_step=job.last_checkpoint_step,
                     world_size=cfg.world_size,
+                )
+                adopted.remote = adopted.distributed and self.reopen_remote_telemetry(
+                    job.id, job.attempt
                 )
                 # Recorded before it is ours: if the disk refuses, recovery runs again later.
                 self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)

@@ -29,13 +29,13 @@ def adapter_digest(job: dict) -> str:
     ).hexdigest()
 
 
+def logged(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def step_losses(adapter_path: str | Path) -> list[float]:
-    losses = []
-    for line in (Path(adapter_path) / "train.log").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "step":
-            losses.append(record["loss"])
-    return losses
+    records = logged(Path(adapter_path) / "train.log")
+    return [record["loss"] for record in records if record.get("event") == "step"]
 
 
 def rank_processes(home: Path) -> list[psutil.Process]:
@@ -82,6 +82,14 @@ def supervisor(tmp_path):
     sup = SupervisorProcess(tmp_path / "home")
     yield sup
     sup.stop()
+
+
+def attempt_logs(sup: SupervisorProcess) -> str:
+    """Every attempt's stderr (the launcher's and its ranks'), for a failing assertion."""
+    return "\n".join(
+        f"--- {path}\n{path.read_text(errors='replace')[-3000:]}"
+        for path in sorted(sup.home.rglob("attempts/*.stderr"))
+    )
 
 
 def two_ranks_running(sup: SupervisorProcess, job_id: str, step: int) -> dict | None:
@@ -134,6 +142,11 @@ def test_the_first_rank_to_fail_on_its_own_is_blamed_not_the_peers_that_lost_it(
     killed.reported_exit = int(ExitCode.OUT_OF_MEMORY)
     assert attempt_exit(ranks, 2, log, culprit=None) == (int(ExitCode.OUT_OF_MEMORY), None, 1)
     assert attempt_exit(ranks, 2, log, culprit=0) == (1, None, 0)
+    # The rank seen to vanish was terminated by mlx.launch because the other, never heard
+    # from, had failed at start-up: that one is blamed.
+    started = {0: Rank(rank=0, pid=10, host="a", local=True, ended_at=1.0)}
+    log = "Node with rank 1 exited with code 1\nNode with rank 0 exited with code -15\n"
+    assert attempt_exit(started, 2, log, culprit=0) == (1, None, 1)
 
 
 def test_done_and_stopped_attempts_have_no_culprit():
@@ -213,6 +226,42 @@ def test_rank_1_sigkilled_twice_relaunches_both_and_ends_bitwise_equal(
     assert rank_processes(supervisor.home) == []
 
 
+def test_pause_stops_both_ranks_at_one_checkpoint_and_resume_ends_bitwise_equal(
+    tiny_workspace, tmp_path, supervisor, uninterrupted
+):
+    """Pause reaches every rank through its stop command: both stop at the same step, the
+    job is paused with no crash, and resumed it ends equal to the uninterrupted run."""
+    from loractl.client.control import request
+    from loractl.protocol import PauseRequest, ResumeRequest
+
+    reference, _ = uninterrupted
+    supervisor.start()
+    job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "job", **JOB, **TWO_RANKS))
+    job = wait_for(lambda: two_ranks_running(supervisor, job_id, 10), 120)
+    ranks = [rank["pid"] for rank in job["ranks"]]
+    assert request(supervisor.layout, PauseRequest(job=job_id)).ok
+    job = supervisor.wait_state(job_id, {"paused", "failed", "completed"}, timeout=90)
+    assert job["state"] == "paused" and job["crashes"] == [], job["reason"]
+    assert not any(psutil.pid_exists(pid) for pid in ranks) or all(
+        psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        for pid in ranks
+        if psutil.pid_exists(pid)
+    )
+    adapters = Path(job["adapter_path"])
+    stops = [
+        [r["step"] for r in logged(adapters / name) if r.get("event") == "stopped on request"]
+        for name in ("train.log", "train.rank1.log")
+    ]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+    assert request(supervisor.layout, ResumeRequest(job=job_id)).ok
+    job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=240)
+    assert job["state"] == "completed", job["reason"] + supervisor.debug()
+    assert job["crashes"] == [] and job["attempts"] == 2, (
+        f"{job['crashes']}\n{supervisor.debug()}\n{attempt_logs(supervisor)}"
+    )
+    assert adapter_digest(job) == adapter_digest(reference)
+
+
 def test_a_budget_only_the_cheaper_rung_fits_steps_the_two_rank_job_down(
     tiny_workspace, tmp_path, supervisor
 ):
@@ -272,3 +321,116 @@ def test_supervisor_sigkill_leaves_no_orphan_rank_and_nothing_runs_twice(
     assert job["attempts"] == 1 and job["crashes"] == []
     assert adapter_digest(job) == adapter_digest(reference)
     assert rank_processes(supervisor.home) == []
+
+
+# --- ranks on other Macs: telemetry and control over TCP, with keys only ------------------
+
+
+def test_a_tcp_client_without_the_keys_is_refused(inprocess_supervisor):
+    """The remote telemetry socket takes heartbeats only from holders of this install's
+    CURVE keys (kept 0600), sends commands only to them, and is gone once closed."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    from loractl.keys import keys_folder, load_keys, secure_client
+    from loractl.protocol import Heartbeat, TrainerCommand
+
+    sup = inprocess_supervisor
+    endpoint = sup.open_remote_telemetry("127.0.0.1")
+    assert endpoint.startswith("tcp://127.0.0.1:")
+    folder = keys_folder(sup.layout.home)
+    assert all(p.stat().st_mode & 0o077 == 0 for p in folder.rglob("*"))
+    context = zmq.Context.instance()
+    keyless = context.socket(zmq.DEALER)
+    keyed = context.socket(zmq.DEALER)
+    try:
+        for sock, name in ((keyless, b"trainer-1"), (keyed, b"trainer-2")):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, name)
+        secure_client(keyed, load_keys(folder))
+        monitor = keyless.get_monitor_socket()
+        keyless.connect(endpoint)
+        beat = Heartbeat(job_id="someone-elses", pid=1).encode()
+        for _ in range(5):
+            keyless.send(beat)
+        # The server turns the plain client away in the handshake, before any frame.
+        refused = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+        wait_for(
+            lambda: monitor.poll(100) and recv_monitor_message(monitor)["event"] in refused, 10
+        )
+        keyless.disable_monitor()
+        monitor.close()
+        keyed.connect(endpoint)
+        keyed.send(beat)
+
+        def arrived() -> int:
+            sup.drain_telemetry(sup.remote_telemetry)
+            return sup.dropped_frames  # a job nobody runs: counted, never acted on
+
+        wait_for(lambda: arrived() >= 1, 10)
+        assert arrived() == 1, "only the keyed client's heartbeat may get through"
+        stop = TrainerCommand(action="stop").encode()
+        sup.remote_telemetry.send_multipart([b"trainer-2", stop])
+        assert keyed.poll(5000) and keyed.recv() == stop
+        with pytest.raises(zmq.ZMQError):  # unroutable: it never completed the handshake
+            sup.remote_telemetry.send_multipart([b"trainer-1", stop])
+    finally:
+        keyless.close()
+        keyed.close()
+    sup.close_remote_telemetry()
+    port = int(endpoint.rsplit(":", 1)[1])
+
+    def listening() -> set[int]:
+        connections = psutil.Process().net_connections("tcp")
+        return {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+
+    wait_for(lambda: port not in listening(), 5)  # ZeroMQ closes it in its I/O thread
+
+
+def test_a_job_with_ranks_on_other_macs_reports_over_tcp_with_the_keys(
+    inprocess_supervisor, tiny_workspace, tmp_path
+):
+    """Its attempt runs mlx.launch over both hosts, and the trainers get the TCP endpoint
+    and the keys folder; a single-machine job keeps ipc and no keys."""
+    from dataclasses import replace
+
+    import zmq
+
+    from loractl.config import load_config
+    from loractl.keys import keys_folder
+
+    sup = inprocess_supervisor
+    sup.settings = replace(sup.settings, telemetry_address="127.0.0.1")
+    remote = make_job(
+        tiny_workspace,
+        tmp_path / "remote",
+        batch_size=2,
+        distributed={"hosts": ["127.0.0.1", "192.0.2.10"]},
+    )
+    job = sup.enqueue(remote, load_config(remote))
+    command, is_remote = sup.attempt_command(job, load_config(remote), 1)
+    assert is_remote and "--hosts" in command
+    assert command[command.index("--hosts") + 1] == "127.0.0.1,192.0.2.10"
+    trainer_argv = command[command.index("--") + 1 :]
+    endpoint = trainer_argv[trainer_argv.index("--telemetry") + 1]
+    assert endpoint == sup.remote_telemetry.getsockopt_string(zmq.LAST_ENDPOINT)
+    assert trainer_argv[trainer_argv.index("--keys-dir") + 1] == str(keys_folder(sup.layout.home))
+    sup.close_remote_telemetry()
+
+    local = make_job(tiny_workspace, tmp_path / "local", batch_size=2, **TWO_RANKS)
+    job = sup.enqueue(local, load_config(local))
+    command, is_remote = sup.attempt_command(job, load_config(local), 1)
+    assert not is_remote and "--keys-dir" not in command and sup.remote_telemetry is None
+    assert command[command.index("--telemetry") + 1].startswith("ipc://")
+
+
+def test_a_trainer_told_to_report_over_tcp_without_keys_exits_78(tiny_workspace, tmp_path):
+    """Telemetry over TCP never falls back to an open channel: no keys, no training."""
+    config = make_job(tiny_workspace, tmp_path, iters=2)
+    result = run_trainer(config, "--telemetry", "tcp://127.0.0.1:9", timeout=60)
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr
+    assert "needs --keys-dir" in result.stderr
+    result = run_trainer(
+        config, "--telemetry", "tcp://127.0.0.1:9", "--keys-dir", str(tmp_path / "none")
+    )
+    assert result.returncode == ExitCode.CONFIG_ERROR and "no CURVE keys folder" in result.stderr
