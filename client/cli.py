@@ -180,6 +180,32 @@ def daemon_status(ctx, as_json) -> None:
     sys.exit(ClientExit.OK if supervisor else ClientExit.DAEMON_NOT_RUNNING)
 
 
+@daemon.command("keys")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def daemon_keys(ctx, as_json) -> None:
+    """This install's CURVE keys for jobs with ranks on other Macs (made on first use): the
+    folder, and the two files each other Mac needs at the same path."""
+    from loractl.keys import TRAINER_FILES, MissingKeys, UnsafeKeys, ensure_keys, keys_folder
+
+    try:
+        keys = ensure_keys(keys_folder(ctx.obj.home))
+    except (MissingKeys, UnsafeKeys) as exc:
+        fail(str(exc), ClientExit.CONFIG_ERROR, as_json)
+    data = {
+        "folder": str(keys.folder),
+        "copy_to_each_mac": [str(keys.folder / name) for name in TRAINER_FILES],
+        "server_public_key": keys.server_public.decode(),
+    }
+    if as_json:
+        emit(data, as_json)
+    else:
+        click.echo(f"keys: {data['folder']}")
+        click.echo("copy to the same path on every other Mac of a distributed job (mode 0600):")
+        for path in data["copy_to_each_mac"]:
+            click.echo(f"  {path}")
+
+
 # -- jobs ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,3 +155,24 @@ def test_config_validate_shows_the_warnings_and_still_passes(tmp_path):
     result = CliRunner().invoke(main, ["config", "validate", str(path)])
     assert result.exit_code == 0
     assert "warning" in result.stderr and "wandb_run_name" in result.stderr
+
+
+def test_daemon_keys_makes_the_keys_once_and_names_what_other_macs_need(tmp_path):
+    """`daemon keys` creates this install's CURVE keys (0600) once, lists the two files each
+    other Mac needs, and refuses keys others can read with exit 78 and the fix."""
+    home = tmp_path / "home"
+    runner = CliRunner()
+    first = runner.invoke(main, ["--home", str(home), "daemon", "keys", "--json"])
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.output)
+    assert [p.rsplit("/", 1)[1] for p in data["copy_to_each_mac"]] == [
+        "client.key_secret",
+        "server.key",
+    ]
+    for path in data["copy_to_each_mac"]:
+        assert (Path(path).stat().st_mode & 0o777) == 0o600
+    again = runner.invoke(main, ["--home", str(home), "daemon", "keys", "--json"])
+    assert json.loads(again.output)["server_public_key"] == data["server_public_key"]
+    Path(data["copy_to_each_mac"][0]).chmod(0o640)
+    refused = runner.invoke(main, ["--home", str(home), "daemon", "keys"])
+    assert refused.exit_code == 78 and "chmod 600" in refused.output
