@@ -1057,8 +1057,12 @@ class TrainerHooks:
                 tree_flatten(self.optimizer.state),
             )
             self.session.write_adapters(self.model)
-        # No rank moves past (or stops after) a step whose checkpoint is not yet on disk.
-        barrier(self.session.world)
+        if self.stop_requested():
+            # No rank exits before the checkpoint it stops at is on disk: mlx.launch would
+            # terminate rank 0 mid-write. A periodic checkpoint needs no wait (a rank that runs
+            # ahead only blocks in the next step's collective, and if rank 0 dies mid-write
+            # every rank resumes from the checkpoint before), so the others compute meanwhile.
+            barrier(self.session.world)
 
     def checkpoint_boundary(self, boundary) -> None:
         """Checkpoint the last consistent state after a fatal allocation failure, if we can."""

@@ -56,6 +56,8 @@ log = structlog.get_logger("loractl.supervisor")
 STDERR_TAIL_BYTES = 8192
 # How long an ended launcher's killed ranks may take to go before the attempt counts as over.
 LINGER_S = 10.0
+# How long mlx.launch has to log its killed ranks' ends and exit before it is killed too.
+LAUNCHER_GRACE_S = 5.0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Trainer:
     # Some ranks run on other Macs: they report over the CURVE-secured TCP socket.
     remote: bool = False
     lingering_since: float | None = None
+    ranks_killed: bool = False  # SIGKILL went to the local ranks; the launcher is next
 
     @property
     def distributed(self) -> bool:
@@ -637,6 +640,16 @@ class TrainerChild:
             return
         log.warning("grace period over; SIGKILL", pid=trainer.pid, reason=trainer.stop_reason)
         trainer.kill_at = None
+        if trainer.distributed and not trainer.remote and not trainer.ranks_killed:
+            # The ranks first, the launcher left to log how each ended (the only record of a
+            # rank killed from outside) and exit; its session goes only if it lingers.
+            trainer.ranks_killed = True
+            trainer.kill_at = time.monotonic() + LAUNCHER_GRACE_S
+            for pid in {r.pid for r in trainer.live_ranks()} | set(
+                local_rank_processes(trainer.pid)
+            ):
+                _signal(pid, signal.SIGKILL)
+            return
         self._kill_all(trainer)
 
     @staticmethod
@@ -644,9 +657,6 @@ class TrainerChild:
         """SIGKILL the trainer; for a distributed job, its launcher's whole session: every
         local rank and every ssh that carries a remote one (which then gets SIGHUP)."""
         if trainer.distributed:
-            for rank in trainer.live_ranks():
-                if rank.local:
-                    _signal(rank.pid, signal.SIGKILL)
             try:
                 if os.getpgid(trainer.pid) == trainer.pid:
                     os.killpg(trainer.pid, signal.SIGKILL)

@@ -434,3 +434,32 @@ def test_a_trainer_told_to_report_over_tcp_without_keys_exits_78(tiny_workspace,
         config, "--telemetry", "tcp://127.0.0.1:9", "--keys-dir", str(tmp_path / "none")
     )
     assert result.returncode == ExitCode.CONFIG_ERROR and "no CURVE keys folder" in result.stderr
+
+
+def test_a_real_trainer_reports_over_tcp_to_the_supervisors_keyed_socket(
+    inprocess_supervisor, tiny_workspace, tmp_path
+):
+    """The trainer a remote rank runs (`--telemetry tcp://… --keys-dir …`) heartbeats through
+    the supervisor's CURVE socket and announces its end there."""
+    import zmq
+
+    from loractl.keys import keys_folder
+    from loractl.protocol import Heartbeat, TrainerEvent, decode
+
+    sup = inprocess_supervisor
+    endpoint = sup.open_remote_telemetry("127.0.0.1")
+    # Read the frames ourselves: no job of this supervisor owns this trainer.
+    sock = sup.remote_telemetry
+    config = make_job(tiny_workspace, tmp_path, iters=4)
+    keys = str(keys_folder(sup.layout.home))
+    result = run_trainer(
+        config, "--fresh", "--telemetry", endpoint, "--keys-dir", keys, "--job-id", "remote-1"
+    )
+    assert result.returncode == 0, result.stderr
+    messages = []
+    while sock.poll(1000, zmq.POLLIN):
+        messages.append(decode(sock.recv_multipart()[-1]))
+    beats = [m for m in messages if isinstance(m, Heartbeat)]
+    assert beats and all(b.job_id == "remote-1" for b in beats)
+    assert any(isinstance(m, TrainerEvent) and m.kind == "done" for m in messages)
+    sup.close_remote_telemetry()
