@@ -133,6 +133,10 @@ class Hooks(Protocol):
     def checkpoint_due(self, state: LoopState) -> bool: ...
     def checkpoint(self, state: LoopState) -> None: ...
     def stop_requested(self) -> bool: ...
+    # With several ranks: this rank's pending (stop, checkpoint) requests, and what the ranks
+    # agreed on at the end of the step (any rank's request applies to all of them).
+    def requests_pending(self) -> tuple[bool, bool]: ...
+    def requests_agreed(self, stop: bool, checkpoint: bool) -> None: ...
 
 
 def micro_step_seed(seed: int, examples_seen: int, rank: int = 0) -> int:
@@ -216,27 +220,26 @@ def train(
     distributed = plan.world_size > 1
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def micro_step(batch, lengths, prev_grad, update_divisor):
+    def micro_step(batch, lengths, prev_grad, update_divisor, carry):
         (value, tokens), grad = loss_value_and_grad(model, batch, lengths)
-        if distributed:
-            # The loss of the global batch as mlx-lm reports it (the mean of the ranks' means)
-            # and its tokens, so the log and the checkpoint's history match across ranks.
-            # One collective for both: on a ring every call is a round trip whose wait
-            # busy-spins, so on a small Mac the count of calls per step shows in throughput.
-            summed = mx.distributed.all_sum(mx.stack([value, tokens.astype(value.dtype)]))
-            value = summed[0] / plan.world_size
-            tokens = summed[1].astype(tokens.dtype)
         if prev_grad is not None:
             grad = tree_map(lambda g, p: g + p, grad, prev_grad)
+        agreed = None
         if update_divisor:
             if distributed:
-                # Where mlx-lm averages: once per update, over the accumulated gradient.
+                # Where mlx-lm averages: once per update, over the accumulated gradient. The
+                # step's loss and tokens and the ranks' pending requests travel together in
+                # one more collective beside it: on a ring every collective is a wait that
+                # busy-spins, so a sync point per micro-step costs a small Mac throughput.
                 grad = average_gradients(grad)
+                step_sums = [value.astype(mx.float32), tokens.astype(mx.float32)]
+                mine = carry + mx.stack([*step_sums, mx.array(0.0), mx.array(0.0)])
+                agreed = mx.distributed.all_sum(mine)
             if update_divisor > 1:
                 grad = tree_map(lambda g: g / update_divisor, grad)
             optimizer.update(model, grad)
             grad = None
-        return value, tokens, grad
+        return value, tokens, grad, agreed
 
     order = ExampleOrder(train_set.lengths, plan.order_batch_size or plan.batch_size, plan.seed)
     total_iterations = plan.total_iterations(state)
@@ -273,6 +276,7 @@ def train(
         losses = []
         tokens = 0
         window_examples = 0
+        agreed = None
         for micro in range(plan.grad_accumulation_steps):
             iteration = state.iteration + 1
             if eval_due(iteration):
@@ -289,16 +293,27 @@ def train(
                 or state.examples_seen + len(indices) >= plan.total_examples
             )
             update_divisor = micro + 1 if last else 0
+            carry = None
+            if distributed and last:
+                stop, checkpoint = hooks.requests_pending()
+                carry = mx.array([sum(losses), tokens, float(stop), float(checkpoint)])
 
-            def run(prev=grad, batch=batch, lengths=lengths, divisor=update_divisor, idx=indices):
+            def run(
+                prev=grad,
+                batch=batch,
+                lengths=lengths,
+                divisor=update_divisor,
+                idx=indices,
+                carry=carry,
+            ):
                 hooks.before_micro_step(state, idx)
-                return micro_step(batch, lengths, prev, divisor)
+                return micro_step(batch, lengths, prev, divisor, carry)
 
             def roll_back(exc: BaseException, boundary=boundary) -> None:
                 restore(model, optimizer, boundary)
                 hooks.on_oom_retry(state, exc)
 
-            value, count, grad = _step_with_retry(
+            value, count, grad, agreed = _step_with_retry(
                 run,
                 seed=micro_step_seed(plan.seed, state.examples_seen, plan.rank),
                 evaluate_also=compiled_state,
@@ -310,7 +325,8 @@ def train(
             window_examples += len(indices)
             state.iteration = iteration
             state.examples_seen += len(indices)
-            state.tokens_seen += count
+            if not distributed:
+                state.tokens_seen += count  # a rank's own count; the step adds all ranks'
             clear_cache_over(plan.clear_cache_threshold)
             hooks.after_iteration(
                 state, IterationReport(value, count, time.perf_counter() - iteration_tic)
@@ -319,6 +335,14 @@ def train(
                 break
         state.step += 1
         step_loss = sum(losses) / len(losses)
+        if distributed:
+            # Each rank's losses were its own: the step's is the mean of the ranks' means, as
+            # mlx-lm reports it, and its tokens are every rank's.
+            total_loss, tokens, stop, checkpoint = agreed.tolist()
+            step_loss = total_loss / (len(losses) * plan.world_size)
+            tokens = int(tokens)
+            state.tokens_seen += tokens
+            hooks.requests_agreed(stop > 0, checkpoint > 0)
         state.loss_history.append([state.step, step_loss])
         hooks.after_step(
             state,
@@ -341,7 +365,7 @@ def train(
 
 def _step_with_retry(
     run, *, seed: int, evaluate_also: list, on_retry, boundary: Boundary
-) -> tuple[float, int, Any]:
+) -> tuple[float, int, Any, mx.array | None]:
     """One micro-step; on an allocation failure free the cache and retry it once.
 
     The recipe's try/except around each step: a transient spike (a fragmented cache) often
@@ -351,9 +375,9 @@ def _step_with_retry(
     for attempt in (1, 2):
         try:
             mx.random.seed(seed)
-            value, tokens, grad = run()
-            mx.eval(evaluate_also, value, tokens, grad)
-            return value.item(), int(tokens.item()), grad
+            value, tokens, grad, agreed = run()
+            mx.eval(evaluate_also, value, tokens, grad, agreed)
+            return value.item(), int(tokens.item()), grad, agreed
         except (MemoryError, RuntimeError) as exc:
             if not is_memory_exception(exc):
                 raise

@@ -860,12 +860,23 @@ class Reporter:
     mean loss and the throughput since the previous report, to train.log and to the
     report_to callback (wandb, swanlab) with the keys mlx-lm's trainer gives it."""
 
-    def __init__(self, cfg: JobConfig, optimizer, callback, total_iterations: int, tokens: int):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        optimizer,
+        callback,
+        total_iterations: int,
+        tokens: int,
+        world=None,
+    ):
         self.cfg = cfg
         self.optimizer = optimizer
         self.callback = callback
         self.total_iterations = total_iterations
         self.trained_tokens = tokens
+        # With several ranks each iteration's loss and tokens are the rank's own; as mlx-lm
+        # does, they are summed over the ranks only when a report is due.
+        self.world = world if world is not None and world.size() > 1 else None
         self._reset()
 
     def _reset(self) -> None:
@@ -884,10 +895,17 @@ class Reporter:
         it = state.iteration
         if it % self.cfg.steps_per_report and it != self.total_iterations:
             return
+        losses, ranks = self.losses, 1
+        if self.world is not None:
+            summed = mx.distributed.all_sum(
+                mx.array([self.losses, self.tokens], dtype=mx.float32), group=self.world
+            )
+            losses, tokens = summed.tolist()
+            self.tokens, ranks = int(tokens), self.world.size()
         self.trained_tokens += self.tokens
         info = {
             "iteration": it,
-            "train_loss": self.losses / self.iterations,
+            "train_loss": losses / (self.iterations * ranks),
             "learning_rate": self.optimizer.learning_rate.item(),
             "iterations_per_second": self.iterations / self.seconds if self.seconds else 0.0,
             "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
@@ -938,6 +956,7 @@ class TrainerHooks:
                 self.callback,
                 self.plan.total_iterations(state),
                 state.tokens_seen,
+                self.session.world,
             )
         self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
         # ``indices`` is the global batch, the same on every rank: one rank traces it.
@@ -983,7 +1002,6 @@ class TrainerHooks:
             mlx_peak_mb=round(progress.mlx_peak_mb, 1),
         )
         self.display.update(progress)
-        self._agree_on_requests()
         low_memory = available_mb() < cfg.low_memory_mb
         if (
             state.step % cfg.cleanup_every == 0
@@ -1022,21 +1040,18 @@ class TrainerHooks:
         log.warning("allocation failed; cache cleared, retrying step", error=str(error))
         self.session.telemetry.event("oom_retry", error=str(error)[:500])
 
-    def _agree_on_requests(self) -> None:
+    def requests_pending(self) -> tuple[bool, bool]:
+        requests = self.session.requests
+        return requests.stop.is_set(), requests.checkpoint.is_set()
+
+    def requests_agreed(self, stop: bool, checkpoint: bool) -> None:
         """With several ranks, a stop or checkpoint request that reached any rank (a signal,
         a supervisor command) applies to all of them at this step: a rank that stopped alone
         would leave the others blocked in their next collective."""
-        requests = self.session.requests
-        if self.session.world_size == 1:
-            return
-        import mlx.core as mx
-
-        mine = mx.array([requests.stop.is_set(), requests.checkpoint.is_set()], dtype=mx.int32)
-        stop, checkpoint = mx.distributed.all_max(mine, group=self.session.world).tolist()
         if stop:
-            requests.stop.set()
+            self.session.requests.stop.set()
         if checkpoint:
-            requests.checkpoint.set()
+            self.session.requests.checkpoint.set()
 
     def checkpoint_due(self, state) -> bool:
         if self.session.requests.checkpoint.is_set():

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,10 +112,16 @@ def uninterrupted(tiny_workspace, tmp_path_factory):
         listening = [
             c for c in psutil.Process(sup.proc.pid).net_connections("tcp") if c.status == "LISTEN"
         ]
+        shown = subprocess.run(
+            [sys.executable, "-m", "loractl.client.cli", "--home", str(sup.home), "show", job_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
     finally:
         sup.stop()
     assert job["state"] == "completed", job["reason"] + sup.debug()
-    return job, listening
+    return job, listening, shown
 
 
 # --- how a launcher's end is read ------------------------------------------------------------
@@ -173,7 +181,7 @@ def test_two_rank_job_completes_like_one_process_and_shows_its_ranks(
 ):
     """Supervised, 2 ranks of batch 1 follow one process of batch 2 within 1%; `show` lists
     both ranks with host, pid, step and footprint; the supervisor opens no TCP port."""
-    job, listening = uninterrupted
+    job, listening, shown = uninterrupted
     assert job["attempts"] == 1 and job["crashes"] == []
     assert [r["rank"] for r in job["ranks"]] == [0, 1]
     for rank in job["ranks"]:
@@ -183,6 +191,9 @@ def test_two_rank_job_completes_like_one_process_and_shows_its_ranks(
     running = [e for e in job["history"] if e.get("to_state") == "running"]
     assert running and "all 2 ranks heartbeat" in running[0]["cause"]
     assert listening == [], "a single-machine job must not open a TCP port"
+    rank_lines = shown.split("  ranks:\n", 1)[1].splitlines()[:2]
+    for line, rank in zip(rank_lines, job["ranks"], strict=True):
+        assert line.strip().startswith(f"{rank['rank']}: {rank['host']} pid {rank['pid']}")
 
     single = make_job(tiny_workspace, tmp_path, **JOB)
     result = run_trainer(single, "--fresh")
@@ -198,7 +209,7 @@ def test_rank_1_sigkilled_twice_relaunches_both_and_ends_bitwise_equal(
 ):
     """Each SIGKILL of rank 1 stops rank 0, relaunches both from the checkpoint, and is
     recorded as rank 1 killed externally; the adapter equals the uninterrupted run's."""
-    reference, _ = uninterrupted
+    reference, _, _ = uninterrupted
     supervisor.start()
     job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "job", **JOB, **TWO_RANKS))
     with RankCounter(supervisor.home) as counter:
@@ -234,7 +245,7 @@ def test_pause_stops_both_ranks_at_one_checkpoint_and_resume_ends_bitwise_equal(
     from loractl.client.control import request
     from loractl.protocol import PauseRequest, ResumeRequest
 
-    reference, _ = uninterrupted
+    reference, _, _ = uninterrupted
     supervisor.start()
     job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "job", **JOB, **TWO_RANKS))
     job = wait_for(lambda: two_ranks_running(supervisor, job_id, 10), 120)
@@ -306,7 +317,7 @@ def test_supervisor_sigkill_leaves_no_orphan_rank_and_nothing_runs_twice(
 ):
     """The supervisor dies mid-run; the next one adopts the launcher and its ranks, never a
     second set, and the job ends bitwise equal in its first attempt."""
-    reference, _ = uninterrupted
+    reference, _, _ = uninterrupted
     supervisor.start()
     job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "job", **JOB, **TWO_RANKS))
     with RankCounter(supervisor.home) as counter:
