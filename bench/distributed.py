@@ -45,7 +45,7 @@ a machine that has 2. Its main loop also selects on its own stdin, which at EOF
 (``/dev/null``) is always readable. ``--launcher-stdin`` says what the launcher's stdin is for
 the runs this script starts itself (theirs, and ours with ``--unsupervised``). The supervisor
 picks its own: a stream primed with 256 KiB of newlines that never reaches EOF (see
-``loractl.supervisor.child._launcher_stdin``), the ``full`` mode below, so a supervised job's
+``loractl.supervisor.launcher.launcher_stdin``), the ``full`` mode below, so a supervised job's
 launcher does not spin; a user's own ``mlx.launch`` from a terminal does.
 
 - ``pipe`` (default): a pipe whose write end the launcher holds, never at EOF: as a user's
