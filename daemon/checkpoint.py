@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The checkpoints' folder inside a job's adapter folder.
+CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 ADAPTERS_FILE = "adapters.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -194,3 +196,22 @@ class CheckpointStore:
                 shutil.rmtree(folder, ignore_errors=True)
         for leftover in self.root.glob(".step-*.tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def completed_in(adapter_path: str | Path) -> bool:
+    """Whether the adapter folder holds a finished run: its newest valid checkpoint consumed
+    every example, and the adapters beside it are that checkpoint's. Reads no mlx."""
+    folder = Path(adapter_path)
+    checkpoint, _ = CheckpointStore(folder / CHECKPOINT_DIR).newest_valid()
+    if checkpoint is None:
+        return False
+    total = checkpoint.state.get("total_examples") or 0
+    if not total or checkpoint.state.get("examples_seen", 0) < total:
+        return False
+    final = folder / ADAPTERS_FILE
+    expected = checkpoint.state.get("files", {}).get(ADAPTERS_FILE)
+    try:
+        return expected is not None and sha256_file(final) == expected
+    except OSError:
+        return False
+

@@ -38,7 +38,6 @@ from loractl.signatures import is_disk_full_error, is_memory_exception, is_resou
 
 log = structlog.get_logger("loractl.trainer")
 
-CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train.log"
 
 
@@ -432,7 +431,7 @@ class TrainingSession:
     def _train(self, hub_online: bool) -> int:
         import mlx.core as mx
 
-        from loractl.daemon.checkpoint import CheckpointStore
+        from loractl.daemon.checkpoint import CHECKPOINT_DIR, CheckpointStore
         from loractl.daemon.data import ExampleOrder, load_datasets
         from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import structlog
 
 from loractl.config import ConfigError, JobConfig
-from loractl.protocol import CrashEvent
+from loractl.daemon.checkpoint import completed_in
+from loractl.protocol import CrashEvent, ExitCode
 from loractl.supervisor.child import Trainer
 from loractl.supervisor.classify import Cause, ExitEvidence, classify, signal_name
 from loractl.supervisor.ladder import (
@@ -67,6 +68,11 @@ class ExitHandling:
             if job.state == JobState.BACKOFF:
                 self._backoff_until.setdefault(job.id, time.monotonic())
             return
+        if exit_code is None and signum is None and completed_in(self._adapter_path(job)):
+            # Its end is unknown (adopted: its "done" went to a supervisor now gone), but the
+            # adapter folder shows the finished run: done, not killed.
+            self.store.record(job.id, "completion_found", pid=trainer.pid)
+            exit_code = int(ExitCode.DONE)
         tail = self._stderr_tail(trainer)
         oom_kills = cgroup_oom_kill_count(os.getpid())
         oom_delta = (

@@ -377,3 +377,26 @@ def test_a_crashed_supervisor_is_reported_at_once_not_after_a_timeout(tmp_path, 
     result = loractl(supervisor.home, "status")
     assert result.returncode == 3 and "not running" in result.stderr
     assert time.monotonic() - began < 3
+
+
+def test_an_adopted_trainer_that_finished_unheard_is_done_not_killed(
+    tiny_workspace, tmp_path, inprocess_supervisor
+):
+    """A trainer whose "done" went to a supervisor that died, then exited before the next one
+    heard it, is found complete in its adapter folder: the job completes, with no crash."""
+    from conftest import put_in_state
+    from loractl.supervisor.store import JobState
+
+    config = make_job(tiny_workspace, tmp_path / "src", iters=4)
+    result = run_trainer(config, "--fresh")
+    assert result.returncode == 0, result.stderr
+    sup = inprocess_supervisor
+    job_id = put_in_state(sup, config, JobState.RUNNING)
+    stand_in = sup.trainer.popen
+    sup.trainer.popen = None  # adopted: not our child, its exit status is lost
+    stand_in.kill()
+    stand_in.wait()
+    sup.reap()
+    job = sup.store.get(job_id)
+    assert job.state == JobState.COMPLETED and job.crashes == []
+    assert [e for e in sup.store.events(job_id) if e["kind"] == "completion_found"]
