@@ -415,32 +415,23 @@ def bench(args, out: Path) -> int:
         supervisor = SupervisorProcess(out / "home").start()
     runs: list[DistRun] = []
     try:
-        for rnd in range(1, args.rounds + 1):
-            order = ("ours", "theirs") if rnd % 2 else ("theirs", "ours")
-            for trainer in order:
-                run_dir = out / f"round{rnd}-{trainer}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True)
-                if trainer == "ours":
-                    cfg = dict(ours_cfg, adapter_path=str(run_dir / "adapters-ours"))
-                    path = overhead.write_yaml(run_dir / "job.yaml", cfg)
-                    if supervisor is not None:
-                        result = run_ours_supervised(path, run_dir, supervisor, rnd, args)
-                    else:
-                        result = run_ours_unsupervised(path, run_dir, sink, rnd, args)
-                else:
-                    cfg = dict(theirs_cfg, adapter_path=str(run_dir / "adapters-theirs"))
-                    path = overhead.write_yaml(run_dir / "mlx.yaml", cfg)
-                    result = run_theirs(path, run_dir, rnd, args)
-                runs.append(result)
-                print(
-                    f"  round {rnd} {trainer:<6}: {overhead.fmt(result.tokens_per_sec)} tok/s, "
-                    f"launcher {overhead.fmt(result.launcher_cpus, 2)} cores, "
-                    f"wall {overhead.fmt(result.wall_seconds)} s",
-                    flush=True,
-                )
-                if result.error:
-                    print(f"  ERROR in {trainer}: {result.error}", flush=True)
+        for rnd, trainer, run_dir in overhead.alternating_runs(out, args.rounds):
+            path = overhead.job_file(run_dir, trainer, ours_cfg, theirs_cfg)
+            if trainer == "theirs":
+                result = run_theirs(path, run_dir, rnd, args)
+            elif supervisor is not None:
+                result = run_ours_supervised(path, run_dir, supervisor, rnd, args)
+            else:
+                result = run_ours_unsupervised(path, run_dir, sink, rnd, args)
+            runs.append(result)
+            print(
+                f"  round {rnd} {trainer:<6}: {overhead.fmt(result.tokens_per_sec)} tok/s, "
+                f"launcher {overhead.fmt(result.launcher_cpus, 2)} cores, "
+                f"wall {overhead.fmt(result.wall_seconds)} s",
+                flush=True,
+            )
+            if result.error:
+                print(f"  ERROR in {trainer}: {result.error}", flush=True)
     finally:
         if sink is not None:
             sink.close()

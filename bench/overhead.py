@@ -264,6 +264,24 @@ def write_yaml(path: Path, data: dict) -> Path:
 # -- running -------------------------------------------------------------------------------
 
 
+def alternating_runs(out: Path, rounds: int):
+    """``(round, trainer, run folder)`` for every run: ours first in odd rounds, theirs first
+    in even ones, so slow drift of the machine hits both alike; each folder starts empty."""
+    for rnd in range(1, rounds + 1):
+        for trainer in ("ours", "theirs") if rnd % 2 else ("theirs", "ours"):
+            run_dir = out / f"round{rnd}-{trainer}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            yield rnd, trainer, run_dir
+
+
+def job_file(run_dir: Path, trainer: str, ours_cfg: dict, theirs_cfg: dict) -> Path:
+    """The run's config file (ours: job.yaml, theirs: mlx.yaml), adapters in the run folder."""
+    cfg = ours_cfg if trainer == "ours" else theirs_cfg
+    name = "job.yaml" if trainer == "ours" else "mlx.yaml"
+    return write_yaml(run_dir / name, dict(cfg, adapter_path=str(run_dir / f"adapters-{trainer}")))
+
+
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORACTL_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -724,28 +742,20 @@ def bench(args, out: Path, prepare) -> int:
     sink = HeartbeatSink(endpoint)
     runs: list[Run] = []
     try:
-        for rnd in range(1, args.rounds + 1):
-            order = ("ours", "theirs") if rnd % 2 else ("theirs", "ours")
-            for trainer in order:
-                run_dir = out / f"round{rnd}-{trainer}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True)
-                if trainer == "ours":
-                    cfg = dict(ours_cfg, adapter_path=str(run_dir / "adapters-ours"))
-                    path = write_yaml(run_dir / "job.yaml", cfg)
-                    result = run_ours(path, run_dir, sink, rnd, args.warmup)
-                else:
-                    cfg = dict(theirs_cfg, adapter_path=str(run_dir / "adapters-theirs"))
-                    path = write_yaml(run_dir / "mlx.yaml", cfg)
-                    result = run_theirs(path, run_dir, rnd, args.warmup)
-                runs.append(result)
-                print(
-                    f"  round {rnd} {trainer:<6}: {fmt(result.tokens_per_sec)} tok/s, "
-                    f"peak RSS {fmt(result.peak_rss_mb)} MiB, wall {fmt(result.wall_seconds)} s",
-                    flush=True,
-                )
-                if result.error:
-                    print(f"  ERROR in {trainer}: {result.error}", flush=True)
+        for rnd, trainer, run_dir in alternating_runs(out, args.rounds):
+            path = job_file(run_dir, trainer, ours_cfg, theirs_cfg)
+            if trainer == "ours":
+                result = run_ours(path, run_dir, sink, rnd, args.warmup)
+            else:
+                result = run_theirs(path, run_dir, rnd, args.warmup)
+            runs.append(result)
+            print(
+                f"  round {rnd} {trainer:<6}: {fmt(result.tokens_per_sec)} tok/s, "
+                f"peak RSS {fmt(result.peak_rss_mb)} MiB, wall {fmt(result.wall_seconds)} s",
+                flush=True,
+            )
+            if result.error:
+                print(f"  ERROR in {trainer}: {result.error}", flush=True)
     finally:
         sink.close()
 

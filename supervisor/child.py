@@ -119,6 +119,10 @@ class Trainer:
     def live_ranks(self) -> list[Rank]:
         return [rank for rank in self.ranks.values() if rank.ended_at is None]
 
+    def describe_ranks(self) -> list[dict]:
+        """The ranks as ``show --json`` lists them, rank 0 first."""
+        return [self.ranks[number].describe() for number in sorted(self.ranks)]
+
 
 def _is_trainer_of(pid: int, job_id: str) -> bool:
     """Whether ``pid`` really is a loractl trainer of ``job_id`` (a heartbeat can claim any
@@ -443,13 +447,18 @@ class TrainerChild(LaunchedRanks):
         if silent > trainer.heartbeat_timeout:
             self._hang(trainer, f"no heartbeat for {silent:.1f} s")
             return
-        if trainer.phase in ("train", "eval") and trainer.step >= 0:
-            stall = max(
-                self.settings.stall_min_s,
-                self.settings.stall_factor * (trainer.max_step_seconds + trainer.max_eval_seconds),
-            )
-            if now - trainer.last_progress > stall:
-                self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
+        if self._stalled(trainer, now):
+            self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
+
+    def _stalled(self, trainer: Trainer, now: float) -> bool:
+        """Training, yet no new step for far longer than the slowest step and eval so far."""
+        if trainer.phase not in ("train", "eval") or trainer.step < 0:
+            return False
+        stall = max(
+            self.settings.stall_min_s,
+            self.settings.stall_factor * (trainer.max_step_seconds + trainer.max_eval_seconds),
+        )
+        return now - trainer.last_progress > stall
 
     def _hang(self, trainer: Trainer, why: str) -> None:
         where = {"rank": trainer.culprit} if trainer.distributed else {}
@@ -683,15 +692,16 @@ class TrainerChild(LaunchedRanks):
             trainer.last_checkpoint_step = event.step
             trainer.last_progress = time.monotonic()
             self.store.update(trainer.job_id, last_checkpoint_step=event.step)
-        elif event.kind == "done":
-            trainer.reported_exit = int(ExitCode.DONE)
-        elif event.kind == "stopped":
-            trainer.reported_exit = int(ExitCode.STOPPED)
         elif event.kind in ("oom_retry", "error"):
-            if event.kind == "error" and isinstance(event.detail.get("exit_code"), int):
-                trainer.reported_exit = event.detail["exit_code"]
             where = {"rank": event.rank} if trainer.distributed else {}
             self.store.record(trainer.job_id, f"trainer_{event.kind}", **event.detail, **where)
-        if trainer.distributed and event.kind in ("done", "stopped", "error"):
-            self._rank_announced(trainer, event)
+        if event.kind in ("done", "stopped", "error"):
+            announced = {"done": int(ExitCode.DONE), "stopped": int(ExitCode.STOPPED)}.get(
+                event.kind, event.detail.get("exit_code")
+            )
+            announced = announced if isinstance(announced, int) else None
+            if trainer.distributed:
+                self._rank_announced(trainer, event, announced)  # one rank's word
+            elif announced is not None:
+                trainer.reported_exit = announced
         self.publish("trainer_event", event)

@@ -103,7 +103,7 @@ class ExitHandling:
             rule=verdict.rule,
             rank=trainer.culprit,
         )
-        self.last_ranks[job.id] = [trainer.ranks[n].describe() for n in sorted(trainer.ranks)]
+        self.last_ranks[job.id] = trainer.describe_ranks()
         job = self.store.update(
             job.id, trainer_pid=None, last_checkpoint_step=trainer.last_checkpoint_step
         )

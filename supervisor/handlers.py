@@ -364,7 +364,7 @@ class RequestHandlers:
         """A distributed job's ranks: live while it runs, else as its last attempt ended."""
         trainer = self.trainer
         if trainer is not None and trainer.job_id == job.id and trainer.distributed:
-            return [trainer.ranks[n].describe() for n in sorted(trainer.ranks)]
+            return trainer.describe_ranks()
         return self.last_ranks.get(job.id, [])
 
     def describe(self, job: Job) -> dict[str, Any]:

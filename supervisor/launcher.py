@@ -135,14 +135,9 @@ class LaunchedRanks:
                 trainer.culprit = rank.rank
                 self._hang(trainer, f"no heartbeat from rank {rank.rank} for {silent:.1f} s")
                 return
-        if trainer.phase in ("train", "eval") and trainer.step >= 0:
-            stall = max(
-                self.settings.stall_min_s,
-                self.settings.stall_factor * (trainer.max_step_seconds + trainer.max_eval_seconds),
-            )
-            if now - trainer.last_progress > stall:
-                trainer.culprit = min(trainer.ranks.values(), key=lambda r: r.step).rank
-                self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
+        if self._stalled(trainer, now):
+            trainer.culprit = min(trainer.ranks.values(), key=lambda r: r.step).rank
+            self._hang(trainer, f"no progress for {now - trainer.last_progress:.0f} s")
 
     def _watch_ranks(self, trainer: Trainer) -> None:
         """Notice a local rank's end from the process table: a SIGKILLed rank says nothing,
@@ -206,17 +201,15 @@ class LaunchedRanks:
             log.warning("launcher gone but a rank lingers; killing it", pid=trainer.pid)
         return now - trainer.lingering_since < LINGER_S
 
-    def _rank_announced(self, trainer: Trainer, event: TrainerEvent) -> None:
+    def _rank_announced(self, trainer: Trainer, event: TrainerEvent, announced: int | None) -> None:
         """A rank said how it ends. A failure of its own (not a lost peer) stops the rest
         at once, before mlx.launch or a collective timeout does it less gently."""
         rank = trainer.ranks[event.rank]
-        rank.reported_exit = trainer.reported_exit
+        rank.reported_exit = announced
         rank.reason = str(event.detail.get("reason", ""))
         rank.peer_lost = bool(event.detail.get("peer_lost"))
         if not rank.local:
             rank.ended_at = time.monotonic()  # its process is out of our sight
-        if event.kind == "error":
-            trainer.reported_exit = None  # one rank's word, not the attempt's
-            if not rank.peer_lost:
-                rank.ended_at = rank.ended_at or time.monotonic()
-                self._rank_failed(trainer, rank)
+        if event.kind == "error" and not rank.peer_lost:
+            rank.ended_at = rank.ended_at or time.monotonic()
+            self._rank_failed(trainer, rank)

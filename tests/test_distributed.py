@@ -17,7 +17,7 @@ import zmq
 
 from conftest import make_job, run_trainer, trainer_command, trainer_env, wait_for
 from loractl.config import ConfigError, load_config
-from loractl.distributed import launch_command, world_size
+from loractl.distributed import free_port_range, launch_command, world_size
 from loractl.protocol import ExitCode, Heartbeat, TrainerEvent, decode
 
 # Batch 2 split 1 + 1 over two ranks; samples are all truncated to max_seq_length, so the
@@ -26,27 +26,10 @@ JOB = {"batch_size": 2, "iters": 24, "grad_accumulation_steps": 1, "checkpoint_e
 TWO_RANKS = {"distributed": {"backend": "ring", "processes": 2}}
 
 
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free: the ring backend listens on one port per rank."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as second:
-                second.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def launch(config: Path, *extra: str) -> subprocess.Popen:
     cfg = load_config(config)
     argv = launch_command(
-        cfg.distributed, trainer_command(config, *extra), starting_port=free_port_pair()
+        cfg.distributed, trainer_command(config, *extra), starting_port=free_port_range(2)
     )
     return subprocess.Popen(
         argv,
