@@ -66,13 +66,21 @@ def main(ctx, home) -> None:
     ctx.obj = Layout.at(home)
 
 
-def call(ctx, message, as_json: bool, timeout: float = 5.0):
-    """Send a request; turn every failure into one line and a named exit code."""
+def call(ctx, message, as_json: bool, timeout: float = 5.0, offline: bool = False):
+    """Send a request; turn every failure into one line and a named exit code.
+
+    With ``offline``, a read (list, show, history, ladder) is answered from the job database
+    when no supervisor is running; the data then carries ``"offline": True``.
+    """
     from loractl.client.control import DaemonNotRunning, RequestFailed, request
 
     try:
         return request(ctx.obj, message, timeout=timeout).data
     except DaemonNotRunning as exc:
+        if offline and not exc.running:
+            data = read_offline(ctx.obj, message, str(exc), as_json)
+            if data is not None:
+                return data
         fail(str(exc), ClientExit.DAEMON_NOT_RUNNING, as_json)
     except RequestFailed as exc:
         code = {
@@ -82,6 +90,29 @@ def call(ctx, message, as_json: bool, timeout: float = 5.0):
         fail(str(exc), code, as_json)
     except RuntimeError as exc:
         fail(str(exc), ClientExit.REFUSED, as_json)
+
+
+def read_offline(layout: Layout, message, not_running: str, as_json: bool):
+    """``message`` answered from the database, or None when the home has none."""
+    from loractl.client.offline import MARK, Unreadable, answer
+    from loractl.supervisor.store import JobNotFound
+
+    try:
+        return answer(layout, message)
+    except FileNotFoundError:
+        return None
+    except JobNotFound as exc:
+        fail(f"{exc} {MARK}", ClientExit.NOT_FOUND, as_json)
+    except Unreadable as exc:
+        fail(f"{not_running}; {exc}", ClientExit.DAEMON_NOT_RUNNING, as_json)
+
+
+def mark_offline(data: dict, as_json: bool) -> None:
+    """Say, above text output, that it was read from the database with no supervisor."""
+    if data.get("offline") and not as_json:
+        from loractl.client.offline import MARK
+
+        click.echo(MARK)
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -228,14 +259,16 @@ def status(ctx, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def list_jobs(ctx, rejected, as_json) -> None:
-    """Every job, highest priority first."""
+    """Every job, highest priority first (read from the database while the supervisor is
+    not running)."""
     from loractl.client.render import job_table, rejection_lines
     from loractl.protocol import ListRequest
 
-    data = call(ctx, ListRequest(rejected=rejected), as_json)
+    data = call(ctx, ListRequest(rejected=rejected), as_json, offline=True)
     if as_json:
         emit(data, as_json)
         return
+    mark_offline(data, as_json)
     click.echo(job_table(data["jobs"]))
     if rejected:
         click.echo("\nrejected from the inbox:")
@@ -273,36 +306,74 @@ def submit(ctx, configs, priority, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def show(ctx, job, as_json) -> None:
-    """Everything about JOB: state, rung, crashes, peak memory per rung, outputs, history."""
+    """Everything about JOB: state, rung, crashes, peak memory per rung, outputs, history
+    (read from the database while the supervisor is not running)."""
     from loractl.client.render import job_details
     from loractl.protocol import ShowRequest
 
-    data = call(ctx, ShowRequest(job=job), as_json)["job"]
+    data = call(ctx, ShowRequest(job=job), as_json, offline=True)["job"]
     if as_json:
         emit(data, as_json)
     else:
+        mark_offline(data, as_json)
         click.echo(job_details(data))
 
 
-@main.command()
-@click.argument("job")
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def wait(ctx, job, timeout, as_json) -> None:
-    """Block until JOB finishes; exit 0 only if it completed."""
-    import time
+def one_or_all(job: str | None, every: bool, as_json: bool) -> None:
+    """Refuse a JOB together with --all, or neither, in one line with exit 2."""
+    if every and job:
+        fail(
+            f"name a JOB or pass --all, not both (got {job!r} and --all)", ClientExit.USAGE, as_json
+        )
+    if not every and not job:
+        fail("name a JOB, or pass --all for every job", ClientExit.USAGE, as_json)
 
-    from loractl.protocol import ShowRequest
+
+def poll_until(fetch, timeout: float | None, interval: float = 0.25):
+    """Call ``fetch`` until it returns something other than None; None once ``timeout``
+    seconds have passed (the last fetch still counts)."""
+    import time
 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        data = call(ctx, ShowRequest(job=job), as_json)["job"]
-        if data["state"] in ("completed", "failed", "cancelled"):
-            break
+        result = fetch()
+        if result is not None:
+            return result
         if deadline is not None and time.monotonic() > deadline:
-            fail(f"job {data['id']} is still {data['state']}", ClientExit.TIMEOUT, as_json)
-        time.sleep(0.25)
+            return None
+        time.sleep(interval)
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.option(
+    "--all", "every", is_flag=True, help="Wait until the queue drains: no job left pending."
+)
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def wait(ctx, job, every, timeout, as_json) -> None:
+    """Block until JOB finishes; exit 0 only if it completed, 1 if it failed or was
+    cancelled, 124 on --timeout.
+
+    With --all, until no job is queued, starting, running, pausing, cancelling or in
+    backoff (jobs submitted meanwhile included); exit 0 only if every one of them completed.
+    A queue held by `pause --all` never drains: its queued jobs wait for `resume --all`."""
+    one_or_all(job, every, as_json)
+    if every:
+        wait_all(ctx, timeout, as_json)
+    from loractl.protocol import TERMINAL, ShowRequest
+
+    last: dict = {}
+
+    def ended():
+        last["job"] = call(ctx, ShowRequest(job=job), as_json)["job"]
+        return last["job"] if last["job"]["state"] in TERMINAL else None
+
+    data = poll_until(ended, timeout)
+    if data is None:
+        data = last["job"]
+        fail(f"job {data['id']} is still {data['state']}", ClientExit.TIMEOUT, as_json)
     result = {
         "id": data["id"],
         "state": data["state"],
@@ -312,6 +383,45 @@ def wait(ctx, job, timeout, as_json) -> None:
     }
     emit(result, as_json)
     sys.exit(ClientExit.OK if data["state"] == "completed" else ClientExit.JOB_FAILED)
+
+
+def wait_all(ctx, timeout: float | None, as_json: bool) -> None:
+    """`wait --all`: poll the list until no job is pending, then report every job that was."""
+    from loractl.client.render import drained_text
+    from loractl.protocol import PENDING, ListRequest, ShowRequest
+
+    seen: dict[str, dict] = {}  # every job seen pending, as last listed
+    pending: list[dict] = []
+
+    def drained():
+        jobs = call(ctx, ListRequest(), as_json)["jobs"]
+        pending[:] = [j for j in jobs if j["state"] in PENDING]
+        for j in jobs:
+            if j["state"] in PENDING or j["id"] in seen:
+                seen[j["id"]] = j
+        return True if not pending else None
+
+    if poll_until(drained, timeout) is None:
+        listed = ", ".join(f"{j['id']} ({j['state']})" for j in pending)
+        fail(f"{len(pending)} jobs still pending: {listed}", ClientExit.TIMEOUT, as_json)
+    jobs = []
+    for j in seen.values():
+        entry = {k: j[k] for k in ("id", "name", "state", "outcome")}
+        if j["state"] != "completed":
+            # Why it did not complete; a job removed meanwhile keeps its last listing.
+            from loractl.client.control import RequestFailed, request
+
+            try:
+                shown = request(ctx.obj, ShowRequest(job=j["id"])).data["job"]
+                entry.update(state=shown["state"], outcome=shown["outcome"])
+                entry["reason"] = shown["reason"]
+            except (RequestFailed, RuntimeError):
+                pass
+        jobs.append(entry)
+    completed = all(j["state"] == "completed" for j in jobs)
+    result = {"jobs": jobs, "completed": completed}
+    emit(result, as_json) if as_json else click.echo(drained_text(jobs))
+    sys.exit(ClientExit.OK if completed else ClientExit.JOB_FAILED)
 
 
 @main.command()
@@ -328,13 +438,15 @@ def wait(ctx, job, timeout, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
 def demo(directory, prepare, preset, seed, as_json) -> None:
     """Build a tiny model and job in DIRECTORY and, unless --prepare, run the demo."""
-    if prepare:
-        from loractl.daemon.tinymodel import prepare as build
+    from loractl.client.demo import PrepareFailed, prepare_workspace, run_demo
 
-        paths = build(directory, preset=preset or "tiny", seed=seed)
+    if prepare:
+        try:
+            paths = prepare_workspace(directory, preset=preset or "tiny", seed=seed)
+        except PrepareFailed as exc:
+            fail(str(exc), exc.code, as_json)
         emit({k: str(v) for k, v in paths.items()}, as_json=as_json)
         return
-    from loractl.client.demo import run_demo
 
     sys.exit(run_demo(directory, preset=preset, seed=seed, as_json=as_json))
 
@@ -360,12 +472,76 @@ def _job_action(name: str, request_type: str, doc: str):
 
 
 _job_action("cancel", "CancelRequest", "Cancel JOB; a running trainer is stopped first.")
-_job_action(
-    "pause", "PauseRequest", "Pause JOB: checkpoint and stop its trainer; `resume` continues it."
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Hold the whole queue: the running job checkpoints and pauses, nothing new starts.",
 )
-_job_action(
-    "resume", "ResumeRequest", "Queue a paused JOB again; it continues from its checkpoint."
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pause(ctx, job, every, as_json) -> None:
+    """Pause JOB: checkpoint and stop its trainer; `resume` continues it. With --all, hold
+    the queue until `resume --all`."""
+    from loractl.client.render import queue_text
+    from loractl.protocol import PauseRequest
+
+    one_or_all(job, every, as_json)
+    data = call(ctx, PauseRequest(job=job or "", all=every), as_json)
+    if as_json:
+        emit(data, as_json)
+    elif every:
+        click.echo(queue_text(data, held=True))
+    else:
+        click.echo(f"{data['id']}: {data.get('state', 'ok')}")
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Release the queue held by `pause --all` and resume the jobs it paused.",
 )
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def resume(ctx, job, every, as_json) -> None:
+    """Queue a paused JOB again; it continues from its checkpoint. With --all, release the
+    queue and resume what `pause --all` paused."""
+    from loractl.client.render import queue_text
+    from loractl.protocol import ResumeRequest
+
+    one_or_all(job, every, as_json)
+    data = call(ctx, ResumeRequest(job=job or "", all=every), as_json)
+    if as_json:
+        emit(data, as_json)
+    elif every:
+        click.echo(queue_text(data, held=False))
+    else:
+        click.echo(f"{data['id']}: {data.get('state', 'ok')}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def remove(ctx, job, as_json) -> None:
+    """Forget one finished JOB (completed, failed or cancelled): its row and history. Its
+    adapters stay where they are; `clean` forgets every finished job at once."""
+    from loractl.protocol import RemoveRequest
+
+    data = call(ctx, RemoveRequest(job=job), as_json)
+    if as_json:
+        emit(data, as_json)
+    elif data.get("adapter_path"):
+        click.echo(f"removed {data['id']}; adapters kept in {data['adapter_path']}")
+    else:
+        click.echo(f"removed {data['id']}; it wrote no adapters")
 
 
 @main.command()
@@ -405,11 +581,13 @@ def priority(ctx, job, value, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def history(ctx, job, as_json) -> None:
-    """JOB's events: transitions, crashes and their causes, ladder steps."""
+    """JOB's events: transitions, crashes and their causes, ladder steps (read from the
+    database while the supervisor is not running)."""
     from loractl.client.render import history_table
     from loractl.protocol import HistoryRequest
 
-    data = call(ctx, HistoryRequest(job=job), as_json)
+    data = call(ctx, HistoryRequest(job=job), as_json, offline=True)
+    mark_offline(data, as_json)
     emit(data, as_json) if as_json else click.echo(history_table(data["events"]))
 
 
@@ -418,11 +596,13 @@ def history(ctx, job, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def ladder(ctx, job, as_json) -> None:
-    """JOB's fallback rungs, with the peak memory measured on each."""
+    """JOB's fallback rungs, with the peak memory measured on each (read from the database
+    while the supervisor is not running)."""
     from loractl.client.render import ladder_table
     from loractl.protocol import LadderRequest
 
-    data = call(ctx, LadderRequest(job=job), as_json)
+    data = call(ctx, LadderRequest(job=job), as_json, offline=True)
+    mark_offline(data, as_json)
     emit(data, as_json) if as_json else click.echo(ladder_table(data["ladder"], data["rung"]))
 
 
@@ -447,7 +627,8 @@ def clean(ctx, adapters, as_json) -> None:
 @click.pass_context
 def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
     """JOB's training log (one record per step, checkpoint and evaluation), or with --daemon
-    the supervisor's (spawns, exits and their causes, ladder steps; it rotates at 5 MB)."""
+    the supervisor's (spawns, exits and their causes, ladder steps; it rotates at 5 MB).
+    Works while the supervisor is not running too."""
     from loractl.client.logs import follow_log, tail_log
     from loractl.protocol import ShowRequest
 
@@ -458,7 +639,19 @@ def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
 
         log_path = ctx.obj.logs / LOG_NAME
     else:
-        data = call(ctx, ShowRequest(job=job), as_json)["job"]
+        data = call(ctx, ShowRequest(job=job), as_json, offline=True)["job"]
+        if data.get("offline"):
+            from loractl.client.offline import MARK
+
+            # --json prints the log's own records, one per line: the note goes to stderr.
+            click.echo(MARK, err=as_json)
+        if not data.get("adapter_path"):
+            fail(
+                f"job {data['id']} has no adapter folder: "
+                f"{(data.get('effective_config') or {}).get('error', 'its config does not load')}",
+                ClientExit.NOT_FOUND,
+                as_json,
+            )
         log_path = Path(data["adapter_path"]) / "train.log"
     for line in tail_log(log_path, lines, as_json):
         click.echo(line)
@@ -473,19 +666,29 @@ def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
 @main.command()
 @click.argument("job", required=False)
 @click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Follow whatever runs, job after job, waiting for the next one while idle.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="One JSON object per event instead of the live view."
 )
 @click.pass_context
-def watch(ctx, job, as_json) -> None:
-    """A live view of JOB (or of whatever runs): progress, loss, tok/s, memory, rung, ETA.
+def watch(ctx, job, follow, as_json) -> None:
+    """A live view of JOB (or of the job running now): progress, loss, tok/s, memory, rung,
+    ETA. With nothing running (and nothing queued to start) it says so and exits 0; with
+    --follow it waits for the next job instead and stays with whatever runs.
 
-    Without a terminal (piped, in a log) it prints one plain line per event instead; with a
-    JOB it then exits when the job ends (0 completed, 1 failed or cancelled)."""
+    Without a terminal (piped, in a log) it prints one plain line per event instead, and
+    exits when the job ends (0 completed, 1 failed or cancelled); with --follow, never."""
     from loractl.client.watch import run_watch, run_watch_lines
 
+    if job and follow:
+        fail("--follow follows whatever runs; it takes no JOB", ClientExit.USAGE, as_json)
     if as_json or not sys.stdout.isatty():
-        sys.exit(run_watch_lines(ctx.obj, job, as_json=as_json))
-    sys.exit(run_watch(ctx.obj, job))
+        sys.exit(run_watch_lines(ctx.obj, job, as_json=as_json, follow=follow))
+    sys.exit(run_watch(ctx.obj, job, follow=follow))
 
 
 @main.command()

@@ -32,12 +32,25 @@ __all__ = ["DaemonNotRunning", "RequestFailed", "UnsafeFolder", "request", "supe
 
 
 class DaemonNotRunning(RuntimeError):
-    def __init__(self, layout: Layout):
+    """No supervisor answered. ``running`` is True when one holds the home's lock but did
+    not answer in time (busy or hung), False when none is running at all."""
+
+    def __init__(self, layout: Layout, running: bool = False, timeout: float | None = None):
         home = f" --home {layout.home}" if "LORACTL_HOME" not in os.environ else ""
-        super().__init__(
-            f"the loractl daemon is not running for {layout.home}; start it with "
-            f"`loractl{home} daemon start` (installed as a service) or `loractl{home} daemon run`"
-        )
+        if running:
+            message = (
+                f"the loractl supervisor for {layout.home} is running but did not answer "
+                f"within {timeout:g} s; its log: `loractl{home} logs --daemon`"
+            )
+        else:
+            message = (
+                f"the loractl daemon is not running for {layout.home}; start it with "
+                f"`loractl{home} daemon start` (installed as a service) or "
+                f"`loractl{home} daemon run`"
+            )
+        super().__init__(message)
+        self.layout = layout
+        self.running = running
 
 
 class RequestFailed(RuntimeError):
@@ -83,7 +96,7 @@ def request(layout: Layout, message: Request, timeout: float = DEFAULT_TIMEOUT_S
         sock.connect(layout.control)
         sock.send(message.encode())
         if not sock.poll(int(timeout * 1000)):
-            raise DaemonNotRunning(layout)
+            raise DaemonNotRunning(layout, running=supervisor_alive(layout), timeout=timeout)
         frame = sock.recv()
     finally:
         sock.close()

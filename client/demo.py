@@ -67,6 +67,50 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+class PrepareFailed(RuntimeError):
+    """Building the tiny model failed; ``code`` is the builder's exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def prepare_workspace(directory: Path, preset: str = "tiny", seed: int = 0) -> dict[str, Path]:
+    """Build the tiny model, data and job.yaml in ``directory`` and return their paths.
+
+    Runs ``python -m loractl.daemon.tinymodel`` in a child of this interpreter: the client
+    never imports the trainer's side (mlx and all).
+    """
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loractl.daemon.tinymodel",
+            str(directory),
+            "--preset",
+            preset,
+            "--seed",
+            str(seed),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PrepareFailed(
+            f"building the tiny model failed (exit {done.returncode}): {last}",
+            done.returncode if done.returncode > 0 else 1,
+        )
+    # It prints the paths as the first JSON object, then the preset's settings.
+    try:
+        start = done.stdout.index("{")
+        paths, _ = json.JSONDecoder().raw_decode(done.stdout, start)
+    except ValueError:
+        message = f"unexpected output from the tiny model builder: {done.stdout!r}"
+        raise PrepareFailed(message, 1) from None
+    return {key: Path(value) for key, value in paths.items()}
+
+
 def _write_job(base: Path, folder: Path, adapter: str) -> Path:
     import yaml
 
@@ -81,14 +125,16 @@ def _write_job(base: Path, folder: Path, adapter: str) -> Path:
 
 
 def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=False) -> int:
-    from loractl.daemon.tinymodel import prepare
-
     preset = preset or "ladder"
     directory = Path(directory).resolve()
     console.rule("[bold]loractl demo")
     console.print(f"building a tiny [bold]{preset}[/] model, tokenizer and data in {directory}")
     tic = time.perf_counter()
-    paths = prepare(directory / "workspace", preset=preset, seed=seed)
+    try:
+        paths = prepare_workspace(directory / "workspace", preset=preset, seed=seed)
+    except PrepareFailed as exc:
+        console.print(str(exc), style="red", markup=False)
+        return exc.code
     base = Path(paths["config"]).parent
     console.print(f"  built in {time.perf_counter() - tic:.1f} s")
 

@@ -49,6 +49,14 @@ def fail(message: str, code: int, as_json: bool) -> None:
     sys.exit(int(code))
 
 
+# What a state in the middle of a stop means, for people reading `show`.
+STATE_NOTES = {
+    "pausing": "the trainer is writing a checkpoint, then the job pauses",
+    "cancelling": "the trainer is writing a checkpoint, then the job is cancelled",
+    "backoff": "waiting to restart after a crash",
+}
+
+
 def job_table(jobs: list[dict[str, Any]]) -> str:
     if not jobs:
         return "no jobs"
@@ -69,9 +77,11 @@ def job_table(jobs: list[dict[str, Any]]) -> str:
 
 def job_details(job: dict[str, Any]) -> str:
     progress = job["progress"]
+    note = STATE_NOTES.get(job["state"])
     lines = [
         f"job {job['id']} ({job['name']}): {job['state']}"
-        + (f", {job['outcome']}" if job.get("outcome") else ""),
+        + (f", {job['outcome']}" if job.get("outcome") else "")
+        + (f" ({note})" if note else ""),
         f"  progress: {progress['examples_seen']}/{progress['total_examples']} examples, "
         f"step {progress['step']}, attempts {job['attempts']}",
         f"  rung: {job['rung']}",
@@ -203,4 +213,54 @@ def service_text(service: dict[str, Any] | None, supervisor: dict[str, Any] | No
         lines.append("supervisor: not answering")
     else:
         lines.append(status_text(supervisor))
+    return "\n".join(lines)
+
+
+def _ids(items: list[Any]) -> str:
+    return ", ".join(
+        str(item.get("id", item)) if isinstance(item, dict) else str(item) for item in items
+    )
+
+
+def queue_text(data: dict[str, Any], held: bool) -> str:
+    """`pause --all` / `resume --all`: whether the queue is held, and which jobs moved."""
+    held = data.get("held", held)
+    if held:
+        lines = ["queue held: nothing new starts until `loractl resume --all`"]
+        if data.get("already_held"):
+            lines[0] = "queue already held: nothing new starts until `loractl resume --all`"
+    elif data.get("was_held") is False:
+        lines = ["queue was not held: queued jobs start as usual"]
+    else:
+        lines = ["queue released: queued jobs start again"]
+    labels = {
+        "pausing": "pausing (checkpointing first)",
+        "paused": "paused",
+        "resumed": "resumed",
+        "queued": "queued",
+    }
+    for key, label in labels.items():
+        moved = data.get(key)
+        if isinstance(moved, str):
+            moved = [moved]
+        if moved:
+            lines.append(f"  {label}: {_ids(moved)}")
+    return "\n".join(lines)
+
+
+def drained_text(jobs: list[dict[str, Any]]) -> str:
+    """`wait --all`: each job that was pending and how it ended, then the verdict."""
+    if not jobs:
+        return "nothing to wait for: no job is pending"
+    lines = []
+    for job in jobs:
+        line = f"{job['id']} ({job['name']}): {job['state']}"
+        if job.get("reason") and job["state"] != "completed":
+            line += f": {job['reason'].splitlines()[0]}"
+        lines.append(line)
+    done = sum(job["state"] == "completed" for job in jobs)
+    if done == len(jobs):
+        lines.append(f"all {len(jobs)} completed")
+    else:
+        lines.append(f"{len(jobs) - done} of {len(jobs)} did not complete")
     return "\n".join(lines)

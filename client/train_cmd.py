@@ -1,8 +1,18 @@
 """`loractl train`: built on demand, because its flags come from the job schema and loading
-the schema costs milliseconds that `loractl status` must not pay."""
+the schema costs milliseconds that `loractl status` must not pay.
+
+The training itself runs in ``python -m loractl.daemon.trainer``, a child of this
+interpreter, exactly as the supervisor runs it: the client never imports the trainer's side.
+Its output goes straight to the terminal, signals reach it as they would reach a trainer run
+by hand, and its exit code is this command's.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,19 +142,113 @@ def train(
         raise click.UsageError("no config given: pass CONFIG or -c CONFIG")
     if config is not None and config_option is not None and config != config_option:
         raise click.UsageError(f"two configs given: {config} and -c {config_option}")
-    from loractl.daemon.trainer import run
-
     settings = run_length_flags({**overrides_from_flags(flags), **parse_assignments(assignments)})
-    code = run(
+    argv = trainer_argv(
         config or config_option,
         fresh=fresh,
         settings=settings,
-        telemetry_endpoint=telemetry,
+        telemetry=telemetry,
         job_id=job_id,
         attempt=attempt,
         rung=rung,
-        show_progress=None if not as_json else False,
     )
+    # With --json the progress bar gives way to plain lines, as for a supervised trainer:
+    # the child's stderr is a pipe, relayed here.
+    code = run_trainer(argv, relay_stderr=as_json)
     if as_json:
-        emit({"exit_code": int(code), "outcome": ExitCode(code).name.lower()}, as_json=True)
-    sys.exit(int(code))
+        emit({"exit_code": code, "outcome": outcome_name(code)}, as_json=True)
+    finish(code)
+
+
+def trainer_argv(
+    config: Path,
+    *,
+    fresh: bool = False,
+    settings: dict | None = None,
+    telemetry: str | None = None,
+    job_id: str = "",
+    attempt: int = 0,
+    rung: int = 0,
+) -> list[str]:
+    """The trainer's command line, as ``python -m loractl.daemon.trainer`` takes it."""
+    argv = [sys.executable, "-m", "loractl.daemon.trainer", str(config)]
+    if fresh:
+        argv.append("--fresh")
+    if telemetry:
+        argv += ["--telemetry", telemetry]
+    if job_id:
+        argv += ["--job-id", job_id]
+    if attempt:
+        argv += ["--attempt", str(attempt)]
+    if rung:
+        argv += ["--rung", str(rung)]
+    if settings:
+        # default=str: a YAML date typed with --set reaches the schema as text, to be judged.
+        argv += ["--settings", json.dumps(settings, default=str)]
+    return argv
+
+
+def _from_terminal() -> bool:
+    """Whether we are in the terminal's foreground process group: a ^C there reaches the
+    trainer (our child, in the same group) by itself."""
+    for stream in (sys.stdin, sys.stderr, sys.stdout):
+        try:
+            return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def run_trainer(argv: list[str], *, relay_stderr: bool = False) -> int:
+    """Run the trainer to its end and return its exit status (negative: killed by that
+    signal). SIGTERM, and a SIGINT not sent by the terminal, are passed on to it: the
+    trainer finishes its step, writes a checkpoint and exits 82; a second one means now."""
+    proc = subprocess.Popen(
+        argv, stderr=subprocess.PIPE if relay_stderr else None, text=True, errors="replace"
+    )
+
+    def forward(signum, _frame):
+        if signum == signal.SIGINT and _from_terminal():
+            return  # the terminal sent it to the whole group, the trainer included
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if relay_stderr:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def outcome_name(code: int) -> str:
+    """The trainer's exit status in words: ``done``, ``stopped``, ``killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    try:
+        return ExitCode(code).name.lower()
+    except ValueError:
+        return f"exit {code}"
+
+
+def finish(code: int) -> None:
+    """Exit as the trainer did: with its code, or killed by the signal that killed it."""
+    if code < 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            signal.signal(-code, signal.SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL and SIGSTOP keep their default anyway
+            pass
+        os.kill(os.getpid(), -code)
+        code = 128 - code  # a signal that does not end a process by default
+    sys.exit(code)

@@ -21,10 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from loractl.paths import Layout
-from loractl.protocol import MAX_MESSAGE_BYTES, ClientExit, ErrorCode
+from loractl.protocol import ACTIVE, IN_FLIGHT, MAX_MESSAGE_BYTES, TERMINAL, ClientExit, ErrorCode
 
-TERMINAL = ("completed", "failed", "cancelled")
-ACTIVE = ("starting", "running")
 # The supervisor publishes events as they happen, but a SUB socket silently drops what it
 # missed (slow joiner, reconnects), so the control channel is asked again this often.
 REPOLL_S = 2.0
@@ -79,10 +77,32 @@ def job_budget_mb(job: dict[str, Any]) -> float | None:
     return budget
 
 
+def nothing_to_watch(status: dict[str, Any]) -> str | None:
+    """What `watch` says when there is no job to show, from a status reply; None when a job
+    runs, is in flight (starting, backoff, ...) or is queued to start next."""
+    counts = status.get("jobs") or {}
+    if status.get("running") or any(counts.get(str(s)) for s in IN_FLIGHT):
+        return None
+    queued = counts.get("queued", 0)
+    held = status.get("queue_held")
+    if queued and not held:
+        return None
+    message = "nothing is running"
+    shown = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n)
+    if shown:
+        message += f" ({shown})"
+    if held:
+        message += "; the queue is held until `loractl resume --all`"
+    return message + "; `loractl watch --follow` waits for the next job"
+
+
 def _state_style(state: str) -> str:
     return {
         "running": "bold green",
         "starting": "green",
+        "pausing": "bold yellow",
+        "cancelling": "bold yellow",
+        "backoff": "magenta",
         "completed": "bold green",
         "failed": "bold red",
         "cancelled": "yellow",
@@ -248,9 +268,12 @@ def _job_table(snapshot: dict[str, Any]) -> Table:
 class WatchState:
     """What the view knows. Fed by events and control replies; no I/O of its own."""
 
-    def __init__(self, job_ref: str | None):
+    def __init__(self, job_ref: str | None, *, follow: bool = True):
         self.job_ref = job_ref
+        # No job named: take whatever runs; and with ``follow`` False, stay with the first
+        # job taken (as if it had been named) instead of moving on to the next.
         self.follow = job_ref is None
+        self.pin = job_ref is None and not follow
         self.job: dict[str, Any] | None = None
         self.last_job: dict[str, Any] | None = None
         self.running: str | None = None
@@ -278,10 +301,18 @@ class WatchState:
             return self.job_id
         return None
 
+    @property
+    def waiting(self) -> bool:
+        """Pinned to the next job that runs, and none has started yet."""
+        return self.pin and self.follow
+
     def _switch(self, job_id: str) -> None:
         if self.job is not None and self.job_id != job_id:
             self.last_job = self.job
+        if self.pin:
+            self.follow, self.job_ref = False, job_id
         self.job = {"id": job_id, "name": "?", "state": "starting"}
+        self.message = ""
         self.heartbeat = None
         self.heartbeat_at = None
         self.val_loss = None
@@ -398,15 +429,40 @@ class WatchState:
 # -- the I/O loop ----------------------------------------------------------------------------
 
 
-def _poll(layout: Layout, state: WatchState) -> None:
+def in_flight_job(layout: Layout, status: dict[str, Any]) -> str | None:
+    """The job to watch from a status reply: the running one, else one that is starting,
+    stopping or waiting out a crash backoff (asked for only when the counts show one)."""
+    from loractl.client.control import request
+    from loractl.protocol import ListRequest
+
+    if status.get("running"):
+        return status["running"]
+    counts = status.get("jobs") or {}
+    if not any(counts.get(str(s)) for s in IN_FLIGHT):
+        return None
+    reply = request(
+        layout, ListRequest(states=sorted(str(s) for s in IN_FLIGHT)), timeout=REQUEST_TIMEOUT_S
+    )
+    jobs = reply.data.get("jobs") or []
+    return jobs[0]["id"] if jobs else None
+
+
+def _poll(layout: Layout, state: WatchState) -> dict[str, Any]:
+    """Ask the supervisor for the picture again; returns its status reply."""
     from loractl.client.control import request
     from loractl.protocol import ShowRequest, StatusRequest
 
-    state.apply_status(request(layout, StatusRequest(), timeout=REQUEST_TIMEOUT_S).data)
+    status = request(layout, StatusRequest(), timeout=REQUEST_TIMEOUT_S).data
+    state.apply_status(status)
+    if state.follow and state.job is None:
+        found = in_flight_job(layout, status)
+        if found:
+            state._switch(found)
     target = state.target()
     if target:
         reply = request(layout, ShowRequest(job=target), timeout=REQUEST_TIMEOUT_S)
         state.apply_show(reply.data["job"])
+    return status
 
 
 def _subscribe(layout: Layout, extra_topics: tuple[bytes, ...] = ()):
@@ -450,10 +506,13 @@ def run_watch(
     console: Console | None = None,
     refresh_per_second: float = 4,
     exit_when_done: bool = False,
+    follow: bool = False,
 ) -> int:
     """Show JOB (or the running job) live until Ctrl-C; returns the process exit code.
 
-    0 on Ctrl-C; 3 if the daemon is not running; 4 if JOB does not exist. With
+    Without JOB, the job running now (or the next one queued to start); with nothing to
+    show, one line saying so and 0. With ``follow``, whatever runs, job after job, idle in
+    between. 0 on Ctrl-C; 3 if the daemon is not running; 4 if JOB does not exist. With
     ``exit_when_done``, 0 once the job completes and 1 once it fails or is cancelled.
     """
     from rich.live import Live
@@ -462,13 +521,17 @@ def run_watch(
 
     console = console or Console()
     errors = console if console.file is not sys.stdout else Console(stderr=True)
-    state = WatchState(job_ref)
+    state = WatchState(job_ref, follow=follow)
     sock = None
+
+    def idle(status: dict[str, Any]) -> str | None:
+        return nothing_to_watch(status) if state.waiting and state.job is None else None
+
     try:
         # Subscribe before the first poll, so nothing between the two goes unseen.
         sock = _subscribe(layout)
         try:
-            _poll(layout, state)
+            status = _poll(layout, state)
         except DaemonNotRunning as exc:
             errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
             return int(ClientExit.DAEMON_NOT_RUNNING)
@@ -480,6 +543,11 @@ def run_watch(
         except RuntimeError as exc:
             errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
             return int(ClientExit.REFUSED)
+        if message := idle(status):
+            console.print(message, soft_wrap=True, markup=False, highlight=False)
+            return int(ClientExit.OK)
+        if state.waiting and state.job is None:
+            state.message = "waiting for the next queued job to start"
         period = 1.0 / max(refresh_per_second, 0.5)
         next_poll = time.monotonic() + REPOLL_S
         with Live(
@@ -500,11 +568,18 @@ def run_watch(
                 if repoll or now >= next_poll:
                     next_poll = now + REPOLL_S
                     try:
-                        _poll(layout, state)
+                        status = _poll(layout, state)
                     except DaemonNotRunning:
                         state.daemon_lost = True
                     except RuntimeError as exc:  # a refusal or another protocol version
                         state.message = str(exc)
+                    else:
+                        # Waiting for a queued job that will no longer start (cancelled,
+                        # or the queue held): say so rather than wait forever.
+                        if message := idle(status):
+                            state.message = message
+                            live.update(render(state.snapshot(time.monotonic())), refresh=True)
+                            return int(ClientExit.OK)
                 live.update(render(state.snapshot(time.monotonic())))
     except KeyboardInterrupt:
         # Live's context manager has already put the cursor back; Ctrl-C is the normal exit.
@@ -557,12 +632,15 @@ def run_watch_lines(
     as_json: bool = False,
     out=None,
     heartbeat_every_s: float = PLAIN_HEARTBEAT_EVERY_S,
+    follow: bool = False,
 ) -> int:
     """Print events as they come, one line (or JSON object) each; for pipes and logs.
 
     With JOB, only its events, and the exit code once it ends (0 completed, 1 failed or
-    cancelled); without, everything until Ctrl-C. Plain heartbeat lines are thinned to one
-    every ``heartbeat_every_s``; JSON carries every event.
+    cancelled). Without, the same for the job running now (or the next one queued to
+    start), or one line saying nothing is running and 0. With ``follow``, every event until
+    Ctrl-C. Plain heartbeat lines are thinned to one every ``heartbeat_every_s``; JSON
+    carries every event.
     """
     from loractl.client.control import DaemonNotRunning, RequestFailed, request
     from loractl.protocol import ShowRequest, StatusRequest
@@ -574,22 +652,43 @@ def run_watch_lines(
         if line is not None:
             print(line, file=out, flush=True)
 
-    def show() -> dict[str, Any]:
-        return request(layout, ShowRequest(job=job_ref), timeout=REQUEST_TIMEOUT_S).data["job"]
+    def show(ref: str) -> dict[str, Any]:
+        return request(layout, ShowRequest(job=ref), timeout=REQUEST_TIMEOUT_S).data["job"]
+
+    def status() -> dict[str, Any]:
+        return request(layout, StatusRequest(), timeout=REQUEST_TIMEOUT_S).data
 
     def outcome(state: str | None) -> int | None:
         if state not in TERMINAL:
             return None
         return int(ClientExit.OK if state == "completed" else ClientExit.JOB_FAILED)
 
+    def idle(data: dict[str, Any], message: str) -> int:
+        if as_json:
+            print(
+                json.dumps({"topic": "idle", "jobs": data.get("jobs") or {}, "message": message}),
+                file=out,
+                flush=True,
+            )
+        else:
+            print(message, file=out, flush=True)
+        return int(ClientExit.OK)
+
     sock = None
     try:
         sock = _subscribe(layout, extra_topics=(b"rejected",))
         job_id, state = None, None
+        # Without JOB or --follow: the job running now, or the next to start.
+        waiting = job_ref is None and not follow
         try:
-            request(layout, StatusRequest(), timeout=REQUEST_TIMEOUT_S)
+            current = status()
+            if waiting:
+                job_ref = in_flight_job(layout, current)
+                if job_ref is None and (message := nothing_to_watch(current)):
+                    return idle(current, message)
+                waiting = job_ref is None
             if job_ref:
-                job = show()
+                job = show(job_ref)
                 job_id, state = job["id"], job["state"]
                 say("job", {"job_id": job_id, "state": state, "reason": job.get("reason")})
         except DaemonNotRunning as exc:
@@ -607,7 +706,20 @@ def run_watch_lines(
                     topic, data = frames[0].decode("ascii"), json.loads(frames[1])
                 except (IndexError, UnicodeDecodeError, json.JSONDecodeError):
                     continue
-                if not isinstance(data, dict) or (job_id and data.get("job_id") != job_id):
+                if not isinstance(data, dict):
+                    continue
+                if waiting:
+                    # The first job seen starting or beating is the one to stay with.
+                    starts = topic == "heartbeat" or (
+                        topic == "job" and data.get("state") in ACTIVE
+                    )
+                    if not (starts and isinstance(data.get("job_id"), str)):
+                        continue
+                    waiting, job_id = False, data["job_id"]
+                    if topic == "heartbeat":
+                        state = "running"
+                        say("job", {"job_id": job_id, "state": state})
+                if job_id and data.get("job_id") != job_id:
                     continue
                 if topic == "heartbeat" and not as_json:
                     now = time.monotonic()
@@ -617,11 +729,19 @@ def run_watch_lines(
                 if topic == "job" and job_id:
                     state = data.get("state")
                 say(topic, data)
-            if job_id and time.monotonic() >= next_poll:
+            if (job_id or waiting) and time.monotonic() >= next_poll:
                 # Events can be missed (a SUB socket drops what it was not there for).
                 next_poll = time.monotonic() + REPOLL_S
                 try:
-                    fresh = show()
+                    if waiting:
+                        current = status()
+                        found = in_flight_job(layout, current)
+                        if found is None:
+                            if message := nothing_to_watch(current):
+                                return idle(current, message)
+                            continue
+                        waiting, job_id = False, found
+                    fresh = show(job_id)
                 except RuntimeError:
                     continue
                 if fresh["state"] != state:
@@ -633,19 +753,3 @@ def run_watch_lines(
     finally:
         if sock is not None:
             sock.close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the view without the click CLI: ``python -c 'from loractl.client.watch import
-    main; main()' [--home HOME] [JOB]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="loractl-watch", description="A live view of a job.")
-    parser.add_argument("--home", default=None, help="loractl's state folder")
-    parser.add_argument("job", nargs="?", default=None, help="job id, id prefix or name")
-    args = parser.parse_args(argv)
-    sys.exit(run_watch(Layout.at(args.home), args.job))
-
-
-if __name__ == "__main__":
-    main()

@@ -332,12 +332,27 @@ class CancelRequest(JobRequest):
 
 @dataclass
 class PauseRequest(JobRequest):
+    """Pause one job; with ``all`` (and no job), hold the whole queue: the running job
+    checkpoints and pauses, and nothing new starts until ``resume --all``."""
+
     TYPE: ClassVar[str] = "pause"
+    all: bool = False
 
 
 @dataclass
 class ResumeRequest(JobRequest):
+    """Resume one job; with ``all``, release the queue and resume what ``pause --all``
+    paused."""
+
     TYPE: ClassVar[str] = "resume"
+    all: bool = False
+
+
+@dataclass
+class RemoveRequest(JobRequest):
+    """Forget one finished job (its row and history); its adapters stay where they are."""
+
+    TYPE: ClassVar[str] = "remove"
 
 
 @dataclass
@@ -378,11 +393,81 @@ class JobState(StrEnum):
     QUEUED = "queued"
     STARTING = "starting"
     RUNNING = "running"
+    # A pause or cancel is being carried out: the trainer is checkpointing and exiting.
+    PAUSING = "pausing"
+    CANCELLING = "cancelling"
     BACKOFF = "backoff"
     PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+# A trainer process may exist for the job.
+ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.PAUSING, JobState.CANCELLING})
+# The scheduler owns the job: a trainer exists or is about to be restarted.
+IN_FLIGHT = ACTIVE | {JobState.BACKOFF}
+# Waiting for, or holding, its turn: the queue has not drained while one of these is left.
+PENDING = IN_FLIGHT | {JobState.QUEUED}
+
+_S = JobState
+# Every state change the store allows; :meth:`Store.transition` checks each against it.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # -> failed: its config no longer loads (model moved, stored copy edited), so it cannot
+    # even start; failing it with the reason is the only move that keeps the queue going.
+    _S.QUEUED: frozenset({_S.STARTING, _S.PAUSED, _S.CANCELLED, _S.FAILED}),
+    # -> queued: a restarted supervisor found no live trainer to adopt.
+    _S.STARTING: frozenset(
+        {
+            _S.RUNNING,
+            _S.PAUSING,
+            _S.CANCELLING,
+            _S.BACKOFF,
+            _S.FAILED,
+            _S.COMPLETED,
+            _S.PAUSED,
+            _S.CANCELLED,
+            _S.QUEUED,
+        }
+    ),
+    _S.RUNNING: frozenset(
+        {
+            _S.PAUSING,
+            _S.CANCELLING,
+            _S.BACKOFF,
+            _S.COMPLETED,
+            _S.FAILED,
+            _S.PAUSED,
+            _S.CANCELLED,
+            _S.QUEUED,
+        }
+    ),
+    # -> running: `resume` while the pause is carried out (the last command wins); the exit
+    # of that attempt then goes straight back to the queue. The rest: however the trainer
+    # ended while it was being paused.
+    _S.PAUSING: frozenset(
+        {
+            _S.RUNNING,
+            _S.PAUSED,
+            _S.CANCELLING,
+            _S.BACKOFF,
+            _S.COMPLETED,
+            _S.FAILED,
+            _S.CANCELLED,
+            _S.QUEUED,
+        }
+    ),
+    # -> pausing: `pause` while the cancel is carried out (the last command wins).
+    _S.CANCELLING: frozenset({_S.PAUSING, _S.CANCELLED, _S.COMPLETED, _S.FAILED}),
+    _S.BACKOFF: frozenset({_S.STARTING, _S.FAILED, _S.PAUSED, _S.CANCELLED, _S.QUEUED}),
+    _S.PAUSED: frozenset({_S.QUEUED, _S.CANCELLED}),
+    # -> queued: `loractl retry`, from the checkpoint the job stopped at.
+    _S.FAILED: frozenset({_S.QUEUED}),
+    _S.COMPLETED: frozenset(),
+    _S.CANCELLED: frozenset({_S.QUEUED}),
+}
+del _S
 
 
 # Topics of the events socket (PUB): each frame pair is [topic, message.encode()].

@@ -12,6 +12,13 @@ folder's lock and writes checkpoints, adapters and train.log (the others log to
 checkpoint, and wait for each other after a checkpoint, so all of them stop on, and resume
 from, the same step. Every rank heartbeats and announces its own exit; a rank whose peer dies
 fails with "a peer rank was lost" (exit 1), and mlx.launch then terminates the rest.
+
+This module is the session and its command line, as mlx-lm's ``lora.py`` is; the loop is
+``loractl.daemon.loop`` (mlx-lm's ``tuner/trainer.py``). The loop's hooks are
+``loractl.daemon.hooks``, the ranks' group and their collectives ``loractl.daemon.collective``,
+the test-only fault injection ``loractl.daemon.faults``, and the checkpoint writer
+``loractl.daemon.checkpoint``. The supervisor starts it as ``python -m loractl.daemon.trainer``
+and finds its trainers by that string in their command line.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -31,18 +37,16 @@ from typing import Any
 import structlog
 
 from loractl.config import ConfigError, JobConfig, load_config
+from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
+from loractl.daemon.hooks import TrainerHooks
 from loractl.distributed import RANK_LOG_PATTERN
-from loractl.memory import MB, available_mb
+from loractl.memory import MB
 from loractl.protocol import ExitCode
 from loractl.signatures import is_disk_full_error, is_memory_exception, is_resource_limit_text
 
 log = structlog.get_logger("loractl.trainer")
 
 LOG_FILE = "train.log"
-
-
-# What MLX's ring backend raises in the survivors when a rank exits or is killed.
-PEER_LOST_TEXT = "connection to a peer was lost"
 
 
 class ModelError(ValueError):
@@ -56,38 +60,6 @@ def resource_limit_words(exc: BaseException) -> str:
         f"MLX resource limit, not out of memory: {exc} (too many live buffers; a restart "
         "frees them)"
     )
-
-
-# mlx-lm names its periodic adapter saves after the iteration, zero-padded to 7 digits.
-def iteration_adapter_name(iteration: int) -> str:
-    return f"{iteration:07d}_adapters.safetensors"
-
-
-def init_world(cfg: JobConfig):
-    """This process's distributed group: mlx.launch's ranks, or a group of one without it.
-
-    Raises ConfigError when the config's layout and the launched one differ: the world size
-    is part of the run's identity, and a rank left waiting for a peer that was never started
-    would hang instead of failing.
-    """
-    import mlx.core as mx
-
-    world = mx.distributed.init()
-    if world.size() != cfg.world_size:
-        raise ConfigError(
-            f"the config's 'distributed' section makes {cfg.world_size} rank(s) but this "
-            f"process is one of {world.size()}; start the job with the command "
-            "loractl.distributed.launch_command builds (mlx.launch)"
-        )
-    return world
-
-
-def barrier(world) -> None:
-    """Wait for every rank: an all_sum of a scalar returns only once all ranks have sent."""
-    if world.size() > 1:
-        import mlx.core as mx
-
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world))
 
 
 def configure_logging(log_path: Path | None) -> None:
@@ -431,7 +403,8 @@ class TrainingSession:
     def _train(self, hub_online: bool) -> int:
         import mlx.core as mx
 
-        from loractl.daemon.checkpoint import CHECKPOINT_DIR, CheckpointStore
+        from loractl.checkpoints import CHECKPOINT_DIR
+        from loractl.daemon.checkpoint import CheckpointStore
         from loractl.daemon.data import ExampleOrder, load_datasets
         from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
 
@@ -796,408 +769,6 @@ class TrainingSession:
             with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
-
-
-class CollectiveWatch:
-    """Ends a rank stuck in a collective whose peer is gone, once it is told to stop.
-
-    MLX's ring backend (0.32.4) usually raises "connection to a peer was lost" in the
-    survivors, but a rank blocked in a compiled step's collectives can instead wait forever
-    (seen on this project's machines). Blocked in C, it never runs its Python SIGTERM handler,
-    and mlx.launch, which terminates the other ranks when one dies, waits for it forever. So a
-    thread sees the signal through the wakeup fd (written by the C-level handler whatever the
-    main thread is doing) and, when the main thread has not come back to a hook for longer
-    than it ever took before (three times the longest gap seen, at least ``MIN_GRACE_S``),
-    announces the failure and exits. A healthy rank reaches its next hook well within that
-    and stops the ordinary way, at a checkpoint.
-    """
-
-    MIN_GRACE_S = 10.0
-
-    def __init__(self, session: TrainingSession):
-        import socket
-        import threading
-
-        self.session = session
-        self._last = time.monotonic()
-        self._longest = 0.0
-        self._reader, writer = socket.socketpair()
-        writer.setblocking(False)
-        self._writer = writer  # kept referenced: the wakeup fd must stay open
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        self._thread = threading.Thread(target=self._run, name="collective-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def touch(self) -> None:
-        now = time.monotonic()
-        self._longest = max(self._longest, now - self._last)
-        self._last = now
-
-    def _run(self) -> None:
-        stop_signals = {int(signal.SIGTERM), int(signal.SIGINT)}
-        while not any(byte in stop_signals for byte in self._reader.recv(64)):
-            pass
-        while True:
-            grace = max(self.MIN_GRACE_S, 3 * self._longest)
-            waited = time.monotonic() - self._last
-            if waited > grace:
-                break
-            time.sleep(min(1.0, grace - waited + 0.05))
-        message = (
-            f"rank {self.session.rank} was asked to stop but has been inside a collective for "
-            f"{waited:.0f} s (longest step so far {self._longest:.1f} s): a peer rank is gone"
-        )
-        self.session._fail(ExitCode.CRASH, message, peer_lost=True)
-        self.session.telemetry.close()
-        os._exit(ExitCode.CRASH)
-
-
-class Reporter:
-    """mlx-lm's loss reports: every ``steps_per_report`` iterations and at the last one, the
-    mean loss and the throughput since the previous report, to train.log and to the
-    report_to callback (wandb, swanlab) with the keys mlx-lm's trainer gives it."""
-
-    def __init__(
-        self,
-        cfg: JobConfig,
-        optimizer,
-        callback,
-        total_iterations: int,
-        tokens: int,
-        world=None,
-    ):
-        self.cfg = cfg
-        self.optimizer = optimizer
-        self.callback = callback
-        self.total_iterations = total_iterations
-        self.trained_tokens = tokens
-        # With several ranks each iteration's loss and tokens are the rank's own; as mlx-lm
-        # does, they are summed over the ranks only when a report is due.
-        self.world = world if world is not None and world.size() > 1 else None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.losses = 0.0
-        self.iterations = 0
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def after_iteration(self, state, report) -> None:
-        import mlx.core as mx
-
-        self.losses += report.loss
-        self.iterations += 1
-        self.tokens += report.tokens
-        self.seconds += report.seconds
-        it = state.iteration
-        if it % self.cfg.steps_per_report and it != self.total_iterations:
-            return
-        losses, ranks = self.losses, 1
-        if self.world is not None:
-            summed = mx.distributed.all_sum(
-                mx.array([self.losses, self.tokens], dtype=mx.float32), group=self.world
-            )
-            losses, tokens = summed.tolist()
-            self.tokens, ranks = int(tokens), self.world.size()
-        self.trained_tokens += self.tokens
-        info = {
-            "iteration": it,
-            "train_loss": losses / (self.iterations * ranks),
-            "learning_rate": self.optimizer.learning_rate.item(),
-            "iterations_per_second": self.iterations / self.seconds if self.seconds else 0.0,
-            "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
-            "trained_tokens": self.trained_tokens,
-            "peak_memory": mx.get_peak_memory() / 1e9,
-        }
-        log.info("report", **info)
-        if self.callback is not None:
-            self.callback.on_train_loss_report(info)
-        self._reset()
-
-
-class TrainerHooks:
-    """The loop's hooks: progress, heartbeats, logging, checkpoints, memory hygiene, stop."""
-
-    def __init__(
-        self, session: TrainingSession, model, optimizer, store, plan, order, callback=None
-    ):
-        from loractl.daemon.display import Display
-
-        self.session = session
-        self.cfg = session.cfg
-        self.model = model
-        self.optimizer = optimizer
-        self.store = store
-        self.plan = plan
-        self.order = order
-        self.progress = session.progress
-        self.reporter: Reporter | None = None
-        self.callback = callback
-        self.display = Display(
-            enabled=session.show_progress,
-            total_examples=plan.total_examples,
-            start_examples=session.progress.examples_seen,
-            quiet=session.rank != 0,
-        )
-        self._fault = FaultInjector.from_env()
-        # Tests audit the exact examples consumed across kills and resumes through this trace.
-        trace_path = os.environ.get("LORACTL_TRACE_EXAMPLES")
-        self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
-
-    def before_micro_step(self, state, indices) -> None:
-        self.session.touch()
-        if self.reporter is None:
-            self.reporter = Reporter(
-                self.cfg,
-                self.optimizer,
-                self.callback,
-                self.plan.total_iterations(state),
-                state.tokens_seen,
-                self.session.world,
-            )
-        self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
-        # ``indices`` is the global batch, the same on every rank: one rank traces it.
-        if self._trace is not None and self.session.rank == 0:
-            self._trace.write(
-                json.dumps({"start": state.examples_seen, "indices": list(indices)}) + "\n"
-            )
-            self._trace.flush()
-
-    def after_iteration(self, state, report) -> None:
-        self.session.touch()
-        self.reporter.after_iteration(state, report)
-        if state.iteration % self.cfg.save_every == 0 and self.session.rank == 0:
-            # mlx-lm's save_every: the adapters now, and a copy named after the iteration
-            # that mlx_lm.generate --adapter-path or resume_adapter_file can use as it is.
-            self.session.write_adapters(self.model, iteration_adapter_name(state.iteration))
-            log.info("adapters saved", iteration=state.iteration)
-
-    def after_step(self, state, report) -> None:
-        import mlx.core as mx
-
-        cfg = self.cfg
-        progress = self.progress
-        progress.step = state.step
-        progress.examples_seen = state.examples_seen
-        progress.epoch = state.examples_seen // self.order.epoch_length
-        progress.loss = report.loss
-        progress.step_seconds = report.seconds
-        progress.tokens_per_sec = report.tokens / report.seconds if report.seconds else 0.0
-        progress.mlx_active_mb = mx.get_active_memory() / MB
-        progress.mlx_peak_mb = mx.get_peak_memory() / MB
-        progress.mlx_cache_mb = mx.get_cache_memory() / MB
-        log.info(
-            "step",
-            step=state.step,
-            iteration=state.iteration,
-            examples_seen=state.examples_seen,
-            loss=report.loss,
-            tokens=report.tokens,
-            tokens_per_sec=round(progress.tokens_per_sec, 1),
-            step_seconds=round(report.seconds, 4),
-            mlx_active_mb=round(progress.mlx_active_mb, 1),
-            mlx_peak_mb=round(progress.mlx_peak_mb, 1),
-        )
-        self.display.update(progress)
-        low_memory = available_mb() < cfg.low_memory_mb
-        if (
-            state.step % cfg.cleanup_every == 0
-            or low_memory
-            or self.session.requests.clear_cache.is_set()
-        ):
-            self.session.requests.clear_cache.clear()
-            gc.collect()
-            mx.clear_cache()
-            if low_memory:
-                log.warning("low memory: cache cleared", available_mb=round(available_mb()))
-
-    def before_eval(self, state) -> None:
-        self.session.touch()
-        self.progress.phase = "eval"
-
-    def on_eval(self, state, val_loss: float, seconds: float) -> None:
-        self.session.touch()
-        self.progress.phase = "train"
-        self.progress.eval_seconds = seconds
-        log.info(
-            "eval",
-            step=state.step,
-            iteration=state.iteration,
-            val_loss=val_loss,
-            seconds=round(seconds, 3),
-        )
-        self.display.note(f"iteration {state.iteration}: val loss {val_loss:.3f}")
-        self.session.telemetry.event("eval", val_loss=val_loss, seconds=seconds)
-        if self.callback is not None:
-            self.callback.on_val_loss_report(
-                {"iteration": state.iteration, "val_loss": val_loss, "val_time": seconds}
-            )
-
-    def on_oom_retry(self, state, error: BaseException) -> None:
-        log.warning("allocation failed; cache cleared, retrying step", error=str(error))
-        self.session.telemetry.event("oom_retry", error=str(error)[:500])
-
-    def requests_pending(self) -> tuple[bool, bool]:
-        requests = self.session.requests
-        return requests.stop.is_set(), requests.checkpoint.is_set()
-
-    def requests_agreed(self, stop: bool, checkpoint: bool) -> None:
-        """With several ranks, a stop or checkpoint request that reached any rank (a signal,
-        a supervisor command) applies to all of them at this step: a rank that stopped alone
-        would leave the others blocked in their next collective."""
-        if stop:
-            self.session.requests.stop.set()
-        if checkpoint:
-            self.session.requests.checkpoint.set()
-
-    def checkpoint_due(self, state) -> bool:
-        if self.session.requests.checkpoint.is_set():
-            self.session.requests.checkpoint.clear()
-            return True
-        return state.step % self.cfg.checkpoint_interval == 0
-
-    def stop_requested(self) -> bool:
-        return self.session.requests.stop.is_set()
-
-    def checkpoint(self, state) -> None:
-        from mlx.utils import tree_flatten
-
-        if self.session.rank == 0:
-            self._write_checkpoint(
-                state,
-                tree_flatten(self.model.trainable_parameters()),
-                tree_flatten(self.optimizer.state),
-            )
-            self.session.write_adapters(self.model)
-        if self.stop_requested():
-            # No rank exits before the checkpoint it stops at is on disk: mlx.launch would
-            # terminate rank 0 mid-write. A periodic checkpoint needs no wait (a rank that runs
-            # ahead only blocks in the next step's collective, and if rank 0 dies mid-write
-            # every rank resumes from the checkpoint before), so the others compute meanwhile.
-            barrier(self.session.world)
-
-    def checkpoint_boundary(self, boundary) -> None:
-        """Checkpoint the last consistent state after a fatal allocation failure, if we can."""
-        try:
-            self._write_checkpoint(boundary.state, boundary.params, boundary.optimizer)
-        except Exception as exc:  # out of memory may well mean out of everything
-            log.error("could not checkpoint after out-of-memory", error=str(exc))
-
-    def _write_checkpoint(self, state, params, optimizer_state) -> None:
-        import mlx.core as mx
-
-        self.progress.phase = "checkpoint"
-        cfg = self.cfg
-        tic = time.perf_counter()
-        body = {
-            "iteration": state.iteration,
-            "examples_seen": state.examples_seen,
-            "tokens_seen": state.tokens_seen,
-            "total_examples": self.plan.total_examples,
-            "epoch": state.examples_seen // self.order.epoch_length,
-            "order": {
-                "scheme": "examples sorted by token length, cut into batches of batch_size; "
-                "each epoch's batches in numpy default_rng([seed, epoch]).permutation order",
-                "seed": cfg.seed,
-                "batch_size": self.order.batch_size,
-                "epoch_examples": self.order.epoch_length,
-            },
-            "rng": {
-                "mlx": "re-seeded before every micro-batch from (seed, examples_seen)",
-                "seed": cfg.seed,
-                "numpy": "default_rng([seed, epoch]) for the data order",
-            },
-            "rung": self.session.rung,
-            "settings": self.session.settings(),
-            "loss_history": state.loss_history,
-            "val_history": state.val_history,
-            "config_hash": cfg.identity_hash(),
-            "written_at": time.time(),
-        }
-        checkpoint = self.store.write(
-            state.step,
-            body,
-            {
-                "adapters.safetensors": lambda p: mx.save_safetensors(str(p), dict(params)),
-                "optimizer.safetensors": lambda p: mx.save_safetensors(
-                    str(p), dict(optimizer_state)
-                ),
-            },
-        )
-        seconds = time.perf_counter() - tic
-        self.progress.last_checkpoint_step = state.step
-        self.progress.phase = "train"
-        log.info(
-            "checkpoint",
-            step=state.step,
-            examples_seen=state.examples_seen,
-            path=str(checkpoint.path),
-            seconds=round(seconds, 4),
-        )
-        self.session.telemetry.event("checkpoint", path=str(checkpoint.path), seconds=seconds)
-
-
-class FaultInjector:
-    """Failures on chosen steps, for tests of the paths that handle them.
-
-    ``LORACTL_FAULT_OOM="STEP:COUNT[,STEP:COUNT]"``: the micro-steps of optimizer step STEP
-    raise a Metal allocation failure COUNT times in total. Metal's messages cannot be produced
-    on Linux, so the suite fakes them here, with the real message text.
-    ``LORACTL_FAULT_SEGV="ATTEMPT:STEP"``: attempt ATTEMPT (as numbered by the supervisor)
-    sends itself a real SIGSEGV at optimizer step STEP, as MLX's CPU backend does when malloc
-    fails.
-    ``LORACTL_FAULT_RESOURCE_LIMIT="ATTEMPT:STEP"``: every micro-step of optimizer step STEP
-    of attempt ATTEMPT raises MLX's Metal buffer-count error (the retry too).
-    """
-
-    MESSAGE = (
-        "[METAL] Command buffer execution failed: Insufficient Memory "
-        "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"
-    )
-    # mlx/backend/metal/allocator.cpp, with the default iogpu.rsrc_limit.
-    RESOURCE_LIMIT_MESSAGE = "[metal::malloc] Resource limit (499000) exceeded."
-
-    def __init__(
-        self,
-        plan: dict[int, int],
-        segv: tuple[int, int] | None = None,
-        resource_limit: tuple[int, int] | None = None,
-    ):
-        self.remaining = dict(plan)
-        self.segv = segv
-        self.resource_limit = resource_limit
-
-    @classmethod
-    def from_env(cls) -> FaultInjector:
-        spec = os.environ.get("LORACTL_FAULT_OOM", "")
-        plan = {}
-        for item in filter(None, spec.split(",")):
-            step, count = item.split(":")
-            plan[int(step)] = int(count)
-
-        def attempt_and_step(name: str) -> tuple[int, int] | None:
-            value = os.environ.get(name)
-            if not value:
-                return None
-            attempt, step = value.split(":")
-            return int(attempt), int(step)
-
-        return cls(
-            plan,
-            attempt_and_step("LORACTL_FAULT_SEGV"),
-            attempt_and_step("LORACTL_FAULT_RESOURCE_LIMIT"),
-        )
-
-    def maybe_fail(self, step: int, attempt: int = 0) -> None:
-        if self.segv is not None and self.segv == (attempt, step):
-            os.kill(os.getpid(), signal.SIGSEGV)
-        if self.resource_limit is not None and self.resource_limit == (attempt, step):
-            raise RuntimeError(self.RESOURCE_LIMIT_MESSAGE)
-        if self.remaining.get(step, 0) > 0:
-            self.remaining[step] -= 1
-            raise RuntimeError(self.MESSAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,22 @@ from loractl.supervisor.classify import Cause, Verdict
 from loractl.supervisor.ladder import RestartPolicy, describe_rung, rung_count
 
 
+class StopReason(StrEnum):
+    """Why the supervisor asked an attempt to stop (None on an exit it did not ask for)."""
+
+    MEMORY = "memory"  # the guard: over budget, or critical pressure
+    HANG = "hang"  # silent or stalled
+    RANK_LOST = "rank-lost"  # one rank of a distributed job is gone; the rest must stop
+    USER_PAUSE = "user-pause"
+    USER_CANCEL = "user-cancel"
+    SHUTDOWN = "shutdown"  # the supervisor is stopping; the job resumes when it is back
+
+    @property
+    def by_user(self) -> bool:
+        """A stop that only ends this attempt: its checkpoint is the point, not a crash."""
+        return self in (StopReason.USER_PAUSE, StopReason.USER_CANCEL, StopReason.SHUTDOWN)
+
+
 class Do(StrEnum):
     COMPLETE = "complete"
     PAUSE = "pause"
@@ -45,7 +61,7 @@ class Action:
 class ExitFacts:
     """What the supervisor saw of the trainer, besides what the classifier was told."""
 
-    stop_reason: str | None  # memory | hang | user-pause | user-cancel | shutdown | None
+    stop_reason: StopReason | None
     heartbeat_seen: bool
     checkpoint_step: int | None
     stderr_tail: str = ""
@@ -73,9 +89,9 @@ def after_exit(
     if verdict.cause == Cause.DONE:
         return Action(Do.COMPLETE, "trainer finished")
     if verdict.cause == Cause.STOPPED:
-        if facts.stop_reason == "user-pause":
+        if facts.stop_reason == StopReason.USER_PAUSE:
             return Action(Do.PAUSE, "paused by the user; checkpointed")
-        if facts.stop_reason == "user-cancel":
+        if facts.stop_reason == StopReason.USER_CANCEL:
             return Action(Do.CANCEL, "cancelled by the user")
         return Action(Do.REQUEUE, "supervisor shutting down; will resume")
     if verdict.cause == Cause.DISK_FULL:

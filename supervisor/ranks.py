@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from loractl.protocol import ExitCode
 
 # What mlx.launch (mlx/_distributed_utils/launch.py, 0.32.4) logs as each rank ends: a
@@ -64,45 +62,6 @@ class Rank:
             int(ExitCode.DONE),
             int(ExitCode.STOPPED),
         )
-
-
-def process_alive(pid: int, started_at: float | None) -> bool:
-    """Whether ``pid`` still runs and is the process first seen under it."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started_at is None or abs(proc.create_time() - started_at) <= 1
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def launched_by(pid: int, launcher_pid: int) -> float | None:
-    """The create_time of ``pid`` if it is a descendant of ``launcher_pid`` (a heartbeat can
-    claim any pid; only the process table is proof), else None."""
-    try:
-        proc = psutil.Process(pid)
-        if launcher_pid not in (parent.pid for parent in proc.parents()):
-            return None
-        return proc.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def local_rank_processes(launcher_pid: int) -> list[int]:
-    """The pids of the trainers the launcher started on this machine (heard from or not)."""
-    try:
-        children = psutil.Process(launcher_pid).children(recursive=True)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return []
-    pids = []
-    for child in children:
-        try:
-            if "loractl.daemon.trainer" in child.cmdline():
-                pids.append(child.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return pids
 
 
 def launcher_exits(text: str) -> dict[int, int | None]:

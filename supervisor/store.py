@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from loractl.protocol import JobState
+from loractl.protocol import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
-SCHEMA_VERSION = 1
+# 2: the pausing and cancelling states (in the jobs table's CHECK), and the settings table.
+SCHEMA_VERSION = 2
 
 # Long enough to outlast any checkpoint or a burst of client writes; a writer that holds the
 # lock longer than this is a bug worth surfacing as an error.
@@ -36,35 +37,6 @@ BUSY_TIMEOUT_MS = 10_000
 
 _MIN_PREFIX = 4
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
-# A trainer process may exist for the job.
-ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING})
-# The scheduler owns the job: a trainer exists or is about to be restarted.
-IN_FLIGHT = ACTIVE | {JobState.BACKOFF}
-
-_S = JobState
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    # -> failed: its config no longer loads (model moved, stored copy edited), so it cannot
-    # even start; failing it with the reason is the only move that keeps the queue going.
-    _S.QUEUED: frozenset({_S.STARTING, _S.PAUSED, _S.CANCELLED, _S.FAILED}),
-    # -> queued: a restarted supervisor found no live trainer to adopt.
-    _S.STARTING: frozenset(
-        {_S.RUNNING, _S.BACKOFF, _S.FAILED, _S.COMPLETED, _S.PAUSED, _S.CANCELLED, _S.QUEUED}
-    ),
-    # -> starting: a graceful memory-guard stop restarts on the next rung without backoff.
-    _S.RUNNING: frozenset(
-        {_S.BACKOFF, _S.COMPLETED, _S.FAILED, _S.PAUSED, _S.CANCELLED, _S.QUEUED, _S.STARTING}
-    ),
-    _S.BACKOFF: frozenset({_S.STARTING, _S.FAILED, _S.PAUSED, _S.CANCELLED, _S.QUEUED}),
-    _S.PAUSED: frozenset({_S.QUEUED, _S.CANCELLED}),
-    # -> queued: `loractl retry`, from the checkpoint the job stopped at.
-    _S.FAILED: frozenset({_S.QUEUED}),
-    _S.COMPLETED: frozenset(),
-    _S.CANCELLED: frozenset({_S.QUEUED}),
-}
-del _S
 
 
 class InvalidState(ValueError):
@@ -119,13 +91,23 @@ class StoreFull(OSError):
         self.free_mb = free
 
 
-def _free_mb(path: Path) -> float | None:
+def disk_space_mb(folder: Path) -> tuple[float, float, Path] | None:
+    """Free and total MB on the file system holding ``folder`` (or its nearest existing
+    parent), and the folder that was measured; None if none can be read."""
     import shutil
 
-    try:
-        return shutil.disk_usage(path.parent).free / 2**20
-    except OSError:
-        return None
+    for candidate in (folder, *folder.parents):
+        try:
+            usage = shutil.disk_usage(candidate)
+        except OSError:
+            continue
+        return usage.free / 2**20, usage.total / 2**20, candidate
+    return None
+
+
+def _free_mb(path: Path) -> float | None:
+    space = disk_space_mb(path.parent)
+    return space[0] if space else None
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -244,7 +226,24 @@ CREATE TABLE events (
     detail TEXT NOT NULL DEFAULT '{{}}'
 );
 CREATE INDEX events_job ON events (job_id, id);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+# Version 1 -> 2: SQLite cannot alter a CHECK constraint, so the jobs table is rebuilt with
+# the new states allowed (the generalized ALTER TABLE procedure of SQLite's documentation).
+_JOBS_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE jobs") : _SCHEMA.index("CREATE INDEX jobs_queue")]
+_MIGRATE_1_TO_2 = [
+    _JOBS_TABLE.replace("CREATE TABLE jobs", "CREATE TABLE jobs_v2").rstrip().rstrip(";"),
+    "INSERT INTO jobs_v2 SELECT * FROM jobs",
+    "DROP TABLE jobs",
+    "ALTER TABLE jobs_v2 RENAME TO jobs",
+    "CREATE INDEX jobs_queue ON jobs (state, priority DESC, seq)",
+    "CREATE INDEX jobs_name ON jobs (name, seq)",
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+]
 
 
 # RFC 4648 "base32hex": its digits sort in the same order as the values they encode.
@@ -405,14 +404,28 @@ class Store:
         return version
 
     def _migrate(self) -> None:
-        with self._write(durable=True) as conn:
-            # Checked inside the write lock: two processes opening a new file at once must not
-            # both create the tables.
-            if self._check_version() == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+            # Dropping the old jobs table must not cascade to the events that reference it;
+            # the pragma only takes effect outside a transaction.
+            self.conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self._write(durable=True) as conn:
+                # Checked inside the write lock: two processes opening a new file at once
+                # must not both create the tables.
+                version = self._check_version()
+                if version == 0:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                elif version == 1:
+                    for statement in _MIGRATE_1_TO_2:
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    if conn.execute("PRAGMA foreign_key_check").fetchall():
+                        raise RuntimeError(f"{self.path}: events left without their job")
+                if version < SCHEMA_VERSION:  # an up-to-date file is not written (a full disk)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            self.conn.execute("PRAGMA foreign_keys = ON")
 
     # -- rows ----------------------------------------------------------------------------
 
@@ -752,6 +765,19 @@ class Store:
                 conn, job, "priority", at=job.updated_at, detail={"from": old, "to": priority}
             )
         return job
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """A value kept across restarts (the queue's hold, say), or ``default``."""
+        rows = self._read("SELECT value FROM settings WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._write(durable=True) as conn:
+            conn.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, _json(value)),
+            )
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job and its events. Unfinished jobs raise :class:`InvalidState`:

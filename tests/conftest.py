@@ -98,35 +98,49 @@ def inprocess_supervisor(tmp_path):
     sup = Supervisor(tmp_path / "home", Settings(hold_queue=True, stop_grace_s=10))
     sup.keep_awake.enabled = False
     sup.layout.ensure()
-    sup.store = Store(sup.layout.database)
-    sup.events = zmq.Context.instance().socket(zmq.PUB)
-    sup.telemetry = zmq.Context.instance().socket(zmq.ROUTER)
-    sup.telemetry.setsockopt(zmq.ROUTER_MANDATORY, 1)  # as bound: unknown peers raise
-    for sock in (sup.events, sup.telemetry):
+    events = zmq.Context.instance().socket(zmq.PUB)
+    telemetry = zmq.Context.instance().socket(zmq.ROUTER)
+    telemetry.setsockopt(zmq.ROUTER_MANDATORY, 1)  # as bound: unknown peers raise
+    for sock in (events, telemetry):
         sock.setsockopt(zmq.LINGER, 0)
+    sup.wire(Store(sup.layout.database), telemetry, events)
     sup.inbox = NoInbox()
     sup.recover()  # nothing to recover in a new home; the loop starts jobs only after it
     yield sup
-    if sup.trainer is not None and sup.trainer.popen is not None:
-        sup.trainer.popen.kill()
-        sup.trainer.popen.wait()
-    sup.events.close()
-    sup.telemetry.close()
+    attempt = sup.runner.attempt
+    if attempt is not None and attempt.popen is not None:
+        attempt.popen.kill()
+        attempt.popen.wait()
+    sup.channels.close_remote()
+    events.close()
+    telemetry.close()
     sup.store.close()
+
+
+def reconfigure(sup, **changes):
+    """The in-process supervisor with other settings, before any attempt runs."""
+    from dataclasses import replace
+
+    assert sup.runner.attempt is None, "change settings before a trainer runs"
+    sup.settings = replace(sup.settings, **changes)
+    backoff = dict(sup.queue.backoff_until)
+    sup.wire(sup.store, sup.channels.local, sup.publisher.events)
+    sup.queue.backoff_until.update(backoff)
+    sup.runner.recovered = True
+    return sup
 
 
 def put_in_state(sup, config, state, script: str = STAND_IN, budget_mb: float = 1e9) -> str:
     """A job in ``state``, reached through allowed transitions only, with a live stand-in
     trainer (``STAND_IN`` or ``script``) where the state needs one."""
-    import time
-
     from loractl.config import load_config
-    from loractl.supervisor.child import Trainer
+    from loractl.supervisor.attempt import Attempt, AttemptSpec
     from loractl.supervisor.store import JobState
 
-    job = sup.enqueue(config, load_config(config))
+    job = sup.queue.enqueue(config, load_config(config))
     store = sup.store
-    if state in (JobState.STARTING, JobState.RUNNING, JobState.COMPLETED, JobState.BACKOFF):
+    live = (JobState.STARTING, JobState.RUNNING, JobState.PAUSING, JobState.CANCELLING)
+    if state in (*live, JobState.COMPLETED, JobState.BACKOFF):
         popen = subprocess.Popen([sys.executable, "-c", script])
         store.transition(job.id, JobState.STARTING, "test", trainer_pid=popen.pid, attempt=1)
         if state in (JobState.COMPLETED, JobState.BACKOFF):
@@ -134,22 +148,31 @@ def put_in_state(sup, config, state, script: str = STAND_IN, budget_mb: float = 
             popen.wait()
             store.transition(job.id, state, "test", trainer_pid=None)
             if state == JobState.BACKOFF:
-                sup._arm_backoff(job.id, 3600.0)
+                sup.queue.arm_backoff(job.id, 3600.0)
         else:
-            sup.trainer = Trainer(
+            spec = AttemptSpec(
                 job_id=job.id,
-                pid=popen.pid,
                 attempt=1,
                 rung=0,
-                popen=popen,
-                stderr_path=sup._stderr_path(job.id, 1),
+                stderr_path=sup.runner.stderr_path(job.id, 1),
                 budget_mb=budget_mb,
                 heartbeat_timeout=600,
-                last_heartbeat=time.monotonic(),
-                step=0,
             )
-            if state == JobState.RUNNING:
+            sup.runner.attempt = Attempt(
+                spec,
+                pid=popen.pid,
+                popen=popen,
+                settings=sup.settings,
+                hooks=sup.runner,
+                read_system=sup.read_system,
+                step=0,
+                heard=True,
+            )
+            if state != JobState.STARTING:
                 store.transition(job.id, JobState.RUNNING, "test")
+            if state in (JobState.PAUSING, JobState.CANCELLING):
+                wish = "pause" if state == JobState.PAUSING else "cancel"
+                sup.runner.user_stop(store.get(job.id), wish)
     elif state != JobState.QUEUED:
         store.transition(job.id, state, "test")
     assert store.get(job.id).state == state

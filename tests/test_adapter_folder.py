@@ -19,9 +19,9 @@ from conftest import (
     unmount,
     wait_for,
 )
+from loractl.checkpoints import CheckpointReader
 from loractl.client.control import request
 from loractl.client.harness import SupervisorProcess
-from loractl.daemon.checkpoint import CheckpointStore
 from loractl.protocol import ExitCode, ResumeRequest
 
 
@@ -72,7 +72,7 @@ def test_a_full_adapter_disk_stops_cleanly_and_resumes_exactly(
     reference = make_job(tiny_workspace, tmp_path / "ref", **JOB)
     assert run_trainer(reference, "--fresh").returncode == 0
     config = make_job(tiny_workspace, tmp_path / "src", **JOB, adapter_path=str(small_disk / "a"))
-    store = CheckpointStore(small_disk / "a" / "checkpoints")
+    store = CheckpointReader(small_disk / "a" / "checkpoints")
     proc = subprocess.Popen(
         trainer_command(config, "--fresh"),
         env=trainer_env(),

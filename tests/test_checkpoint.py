@@ -1,4 +1,5 @@
-"""Tests for the crash-proof checkpoint store."""
+"""Tests for the crash-proof checkpoints: the writer (loractl.daemon.checkpoint) and the
+format's reader (loractl.checkpoints)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 import textwrap
 
 from conftest import wait_for
-from loractl.daemon.checkpoint import CheckpointStore, verify
+from loractl.checkpoints import CheckpointReader, completed_in, verify
+from loractl.daemon.checkpoint import CheckpointStore
 
 
 def write_bytes(payload: bytes):
@@ -59,7 +61,7 @@ def test_flipped_byte_in_a_tensor_file_is_skipped_for_the_previous(tmp_path):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    found, skipped = store.newest_valid()
+    found, skipped = CheckpointReader(tmp_path).newest_valid()
     assert found.step == 1
     assert "adapters.safetensors fails its checksum" in skipped[0]
 
@@ -72,7 +74,7 @@ def test_edited_state_json_is_detected(tmp_path):
     state_file = newest.path / "state.json"
     edited = state_file.read_text().replace('"examples_seen": 8', '"examples_seen": 9')
     state_file.write_text(edited)
-    found, skipped = store.newest_valid()
+    found, skipped = CheckpointReader(tmp_path).newest_valid()
     assert found.step == 1
     assert "state.json fails its checksum" in skipped[0]
 
@@ -83,7 +85,7 @@ def test_dangling_latest_pointer_and_staging_leftovers_are_harmless(tmp_path):
     save(store, 3)
     (tmp_path / "latest").write_text("step-00000009")
     (tmp_path / ".step-00000004.tmp-123").mkdir()
-    found, _ = store.newest_valid()
+    found, _ = CheckpointReader(tmp_path).newest_valid()
     assert found.step == 3
 
 
@@ -131,8 +133,36 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_usable(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    store = CheckpointStore(root, keep=2)
-    found, skipped = store.newest_valid()
+    found, skipped = CheckpointReader(root).newest_valid()
     assert found is not None and found.step == 2
     assert skipped == []
     assert json.loads((found.path / "state.json").read_text())["examples_seen"] == 2
+
+
+def test_completed_in_needs_every_example_and_the_matching_adapters(tmp_path):
+    """A finished run is one whose newest checkpoint consumed every example and whose final
+    adapters are that checkpoint's; anything short of that is not finished."""
+    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    assert not completed_in(tmp_path)
+    payload = b"adapters" * 100
+    tensors = {
+        "adapters.safetensors": write_bytes(payload),
+        "optimizer.safetensors": write_bytes(b"optimizer" * 100),
+    }
+    store.write(1, {"examples_seen": 4, "total_examples": 8}, tensors)
+    (tmp_path / "adapters.safetensors").write_bytes(payload)
+    assert not completed_in(tmp_path)
+    store.write(2, {"examples_seen": 8, "total_examples": 8}, tensors)
+    assert completed_in(tmp_path)
+    (tmp_path / "adapters.safetensors").write_bytes(b"other" * 100)
+    assert not completed_in(tmp_path)
+
+
+def test_the_reader_imports_neither_the_daemon_nor_mlx():
+    """The supervisor reads checkpoints through loractl.checkpoints: it must stay light."""
+    probe = (
+        "import sys, loractl.checkpoints; "
+        "print(sorted(m for m in sys.modules if m.startswith(('loractl.daemon', 'mlx'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

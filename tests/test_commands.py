@@ -15,14 +15,17 @@ import time
 
 import pytest
 
-from conftest import STAND_IN, make_job, put_in_state, wait_for
+from conftest import STAND_IN, make_job, put_in_state, reconfigure, wait_for
 from loractl.protocol import (
+    TRANSITIONS,
     CancelRequest,
     ErrorCode,
     HistoryRequest,
+    JobState,
     LadderRequest,
     PauseRequest,
     PriorityRequest,
+    RemoveRequest,
     Reply,
     ResumeRequest,
     RetryRequest,
@@ -30,9 +33,8 @@ from loractl.protocol import (
     StatusRequest,
     decode,
 )
-from loractl.supervisor.handlers import COMMAND_STATES
+from loractl.supervisor.handlers import COMMAND_PHRASES, COMMAND_STATES, STATE_WORDS
 from loractl.supervisor.service import Settings, Supervisor
-from loractl.supervisor.store import TRANSITIONS, JobState
 
 COMMANDS = {
     "cancel": lambda ref: CancelRequest(job=ref),
@@ -43,6 +45,7 @@ COMMANDS = {
     "show": lambda ref: ShowRequest(job=ref),
     "history": lambda ref: HistoryRequest(job=ref),
     "ladder": lambda ref: LadderRequest(job=ref),
+    "remove": lambda ref: RemoveRequest(job=ref),
 }
 READ_ONLY = {"show", "history", "ladder"}
 
@@ -56,8 +59,28 @@ def send(sup: Supervisor, message) -> Reply:
 
 def settle(sup: Supervisor, job_id: str) -> JobState:
     """Run the loop until no trainer is left stopping; the job's state then."""
-    wait_for(lambda: (sup.tick(), sup.trainer is None or sup.trainer.stop_reason is None)[1], 30)
+    def settled() -> bool:
+        sup.tick()
+        attempt = sup.runner.attempt
+        return attempt is None or attempt.stop_reason is None
+
+    wait_for(settled, 30)
     return sup.store.get(job_id).state
+
+
+def reachable(state: JobState) -> set[JobState]:
+    """Every state a job can get to from ``state`` through allowed transitions."""
+    seen, todo = {state}, [state]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+# A stop under way ends where the user asked once the trainer has exited.
+STOPS_END = {JobState.PAUSING: JobState.PAUSED, JobState.CANCELLING: JobState.CANCELLED}
 
 
 @pytest.fixture
@@ -79,19 +102,16 @@ def test_every_command_in_every_state(tiny_workspace, tmp_path, supervisor, stat
         assert reply.ok, reply.reason
     else:
         assert not reply.ok and reply.error == ErrorCode.INVALID_STATE
-        assert f"cannot {command} job {job_id}: it is {state}" in reply.reason
-    final = settle(supervisor, job_id)
-    assert (
-        final == state
-        or final in TRANSITIONS[state]
-        or (
-            # A stop passes through the trainer's exit: running -> paused / cancelled.
-            state in (JobState.STARTING, JobState.RUNNING)
-            and final in (JobState.PAUSED, JobState.CANCELLED)
-        )
-    )
-    if not allowed or command in READ_ONLY:
-        assert final == state
+        verb = COMMAND_PHRASES[command][0]
+        said = STATE_WORDS.get(state, str(state))
+        assert reply.reason.startswith(f"cannot {verb} job {job_id}: it is {said}; only a ")
+    final = settle(supervisor, job_id) if command != "remove" or not reply.ok else None
+    if final is not None:
+        assert final in reachable(state)
+        if not allowed or command in READ_ONLY:
+            assert final in (state, STOPS_END.get(state))
+    else:
+        assert not supervisor.queue.known(job_id)
     assert send(supervisor, StatusRequest()).ok
 
 
@@ -106,8 +126,8 @@ def test_resume_of_a_running_job_is_refused_and_the_job_still_completes(
     for message in (ResumeRequest(job=job_id), RetryRequest(job=job_id)):
         reply = send(supervisor, message)
         assert reply.error == ErrorCode.INVALID_STATE
-    supervisor.trainer.popen.terminate()  # exits 82: "stopped", but nobody asked
-    supervisor.trainer.popen.wait()
+    supervisor.runner.attempt.popen.terminate()  # exits 82: "stopped", but nobody asked
+    supervisor.runner.attempt.popen.wait()
     supervisor.tick()
     assert supervisor.store.get(job_id).state == JobState.BACKOFF
     assert send(supervisor, StatusRequest()).ok
@@ -121,13 +141,13 @@ def test_an_unloadable_queued_job_fails_and_the_next_one_runs(tiny_workspace, tm
     stored = supervisor.store.get(broken).config_path
     with open(stored, "a") as handle:
         handle.write("lora_parameters: [unclosed\n")
-    supervisor.settings = Settings(hold_queue=False, keep_awake=False)
+    reconfigure(supervisor, hold_queue=False, keep_awake=False)
     supervisor.tick()
     job = supervisor.store.get(broken)
     assert job.state == JobState.FAILED and "config no longer loads" in job.reason
     supervisor.tick()
     assert supervisor.store.get(fine).state == JobState.STARTING
-    assert supervisor.trainer is not None and supervisor.trainer.job_id == fine
+    assert supervisor.runner.attempt is not None and supervisor.runner.attempt.job_id == fine
 
 
 def test_an_exception_while_handling_an_exit_fails_only_that_job(
@@ -140,9 +160,9 @@ def test_an_exception_while_handling_an_exit_fails_only_that_job(
     def broken_on_exit(*args):
         raise RuntimeError("a bug in on_exit")
 
-    monkeypatch.setattr(supervisor, "on_exit", broken_on_exit)
-    supervisor.trainer.popen.kill()
-    supervisor.trainer.popen.wait()
+    monkeypatch.setattr(supervisor.exits, "on_exit", broken_on_exit)
+    supervisor.runner.attempt.popen.kill()
+    supervisor.runner.attempt.popen.wait()
     supervisor.tick()
     job = supervisor.store.get(job_id)
     assert job.state == JobState.FAILED
@@ -158,11 +178,11 @@ def test_a_backoff_deadline_survives_a_supervisor_restart(tiny_workspace, tmp_pa
     waiting = put_in_state(supervisor, make_job(tiny_workspace, tmp_path / "a"), JobState.BACKOFF)
     queued = put_in_state(supervisor, make_job(tiny_workspace, tmp_path / "b"), JobState.QUEUED)
     fresh = Supervisor(supervisor.layout.home, Settings())
-    fresh.store, fresh.events = supervisor.store, supervisor.events
+    fresh.wire(supervisor.store, supervisor.channels.local, supervisor.publisher.events)
     fresh.recover()
-    remaining = fresh._backoff_until[waiting] - time.monotonic()
+    remaining = fresh.queue.backoff_until[waiting] - time.monotonic()
     assert 3500 < remaining <= 3600
-    assert fresh._next_job(time.monotonic()) is None
+    assert fresh.queue.next_job(time.monotonic()) is None
     assert fresh.store.get(queued).state == JobState.QUEUED
 
 
@@ -174,7 +194,7 @@ def test_a_second_job_on_a_busy_adapter_folder_is_refused(tiny_workspace, tmp_pa
     put_in_state(supervisor, first, JobState.QUEUED)
     second = make_job(tiny_workspace, tmp_path / "b", adapter_path=str(tmp_path / "a" / "adapters"))
     with pytest.raises(ConfigError, match="is already used by job"):
-        supervisor.enqueue(second, load_config(second))
+        supervisor.queue.enqueue(second, load_config(second))
     assert len(supervisor.store.list()) == 1
 
 
@@ -183,10 +203,11 @@ def test_retry_fresh_starts_the_next_trainer_with_fresh(tiny_workspace, tmp_path
     and only that one."""
     job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.FAILED)
     assert send(supervisor, RetryRequest(job=job_id, fresh=True)).ok
-    supervisor.settings = Settings(keep_awake=False)
+    reconfigure(supervisor, hold_queue=False, keep_awake=False)
     supervisor.tick()
-    assert "--fresh" in supervisor.trainer.popen.args
-    assert not supervisor._fresh_start_requested(job_id, supervisor.trainer.attempt + 1)
+    attempt = supervisor.runner.attempt
+    assert "--fresh" in attempt.popen.args
+    assert not supervisor.runner.fresh_start_requested(job_id, attempt.spec.attempt + 1)
 
 
 def test_a_stray_trainer_of_our_job_is_stopped_and_a_false_pid_is_not(
@@ -201,11 +222,11 @@ def test_a_stray_trainer_of_our_job_is_stopped_and_a_false_pid_is_not(
         [sys.executable, "-c", STAND_IN, "-m", "loractl.daemon.trainer", "--job-id", job_id]
     )
     try:
-        supervisor._stray(Heartbeat(job_id=job_id, pid=orphan.pid))
+        supervisor.runner.take(Heartbeat(job_id=job_id, pid=orphan.pid))
         assert orphan.wait(timeout=10) in (82, -signal.SIGTERM)  # before or after its handler
         bystander = subprocess.Popen([sys.executable, "-c", STAND_IN])
         dropped = supervisor.dropped_frames
-        supervisor._stray(Heartbeat(job_id=job_id, pid=bystander.pid))
+        supervisor.runner.take(Heartbeat(job_id=job_id, pid=bystander.pid))
         assert supervisor.dropped_frames == dropped + 1
         assert bystander.poll() is None
         bystander.kill()
@@ -224,15 +245,17 @@ def test_a_cancel_during_a_hang_stop_keeps_the_hang_grace_then_cancels(
     """A cancel that arrives while a hung trainer is being stopped neither stretches its
     short hang grace nor hides the hang: the crash is recorded as a hang, then the job is
     cancelled as asked."""
-    supervisor.settings = Settings(hold_queue=True, hang_grace_s=1.0, stop_grace_s=60)
+    reconfigure(supervisor, hang_grace_s=1.0, stop_grace_s=60)
     job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.RUNNING)
-    supervisor.trainer.popen.send_signal(signal.SIGSTOP)  # deaf to SIGTERM: a real hang
-    supervisor._hang(supervisor.trainer, "no heartbeat for 99 s")
-    kill_at = supervisor.trainer.kill_at
+    attempt = supervisor.runner.attempt
+    attempt.popen.send_signal(signal.SIGSTOP)  # deaf to SIGTERM: a real hang
+    attempt.hang("no heartbeat for 99 s")
+    kill_at = attempt.kill_at
     assert send(supervisor, CancelRequest(job=job_id)).ok
-    assert supervisor.trainer.kill_at == kill_at and supervisor.trainer.stop_reason == "hang"
+    assert attempt.kill_at == kill_at and attempt.stop_reason == "hang"
+    assert supervisor.store.get(job_id).state == JobState.CANCELLING
     started = time.monotonic()
-    wait_for(lambda: (supervisor.tick(), supervisor.trainer is None)[1], 20)
+    wait_for(lambda: (supervisor.tick(), supervisor.runner.attempt is None)[1], 20)
     assert time.monotonic() - started < 10
     job = supervisor.store.get(job_id)
     assert [c["cause"] for c in job.crashes] == ["hang"]
@@ -247,20 +270,19 @@ def test_an_adopted_trainer_is_judged_by_the_exit_it_announced(
     from loractl.protocol import TrainerEvent
 
     job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.RUNNING)
-    trainer = supervisor.trainer
-    popen, trainer.popen = trainer.popen, None  # as adopted: not ours to wait for
-    supervisor.on_trainer_event(
-        trainer,
+    attempt = supervisor.runner.attempt
+    popen, attempt.popen = attempt.popen, None  # as adopted: not ours to wait for
+    attempt.on_trainer_event(
         TrainerEvent(
             job_id=job_id,
-            pid=trainer.pid,
+            pid=attempt.pid,
             kind="error",
             detail={"exit_code": 74, "reason": "disk full: 0 MB free on /x"},
         ),
     )
     popen.kill()
     popen.wait()
-    wait_for(lambda: (supervisor.tick(), supervisor.trainer is None)[1], 20)
+    wait_for(lambda: (supervisor.tick(), supervisor.runner.attempt is None)[1], 20)
     job = supervisor.store.get(job_id)
     assert job.crashes[-1]["cause"] == "disk_full" and job.crashes[-1]["rule"] == "disk_full"
     assert job.state == JobState.PAUSED

@@ -26,9 +26,9 @@ import psutil
 import pytest
 
 from conftest import make_job, trainer_command, trainer_env, wait_for
+from loractl.checkpoints import CheckpointReader, verify
 from loractl.client.control import request
 from loractl.client.harness import FAST, trainers_of
-from loractl.daemon.checkpoint import CheckpointStore, verify
 from loractl.paths import Layout
 from loractl.protocol import ShowRequest, StatusRequest, SubmitRequest
 from loractl.supervisor.store import JobState, Store
@@ -145,7 +145,7 @@ def check_after_cut(rig: Rig, job_id: str, checkpoints: Path, floor: int) -> int
     with closing(sqlite3.connect(rig.layout.database)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-    picked, skipped = CheckpointStore(checkpoints).newest_valid()
+    picked, skipped = CheckpointReader(checkpoints).newest_valid()
     if picked is None:
         assert floor < 0 and not skipped, skipped
         assert job.last_checkpoint_step is None, job

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import make_job, run_trainer, wait_for
+from conftest import make_job, reconfigure, run_trainer, wait_for
 from loractl.client.harness import SupervisorProcess
 from loractl.protocol import ExitCode
 from loractl.supervisor.ranks import Rank, attempt_exit, first_failed, launcher_exits
@@ -347,7 +347,7 @@ def test_a_tcp_client_without_the_keys_is_refused(inprocess_supervisor):
     from loractl.protocol import Heartbeat, TrainerCommand
 
     sup = inprocess_supervisor
-    endpoint = sup.open_remote_telemetry("127.0.0.1")
+    endpoint = sup.channels.open_remote("127.0.0.1")
     assert endpoint.startswith("tcp://127.0.0.1:")
     folder = keys_folder(sup.layout.home)
     assert all(p.stat().st_mode & 0o077 == 0 for p in folder.rglob("*"))
@@ -375,20 +375,20 @@ def test_a_tcp_client_without_the_keys_is_refused(inprocess_supervisor):
         keyed.send(beat)
 
         def arrived() -> int:
-            sup.drain_telemetry(sup.remote_telemetry)
+            sup.drain_telemetry({sup.channels.remote: zmq.POLLIN})
             return sup.dropped_frames  # a job nobody runs: counted, never acted on
 
         wait_for(lambda: arrived() >= 1, 10)
         assert arrived() == 1, "only the keyed client's heartbeat may get through"
         stop = TrainerCommand(action="stop").encode()
-        sup.remote_telemetry.send_multipart([b"trainer-2", stop])
+        sup.channels.remote.send_multipart([b"trainer-2", stop])
         assert keyed.poll(5000) and keyed.recv() == stop
         with pytest.raises(zmq.ZMQError):  # unroutable: it never completed the handshake
-            sup.remote_telemetry.send_multipart([b"trainer-1", stop])
+            sup.channels.remote.send_multipart([b"trainer-1", stop])
     finally:
         keyless.close()
         keyed.close()
-    sup.close_remote_telemetry()
+    sup.channels.close_remote()
     port = int(endpoint.rsplit(":", 1)[1])
 
     def listening() -> set[int]:
@@ -403,35 +403,32 @@ def test_a_job_with_ranks_on_other_macs_reports_over_tcp_with_the_keys(
 ):
     """Its attempt runs mlx.launch over both hosts, and the trainers get the TCP endpoint
     and the keys folder; a single-machine job keeps ipc and no keys."""
-    from dataclasses import replace
-
     import zmq
 
     from loractl.config import load_config
     from loractl.keys import keys_folder
 
-    sup = inprocess_supervisor
-    sup.settings = replace(sup.settings, telemetry_address="127.0.0.1")
+    sup = reconfigure(inprocess_supervisor, telemetry_address="127.0.0.1")
     remote = make_job(
         tiny_workspace,
         tmp_path / "remote",
         batch_size=2,
         distributed={"hosts": ["127.0.0.1", "192.0.2.10"]},
     )
-    job = sup.enqueue(remote, load_config(remote))
-    command, is_remote = sup.attempt_command(job, load_config(remote), 1)
+    job = sup.queue.enqueue(remote, load_config(remote))
+    command, is_remote = sup.runner.attempt_command(job, load_config(remote), 1)
     assert is_remote and "--hosts" in command
     assert command[command.index("--hosts") + 1] == "127.0.0.1,192.0.2.10"
     trainer_argv = command[command.index("--") + 1 :]
     endpoint = trainer_argv[trainer_argv.index("--telemetry") + 1]
-    assert endpoint == sup.remote_telemetry.getsockopt_string(zmq.LAST_ENDPOINT)
+    assert endpoint == sup.channels.remote.getsockopt_string(zmq.LAST_ENDPOINT)
     assert trainer_argv[trainer_argv.index("--keys-dir") + 1] == str(keys_folder(sup.layout.home))
-    sup.close_remote_telemetry()
+    sup.channels.close_remote()
 
     local = make_job(tiny_workspace, tmp_path / "local", batch_size=2, **TWO_RANKS)
-    job = sup.enqueue(local, load_config(local))
-    command, is_remote = sup.attempt_command(job, load_config(local), 1)
-    assert not is_remote and "--keys-dir" not in command and sup.remote_telemetry is None
+    job = sup.queue.enqueue(local, load_config(local))
+    command, is_remote = sup.runner.attempt_command(job, load_config(local), 1)
+    assert not is_remote and "--keys-dir" not in command and sup.channels.remote is None
     assert command[command.index("--telemetry") + 1].startswith("ipc://")
 
 
@@ -458,9 +455,9 @@ def test_a_real_trainer_reports_over_tcp_to_the_supervisors_keyed_socket(
     from loractl.protocol import Heartbeat, TrainerEvent, decode
 
     sup = inprocess_supervisor
-    endpoint = sup.open_remote_telemetry("127.0.0.1")
+    endpoint = sup.channels.open_remote("127.0.0.1")
     # Read the frames ourselves: no job of this supervisor owns this trainer.
-    sock = sup.remote_telemetry
+    sock = sup.channels.remote
     config = make_job(tiny_workspace, tmp_path, iters=4)
     keys = str(keys_folder(sup.layout.home))
     result = run_trainer(
@@ -473,4 +470,4 @@ def test_a_real_trainer_reports_over_tcp_to_the_supervisors_keyed_socket(
     beats = [m for m in messages if isinstance(m, Heartbeat)]
     assert beats and all(b.job_id == "remote-1" for b in beats)
     assert any(isinstance(m, TrainerEvent) and m.kind == "done" for m in messages)
-    sup.close_remote_telemetry()
+    sup.channels.close_remote()

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from loractl.protocol import ACTIVE, IN_FLIGHT, TERMINAL, TRANSITIONS
 from loractl.supervisor.store import (
-    ACTIVE,
-    IN_FLIGHT,
     SCHEMA_VERSION,
-    TERMINAL,
-    TRANSITIONS,
     AmbiguousJob,
     InvalidState,
     InvalidTransition,
@@ -84,11 +81,18 @@ def test_transition_table_matches_the_design():
     s = JobState
     assert TRANSITIONS[s.QUEUED] == {s.STARTING, s.PAUSED, s.CANCELLED, s.FAILED}
     assert TRANSITIONS[s.STARTING] == {
-        s.RUNNING, s.BACKOFF, s.FAILED, s.COMPLETED, s.PAUSED, s.CANCELLED, s.QUEUED
+        s.RUNNING, s.PAUSING, s.CANCELLING, s.BACKOFF, s.FAILED, s.COMPLETED, s.PAUSED,
+        s.CANCELLED, s.QUEUED,
     }  # fmt: skip
     assert TRANSITIONS[s.RUNNING] == {
-        s.BACKOFF, s.COMPLETED, s.FAILED, s.PAUSED, s.CANCELLED, s.QUEUED, s.STARTING
+        s.PAUSING, s.CANCELLING, s.BACKOFF, s.COMPLETED, s.FAILED, s.PAUSED, s.CANCELLED,
+        s.QUEUED,
     }  # fmt: skip
+    assert TRANSITIONS[s.PAUSING] == {
+        s.RUNNING, s.PAUSED, s.CANCELLING, s.BACKOFF, s.COMPLETED, s.FAILED, s.CANCELLED,
+        s.QUEUED,
+    }  # fmt: skip
+    assert TRANSITIONS[s.CANCELLING] == {s.PAUSING, s.CANCELLED, s.COMPLETED, s.FAILED}
     assert TRANSITIONS[s.BACKOFF] == {s.STARTING, s.FAILED, s.PAUSED, s.CANCELLED, s.QUEUED}
     assert TRANSITIONS[s.PAUSED] == {s.QUEUED, s.CANCELLED}
     assert TRANSITIONS[s.FAILED] == {s.QUEUED}
@@ -96,7 +100,7 @@ def test_transition_table_matches_the_design():
     assert TRANSITIONS[s.CANCELLED] == {s.QUEUED}
     assert set(TRANSITIONS) == set(JobState)
     assert TERMINAL == {s.COMPLETED, s.FAILED, s.CANCELLED}
-    assert ACTIVE == {s.STARTING, s.RUNNING}
+    assert ACTIVE == {s.STARTING, s.RUNNING, s.PAUSING, s.CANCELLING}
     assert IN_FLIGHT == ACTIVE | {s.BACKOFF}
 
 
@@ -526,3 +530,78 @@ def test_concurrent_writer_in_another_process_never_locks(db):
         assert sum(c["cause"] == "parent" for c in crashes) == mine >= n
         crash_events = [e for e in store.events(job.id) if e["kind"] == "crash"]
         assert len(crash_events) == theirs + mine
+
+
+# The jobs table as schema version 1 made it, before pausing and cancelling existed.
+_V1_JOBS = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'starting', 'running', 'backoff', 'paused',
+        'completed', 'failed', 'cancelled')),
+    priority INTEGER NOT NULL DEFAULT 0,
+    config_path TEXT NOT NULL,
+    job_dir TEXT NOT NULL,
+    rung INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    trainer_pid INTEGER,
+    trainer_started_at REAL,
+    outcome TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    retries_on_rung INTEGER NOT NULL DEFAULT 0,
+    early_deaths INTEGER NOT NULL DEFAULT 0,
+    last_checkpoint_step INTEGER,
+    examples_seen INTEGER NOT NULL DEFAULT 0,
+    total_examples INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    peak_memory_mb TEXT NOT NULL DEFAULT '{}',
+    crashes TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX jobs_queue ON jobs (state, priority DESC, seq);
+CREATE INDEX jobs_name ON jobs (name, seq);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    from_state TEXT,
+    to_state TEXT,
+    cause TEXT NOT NULL DEFAULT '',
+    rung INTEGER,
+    step INTEGER,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+INSERT INTO jobs (id, name, state, config_path, job_dir, created_at, updated_at)
+    VALUES ('job-1', 'old', 'running', '/c.yaml', '/j', 1.0, 1.0);
+INSERT INTO events (job_id, at, kind) VALUES ('job-1', 1.0, 'transition');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_database_is_migrated_keeping_its_jobs_and_history(db):
+    """A database from before the pausing and cancelling states opens, keeps every job and
+    event, and then accepts the new states."""
+    conn = sqlite3.connect(db)
+    conn.executescript(_V1_JOBS)
+    conn.close()
+    with Store(db) as store:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.get("job-1").state == JobState.RUNNING
+        assert [e["kind"] for e in store.events("job-1")] == ["transition"]
+        store.transition("job-1", JobState.PAUSING, "pause asked")
+        assert store.get("job-1").state == JobState.PAUSING
+        assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_a_setting_survives_reopening_the_store(db):
+    """Settings (the queue's hold) are kept in the database, not in the process."""
+    with Store(db) as store:
+        assert store.setting("queue_held", False) is False
+        store.set_setting("queue_held", True)
+        store.set_setting("paused_by_hold", ["a", "b"])
+    with Store(db) as store:
+        assert store.setting("queue_held") is True
+        assert store.setting("paused_by_hold") == ["a", "b"]

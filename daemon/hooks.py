@@ -1,0 +1,319 @@
+"""The training loop's hooks, and mlx-lm's loss reports.
+
+``loractl.daemon.loop`` runs the plain training loop and calls ``TrainerHooks`` at its
+boundaries; the hooks do everything around the arithmetic: progress, heartbeats and the
+display, train.log, checkpoints (rank 0's), mlx-lm's ``save_every`` adapter copies, stop and
+checkpoint requests, memory hygiene, and the test hooks (``loractl.daemon.faults``, the
+examples trace). ``Reporter`` makes the loss reports mlx-lm's trainer makes, for train.log and
+a report_to callback. The session that owns them is ``loractl.daemon.trainer``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from loractl.config import JobConfig
+from loractl.daemon.collective import barrier
+from loractl.daemon.faults import FaultInjector
+from loractl.memory import MB, available_mb
+
+if TYPE_CHECKING:
+    from loractl.daemon.trainer import TrainingSession
+
+log = structlog.get_logger("loractl.trainer")
+
+
+# mlx-lm names its periodic adapter saves after the iteration, zero-padded to 7 digits.
+def iteration_adapter_name(iteration: int) -> str:
+    return f"{iteration:07d}_adapters.safetensors"
+
+
+class Reporter:
+    """mlx-lm's loss reports: every ``steps_per_report`` iterations and at the last one, the
+    mean loss and the throughput since the previous report, to train.log and to the
+    report_to callback (wandb, swanlab) with the keys mlx-lm's trainer gives it."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        optimizer,
+        callback,
+        total_iterations: int,
+        tokens: int,
+        world=None,
+    ):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.callback = callback
+        self.total_iterations = total_iterations
+        self.trained_tokens = tokens
+        # With several ranks each iteration's loss and tokens are the rank's own; as mlx-lm
+        # does, they are summed over the ranks only when a report is due.
+        self.world = world if world is not None and world.size() > 1 else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses = 0.0
+        self.iterations = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def after_iteration(self, state, report) -> None:
+        import mlx.core as mx
+
+        self.losses += report.loss
+        self.iterations += 1
+        self.tokens += report.tokens
+        self.seconds += report.seconds
+        it = state.iteration
+        if it % self.cfg.steps_per_report and it != self.total_iterations:
+            return
+        losses, ranks = self.losses, 1
+        if self.world is not None:
+            summed = mx.distributed.all_sum(
+                mx.array([self.losses, self.tokens], dtype=mx.float32), group=self.world
+            )
+            losses, tokens = summed.tolist()
+            self.tokens, ranks = int(tokens), self.world.size()
+        self.trained_tokens += self.tokens
+        info = {
+            "iteration": it,
+            "train_loss": losses / (self.iterations * ranks),
+            "learning_rate": self.optimizer.learning_rate.item(),
+            "iterations_per_second": self.iterations / self.seconds if self.seconds else 0.0,
+            "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
+            "trained_tokens": self.trained_tokens,
+            "peak_memory": mx.get_peak_memory() / 1e9,
+        }
+        log.info("report", **info)
+        if self.callback is not None:
+            self.callback.on_train_loss_report(info)
+        self._reset()
+
+
+class TrainerHooks:
+    """The loop's hooks: progress, heartbeats, logging, checkpoints, memory hygiene, stop."""
+
+    def __init__(
+        self, session: TrainingSession, model, optimizer, store, plan, order, callback=None
+    ):
+        from loractl.daemon.display import Display
+
+        self.session = session
+        self.cfg = session.cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.store = store
+        self.plan = plan
+        self.order = order
+        self.progress = session.progress
+        self.reporter: Reporter | None = None
+        self.callback = callback
+        self.display = Display(
+            enabled=session.show_progress,
+            total_examples=plan.total_examples,
+            start_examples=session.progress.examples_seen,
+            quiet=session.rank != 0,
+        )
+        self._fault = FaultInjector.from_env()
+        # Tests audit the exact examples consumed across kills and resumes through this trace.
+        trace_path = os.environ.get("LORACTL_TRACE_EXAMPLES")
+        self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
+
+    def before_micro_step(self, state, indices) -> None:
+        self.session.touch()
+        if self.reporter is None:
+            self.reporter = Reporter(
+                self.cfg,
+                self.optimizer,
+                self.callback,
+                self.plan.total_iterations(state),
+                state.tokens_seen,
+                self.session.world,
+            )
+        self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
+        # ``indices`` is the global batch, the same on every rank: one rank traces it.
+        if self._trace is not None and self.session.rank == 0:
+            self._trace.write(
+                json.dumps({"start": state.examples_seen, "indices": list(indices)}) + "\n"
+            )
+            self._trace.flush()
+
+    def after_iteration(self, state, report) -> None:
+        self.session.touch()
+        self.reporter.after_iteration(state, report)
+        if state.iteration % self.cfg.save_every == 0 and self.session.rank == 0:
+            # mlx-lm's save_every: the adapters now, and a copy named after the iteration
+            # that mlx_lm.generate --adapter-path or resume_adapter_file can use as it is.
+            self.session.write_adapters(self.model, iteration_adapter_name(state.iteration))
+            log.info("adapters saved", iteration=state.iteration)
+
+    def after_step(self, state, report) -> None:
+        import mlx.core as mx
+
+        cfg = self.cfg
+        progress = self.progress
+        progress.step = state.step
+        progress.examples_seen = state.examples_seen
+        progress.epoch = state.examples_seen // self.order.epoch_length
+        progress.loss = report.loss
+        progress.step_seconds = report.seconds
+        progress.tokens_per_sec = report.tokens / report.seconds if report.seconds else 0.0
+        progress.mlx_active_mb = mx.get_active_memory() / MB
+        progress.mlx_peak_mb = mx.get_peak_memory() / MB
+        progress.mlx_cache_mb = mx.get_cache_memory() / MB
+        log.info(
+            "step",
+            step=state.step,
+            iteration=state.iteration,
+            examples_seen=state.examples_seen,
+            loss=report.loss,
+            tokens=report.tokens,
+            tokens_per_sec=round(progress.tokens_per_sec, 1),
+            step_seconds=round(report.seconds, 4),
+            mlx_active_mb=round(progress.mlx_active_mb, 1),
+            mlx_peak_mb=round(progress.mlx_peak_mb, 1),
+        )
+        self.display.update(progress)
+        low_memory = available_mb() < cfg.low_memory_mb
+        if (
+            state.step % cfg.cleanup_every == 0
+            or low_memory
+            or self.session.requests.clear_cache.is_set()
+        ):
+            self.session.requests.clear_cache.clear()
+            gc.collect()
+            mx.clear_cache()
+            if low_memory:
+                log.warning("low memory: cache cleared", available_mb=round(available_mb()))
+
+    def before_eval(self, state) -> None:
+        self.session.touch()
+        self.progress.phase = "eval"
+
+    def on_eval(self, state, val_loss: float, seconds: float) -> None:
+        self.session.touch()
+        self.progress.phase = "train"
+        self.progress.eval_seconds = seconds
+        log.info(
+            "eval",
+            step=state.step,
+            iteration=state.iteration,
+            val_loss=val_loss,
+            seconds=round(seconds, 3),
+        )
+        self.display.note(f"iteration {state.iteration}: val loss {val_loss:.3f}")
+        self.session.telemetry.event("eval", val_loss=val_loss, seconds=seconds)
+        if self.callback is not None:
+            self.callback.on_val_loss_report(
+                {"iteration": state.iteration, "val_loss": val_loss, "val_time": seconds}
+            )
+
+    def on_oom_retry(self, state, error: BaseException) -> None:
+        log.warning("allocation failed; cache cleared, retrying step", error=str(error))
+        self.session.telemetry.event("oom_retry", error=str(error)[:500])
+
+    def requests_pending(self) -> tuple[bool, bool]:
+        requests = self.session.requests
+        return requests.stop.is_set(), requests.checkpoint.is_set()
+
+    def requests_agreed(self, stop: bool, checkpoint: bool) -> None:
+        """With several ranks, a stop or checkpoint request that reached any rank (a signal,
+        a supervisor command) applies to all of them at this step: a rank that stopped alone
+        would leave the others blocked in their next collective."""
+        if stop:
+            self.session.requests.stop.set()
+        if checkpoint:
+            self.session.requests.checkpoint.set()
+
+    def checkpoint_due(self, state) -> bool:
+        if self.session.requests.checkpoint.is_set():
+            self.session.requests.checkpoint.clear()
+            return True
+        return state.step % self.cfg.checkpoint_interval == 0
+
+    def stop_requested(self) -> bool:
+        return self.session.requests.stop.is_set()
+
+    def checkpoint(self, state) -> None:
+        from mlx.utils import tree_flatten
+
+        if self.session.rank == 0:
+            self._write_checkpoint(
+                state,
+                tree_flatten(self.model.trainable_parameters()),
+                tree_flatten(self.optimizer.state),
+            )
+            self.session.write_adapters(self.model)
+        if self.stop_requested():
+            # No rank exits before the checkpoint it stops at is on disk: mlx.launch would
+            # terminate rank 0 mid-write. A periodic checkpoint needs no wait (a rank that runs
+            # ahead only blocks in the next step's collective, and if rank 0 dies mid-write
+            # every rank resumes from the checkpoint before), so the others compute meanwhile.
+            barrier(self.session.world)
+
+    def checkpoint_boundary(self, boundary) -> None:
+        """Checkpoint the last consistent state after a fatal allocation failure, if we can."""
+        try:
+            self._write_checkpoint(boundary.state, boundary.params, boundary.optimizer)
+        except Exception as exc:  # out of memory may well mean out of everything
+            log.error("could not checkpoint after out-of-memory", error=str(exc))
+
+    def _write_checkpoint(self, state, params, optimizer_state) -> None:
+        import mlx.core as mx
+
+        self.progress.phase = "checkpoint"
+        cfg = self.cfg
+        tic = time.perf_counter()
+        body = {
+            "iteration": state.iteration,
+            "examples_seen": state.examples_seen,
+            "tokens_seen": state.tokens_seen,
+            "total_examples": self.plan.total_examples,
+            "epoch": state.examples_seen // self.order.epoch_length,
+            "order": {
+                "scheme": "examples sorted by token length, cut into batches of batch_size; "
+                "each epoch's batches in numpy default_rng([seed, epoch]).permutation order",
+                "seed": cfg.seed,
+                "batch_size": self.order.batch_size,
+                "epoch_examples": self.order.epoch_length,
+            },
+            "rng": {
+                "mlx": "re-seeded before every micro-batch from (seed, examples_seen)",
+                "seed": cfg.seed,
+                "numpy": "default_rng([seed, epoch]) for the data order",
+            },
+            "rung": self.session.rung,
+            "settings": self.session.settings(),
+            "loss_history": state.loss_history,
+            "val_history": state.val_history,
+            "config_hash": cfg.identity_hash(),
+            "written_at": time.time(),
+        }
+        checkpoint = self.store.write(
+            state.step,
+            body,
+            {
+                "adapters.safetensors": lambda p: mx.save_safetensors(str(p), dict(params)),
+                "optimizer.safetensors": lambda p: mx.save_safetensors(
+                    str(p), dict(optimizer_state)
+                ),
+            },
+        )
+        seconds = time.perf_counter() - tic
+        self.progress.last_checkpoint_step = state.step
+        self.progress.phase = "train"
+        log.info(
+            "checkpoint",
+            step=state.step,
+            examples_seen=state.examples_seen,
+            path=str(checkpoint.path),
+            seconds=round(seconds, 4),
+        )
+        self.session.telemetry.event("checkpoint", path=str(checkpoint.path), seconds=seconds)

@@ -1,0 +1,736 @@
+"""One attempt of a job: a single trainer, or mlx.launch with one trainer per rank.
+
+An :class:`Attempt` owns the attempt's whole life, as supervisord's ``Subprocess`` owns a
+child's: the spawn, the telemetry it takes in, liveness (heartbeats and progress), memory
+readings and the guard, the stop and its escalation, and the reaping. The service loop calls
+:meth:`Attempt.poll` every tick and gets an :class:`AttemptExit` once the attempt is over; it
+never reaches inside.
+
+An attempt knows nothing of the store, the queue or requests. What it notices for the job's
+history (a hang, a memory-guard stop, a lost rank, a new peak) goes out through the
+:class:`AttemptHooks` it was given, and trainer commands go out through them too, so a unit
+test builds an attempt over a real process with a hand-written fake for the hooks.
+
+A distributed attempt's ``pid`` is mlx.launch's. Its exit status says nothing (it exits 0
+when a rank is killed), so each rank is followed on its own: by its heartbeats and announced
+exit, and for a rank on this machine by the process table (see :mod:`.ranks`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+import structlog
+
+from loractl.memory import footprint_mb
+from loractl.protocol import ExitCode, Heartbeat, Message, TrainerEvent
+from loractl.supervisor.launcher import (
+    LAUNCHER_GRACE_S,
+    LINGER_S,
+    launcher_stdin,
+    signal_if_alive,
+)
+from loractl.supervisor.policy import StopReason
+from loractl.supervisor.pressure import Pressure, SystemMemory, cgroup_oom_kill_count
+from loractl.supervisor.processes import (
+    biggest_consumer,
+    launched_by,
+    process_alive,
+    trainers_under,
+)
+from loractl.supervisor.ranks import Rank, attempt_exit
+from loractl.supervisor.settings import Settings
+
+log = structlog.get_logger("loractl.supervisor")
+
+STDERR_TAIL_BYTES = 8192
+
+# The phases in which a trainer is expected to make steady progress.
+PROGRESS_PHASES = ("train", "eval")
+
+
+class AttemptHooks(Protocol):
+    """What an attempt tells the rest of the supervisor, and how it reaches its trainers."""
+
+    def record(self, job_id: str, kind: str, **detail: Any) -> None:
+        """An event for the job's history (hang_detected, memory_guard, rank_lost, ...)."""
+
+    def peak(self, job_id: str, rung: int, footprint_mb: float) -> None:
+        """A new highest footprint on this rung."""
+
+    def command(self, pid: int, action: str, remote: bool) -> bool:
+        """Send a trainer command; False when it cannot be delivered (not connected)."""
+
+
+@dataclass(frozen=True)
+class AttemptSpec:
+    """What the service decided for this attempt before it started."""
+
+    job_id: str
+    attempt: int
+    rung: int
+    stderr_path: Path
+    budget_mb: float
+    heartbeat_timeout: float
+    world_size: int = 1
+    # Some ranks run on other Macs and report over the CURVE-secured TCP socket.
+    remote: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class AttemptExit:
+    """How an attempt ended: everything the classifier and the restart policy need."""
+
+    spec: AttemptSpec
+    pid: int
+    exit_code: int | None
+    signum: int | None
+    stop_reason: StopReason | None
+    # A pause, cancel or resume the user asked for while a stop was under way.
+    user_wish: str | None
+    heartbeat_seen: bool
+    step: int
+    last_checkpoint_step: int | None
+    recent_footprint_mb: float | None
+    pressure_seen: str
+    cgroup_oom_kills_delta: int
+    stderr_tail: str
+    # The rank blamed for the end (distributed: the first to fail); None for one process.
+    culprit: Rank | None = None
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    # Set once its crash is stored, so handling the exit again (after a full disk) does not
+    # record it twice.
+    crash_recorded: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    """The running attempt, read-only, as `show` and `status` see it."""
+
+    job_id: str
+    attempt: int
+    rung: int
+    pid: int
+    phase: str
+    step: int
+    stop_reason: str | None
+    ranks: list[dict[str, Any]]
+
+
+def start_process(command: list[str], spec: AttemptSpec, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start the attempt's process in a session of its own: a signal aimed at the supervisor's
+    process group (Ctrl-C, launchd stopping the agent) must not kill the trainer before it can
+    checkpoint. For a distributed job the session holds the launcher and its local ranks, so
+    one killpg reaches them all."""
+    stdin: int = subprocess.DEVNULL
+    keep_open: tuple[int, ...] = ()
+    ends: tuple[Any, ...] = ()
+    if spec.distributed:
+        ends = launcher_stdin()
+        stdin, keep_open = ends[1].fileno(), (ends[0].fileno(),)
+    spec.stderr_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with spec.stderr_path.open("ab") as stderr:
+            return subprocess.Popen(
+                command,
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+                cwd=cwd,
+                pass_fds=keep_open,
+            )
+    finally:
+        for end in ends:
+            end.close()
+
+
+class Attempt:
+    """One launch of a job, from spawn to reaping."""
+
+    def __init__(
+        self,
+        spec: AttemptSpec,
+        *,
+        pid: int,
+        popen: subprocess.Popen[bytes] | None,
+        settings: Settings,
+        hooks: AttemptHooks,
+        read_system: Callable[[], SystemMemory],
+        last_checkpoint_step: int | None = None,
+        step: int = -1,
+        heard: bool = False,
+    ):
+        self.spec = spec
+        self.pid = pid
+        # None when adopted from a previous supervisor: not our child, its status is lost.
+        self.popen = popen
+        self.settings = settings
+        self.hooks = hooks
+        self.read_system = read_system
+        now = time.monotonic()
+        self.spawned_at = now
+        # An adopted trainer gets one heartbeat timeout to speak up.
+        self.last_heartbeat: float | None = now if heard else None
+        self.last_progress = now
+        self.step = step
+        self.examples_seen = 0
+        self.last_checkpoint_step = last_checkpoint_step
+        self.max_step_seconds = 0.0
+        self.max_eval_seconds = 0.0
+        self.phase = "starting"
+        self.footprints: deque[float] = deque(maxlen=50)
+        self.peak_mb = 0.0
+        self.pressure_seen = str(Pressure.NORMAL)
+        # The trainer shares our cgroup, and our pid outlives it for the exit check.
+        self.cgroup_oom_at_start = cgroup_oom_kill_count(os.getpid())
+        # The exit code the trainer announced (done: 0, stopped: 82, error: its code): the
+        # only word on how an adopted trainer, not our child, ended.
+        self.reported_exit: int | None = None
+        self.stop_reason: StopReason | None = None
+        self.stop_sent_at: float | None = None
+        self.footprint_at_stop: float | None = None
+        self.kill_at: float | None = None
+        self.user_wish: str | None = None
+        self.ranks: dict[int, Rank] = {}
+        # The rank blamed for this attempt's end: the first to die, hang or outgrow its budget.
+        self.culprit: int | None = None
+        self.lingering_since: float | None = None
+        self.ranks_killed = False  # SIGKILL went to the local ranks; the launcher is next
+        self._next_guard = 0.0
+        self._last_warn_action = 0.0
+
+    @classmethod
+    def launch(
+        cls,
+        spec: AttemptSpec,
+        command: list[str],
+        cwd: Path,
+        *,
+        settings: Settings,
+        hooks: AttemptHooks,
+        read_system: Callable[[], SystemMemory],
+        last_checkpoint_step: int | None = None,
+    ) -> Attempt:
+        popen = start_process(command, spec, cwd)
+        return cls(
+            spec,
+            pid=popen.pid,
+            popen=popen,
+            settings=settings,
+            hooks=hooks,
+            read_system=read_system,
+            last_checkpoint_step=last_checkpoint_step,
+        )
+
+    # -- what others may read ------------------------------------------------------------
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    @property
+    def distributed(self) -> bool:
+        return self.spec.distributed
+
+    @property
+    def heartbeat_seen(self) -> bool:
+        return self.last_heartbeat is not None
+
+    @property
+    def all_joined(self) -> bool:
+        """Every rank (or the one trainer) has reported."""
+        return not self.distributed or len(self.ranks) == self.spec.world_size
+
+    @property
+    def recent_footprint(self) -> float | None:
+        if self.culprit is not None and self.culprit in self.ranks:
+            return self.ranks[self.culprit].footprint_mb
+        return max(self.footprints) if self.footprints else None
+
+    def live_ranks(self) -> list[Rank]:
+        return [rank for rank in self.ranks.values() if rank.ended_at is None]
+
+    def describe_ranks(self) -> list[dict[str, Any]]:
+        """The ranks as ``show --json`` lists them, rank 0 first."""
+        return [self.ranks[number].describe() for number in sorted(self.ranks)]
+
+    def view(self) -> AttemptView:
+        return AttemptView(
+            job_id=self.job_id,
+            attempt=self.spec.attempt,
+            rung=self.spec.rung,
+            pid=self.pid,
+            phase=self.phase,
+            step=self.step,
+            stop_reason=str(self.stop_reason) if self.stop_reason else None,
+            ranks=self.describe_ranks() if self.distributed else [],
+        )
+
+    # -- telemetry ------------------------------------------------------------------------
+
+    def accepts(self, message: Message, hostname: str) -> bool:
+        """Whether a message comes from this attempt: its trainer, or for a distributed job
+        one of its ranks (a local one proven by the process table). A new rank joins here."""
+        pid = getattr(message, "pid", None)
+        if not self.distributed:
+            return pid == self.pid
+        if getattr(message, "job_id", None) != self.job_id:
+            return False
+        rank_number = getattr(message, "rank", None)
+        if not isinstance(rank_number, int) or not isinstance(pid, int):
+            return False
+        known = self.ranks.get(rank_number)
+        if known is not None:
+            return known.pid == pid
+        if not 0 <= rank_number < self.spec.world_size:
+            return False
+        started_at = launched_by(pid, self.pid)
+        host = getattr(message, "host", "")
+        local = started_at is not None
+        if not local and (not self.spec.remote or not host or host == hostname):
+            # Claims this machine but the launcher did not start it, or another Mac for a
+            # job that has no ranks there.
+            return False
+        self.ranks[rank_number] = Rank(
+            rank=rank_number, pid=pid, host=host, local=local, started_at=started_at
+        )
+        log.info("rank joined", job=self.job_id, rank=rank_number, pid=pid, host=host)
+        return True
+
+    def on_heartbeat(self, beat: Heartbeat) -> None:
+        now = time.monotonic()
+        self.last_heartbeat = now
+        step = beat.step
+        if self.distributed:
+            rank = self.ranks[beat.rank]
+            rank.last_heartbeat, rank.step = now, beat.step
+            if beat.footprint_mb:
+                rank.footprint_mb = beat.footprint_mb
+            # The job is as far as its slowest rank, and alive once every rank has spoken.
+            step = min(r.step for r in self.ranks.values())
+        if step != self.step:
+            self.step = step
+            self.last_progress = now
+        self.phase = beat.phase
+        self.examples_seen = beat.examples_seen
+        if beat.step_seconds:
+            self.max_step_seconds = max(self.max_step_seconds, beat.step_seconds)
+        if beat.eval_seconds:
+            self.max_eval_seconds = max(self.max_eval_seconds, beat.eval_seconds)
+        if beat.footprint_mb:
+            self._note_footprint(beat.footprint_mb)
+        if beat.last_checkpoint_step is not None:
+            self.last_checkpoint_step = beat.last_checkpoint_step
+
+    def on_trainer_event(self, event: TrainerEvent) -> None:
+        if event.kind == "checkpoint":
+            self.last_checkpoint_step = event.step
+            self.last_progress = time.monotonic()
+        if event.kind not in ("done", "stopped", "error"):
+            return
+        announced = {"done": int(ExitCode.DONE), "stopped": int(ExitCode.STOPPED)}.get(
+            event.kind, event.detail.get("exit_code")
+        )
+        code = announced if isinstance(announced, int) else None
+        if self.distributed:
+            self._rank_announced(event, code)
+        elif code is not None:
+            self.reported_exit = code
+
+    def _note_footprint(self, footprint: float) -> None:
+        self.footprints.append(footprint)
+        if footprint > self.peak_mb * 1.01:
+            self.peak_mb = footprint
+            self.hooks.peak(self.job_id, self.spec.rung, footprint)
+
+    # -- the loop's call ------------------------------------------------------------------
+
+    def poll(self, now: float | None = None) -> AttemptExit | None:
+        """One tick: reap if it is over, else guard memory, check liveness and escalate a
+        stop whose grace ran out. Returns the exit once, when the attempt is over."""
+        now = time.monotonic() if now is None else now
+        ended = self.reap()
+        if ended is not None:
+            return ended
+        if now >= self._next_guard:
+            self._next_guard = now + self.settings.guard_interval_s
+            self.guard_memory()
+        self.check_liveness(now)
+        self.escalate(now)
+        return None
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def guard_memory(self) -> None:
+        rank = None
+        footprint: float | None
+        if self.distributed:
+            footprint, rank = self._rank_footprints()
+        else:
+            try:
+                footprint = footprint_mb(self.pid)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError):
+                return
+            except psutil.AccessDenied:
+                footprint = None
+        if footprint:
+            self._note_footprint(footprint)
+        system = self.read_system()
+        if system.pressure != Pressure.NORMAL:
+            self.pressure_seen = str(system.pressure)
+        if self.stop_reason is not None:
+            self._kill_if_still_growing(footprint)
+            return
+        critical = system.pressure == Pressure.CRITICAL
+        settings = self.settings
+        budget = self.spec.budget_mb
+        if footprint and footprint > budget:
+            runaway = critical or footprint > budget * settings.runaway_factor
+            grace = settings.checkpoint_grace_s if runaway else settings.stop_grace_s
+            grace = min(grace, settings.stop_grace_s)
+            where = {"rank": rank} if rank is not None else {}
+            self.hooks.record(
+                self.job_id,
+                "memory_guard",
+                action="stop",
+                footprint_mb=round(footprint, 1),
+                budget_mb=round(budget, 1),
+                grace_s=grace,
+                **where,
+            )
+            log.warning(
+                "over budget; stopping trainer",
+                footprint=footprint,
+                budget=budget,
+                grace_s=grace,
+                **where,
+            )
+            self.culprit = rank
+            self.stop(StopReason.MEMORY, grace)
+            self.footprint_at_stop = footprint
+            return
+        if critical and biggest_consumer(self._local_pids()):
+            grace = min(settings.checkpoint_grace_s, settings.stop_grace_s)
+            self.hooks.record(
+                self.job_id, "memory_guard", action="stop", pressure="critical", grace_s=grace
+            )
+            self.stop(StopReason.MEMORY, grace)
+            self.footprint_at_stop = footprint
+            return
+        if system.pressure == Pressure.WARN:
+            now = time.monotonic()
+            if now - self._last_warn_action >= settings.warn_action_interval_s:
+                self._last_warn_action = now
+                self.command_all("checkpoint_now")
+                self.command_all("clear_cache")
+                self.hooks.record(
+                    self.job_id, "memory_guard", action="checkpoint+clear_cache", pressure="warn"
+                )
+
+    def _kill_if_still_growing(self, footprint: float | None) -> None:
+        """A trainer stopped for memory that keeps growing is not checkpointing (stuck in a
+        read of /dev/zero, say, where SIGTERM waits): waiting out its grace risks the Mac."""
+        if self.stop_reason != StopReason.MEMORY or self.kill_at is None:
+            return
+        if not footprint or self.footprint_at_stop is None:
+            return
+        if footprint - self.footprint_at_stop < self.settings.still_growing_mb:
+            return
+        self.hooks.record(
+            self.job_id,
+            "memory_guard",
+            action="kill",
+            footprint_mb=round(footprint, 1),
+            at_stop_mb=round(self.footprint_at_stop, 1),
+        )
+        log.warning("still growing after stop; SIGKILL", pid=self.pid, footprint=footprint)
+        self.kill_at = time.monotonic()
+        self.escalate(self.kill_at)
+
+    def _rank_footprints(self) -> tuple[float | None, int | None]:
+        """The largest footprint among the ranks and whose it is. Ranks on this machine are
+        read now; others as their last heartbeat said."""
+        largest, whose = None, None
+        for rank in self.live_ranks():
+            if rank.local:
+                try:
+                    reading = footprint_mb(rank.pid)
+                except (psutil.Error, ProcessLookupError):
+                    continue
+                # An exiting rank reads as nothing: keep what it last used.
+                rank.footprint_mb = reading or rank.footprint_mb
+            if rank.footprint_mb and (largest is None or rank.footprint_mb > largest):
+                largest, whose = rank.footprint_mb, rank.rank
+        return largest, whose
+
+    def _local_pids(self) -> set[int]:
+        if self.distributed:
+            return {rank.pid for rank in self.live_ranks() if rank.local}
+        return {self.pid}
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def check_liveness(self, now: float) -> None:
+        if self.distributed:
+            self._watch_ranks(now)
+        if self.stop_reason is not None:
+            return
+        if self.distributed:
+            self._check_ranks(now)
+            return
+        if self.last_heartbeat is None:
+            startup = self.settings.startup_timeout_s
+            if now - self.spawned_at > startup:
+                self.hang(f"no heartbeat {startup:.0f} s after start")
+            return
+        silent = now - self.last_heartbeat
+        if silent > self.spec.heartbeat_timeout:
+            self.hang(f"no heartbeat for {silent:.1f} s")
+            return
+        if self._stalled(now):
+            self.hang(f"no progress for {now - self.last_progress:.0f} s")
+
+    def _stalled(self, now: float) -> bool:
+        """Training, yet no new step for far longer than the slowest step and eval so far."""
+        if self.phase not in PROGRESS_PHASES or self.step < 0:
+            return False
+        stall = max(
+            self.settings.stall_min_s,
+            self.settings.stall_factor * (self.max_step_seconds + self.max_eval_seconds),
+        )
+        return now - self.last_progress > stall
+
+    def _check_ranks(self, now: float) -> None:
+        """A distributed job is alive while every rank heartbeats and the slowest advances."""
+        if len(self.ranks) < self.spec.world_size:
+            startup = self.settings.startup_timeout_s
+            if now - self.spawned_at > startup:
+                silent = sorted(set(range(self.spec.world_size)) - set(self.ranks))
+                self.culprit = silent[0]
+                self.hang(
+                    f"rank(s) {', '.join(map(str, silent))} sent no heartbeat "
+                    f"{startup:.0f} s after start"
+                )
+            return
+        for rank in self.live_ranks():
+            silent = now - rank.last_heartbeat
+            if silent > self.spec.heartbeat_timeout:
+                self.culprit = rank.rank
+                self.hang(f"no heartbeat from rank {rank.rank} for {silent:.1f} s")
+                return
+        if self._stalled(now):
+            self.culprit = min(self.ranks.values(), key=lambda r: r.step).rank
+            self.hang(f"no progress for {now - self.last_progress:.0f} s")
+
+    def _watch_ranks(self, now: float) -> None:
+        """Notice a local rank's end from the process table: a SIGKILLed rank says nothing,
+        and mlx.launch does not tell anyone."""
+        for rank in self.live_ranks():
+            if rank.local and not process_alive(rank.pid, rank.started_at):
+                rank.ended_at = now
+                if rank.failed:
+                    self._rank_failed(rank)
+
+    def _rank_announced(self, event: TrainerEvent, announced: int | None) -> None:
+        """A rank said how it ends. A failure of its own (not a lost peer) stops the rest
+        at once, before mlx.launch or a collective timeout does it less gently."""
+        rank = self.ranks[event.rank]
+        rank.reported_exit = announced
+        rank.reason = str(event.detail.get("reason", ""))
+        rank.peer_lost = bool(event.detail.get("peer_lost"))
+        if not rank.local:
+            rank.ended_at = time.monotonic()  # its process is out of our sight
+        if event.kind == "error" and not rank.peer_lost:
+            rank.ended_at = rank.ended_at or time.monotonic()
+            self._rank_failed(rank)
+
+    def _rank_failed(self, rank: Rank) -> None:
+        """One rank is gone for good: the others cannot go on without it. Stop them all at
+        the next step (through their stop command) and blame the first to fail."""
+        if self.stop_reason is not None or rank.peer_lost:
+            return  # a stop is already under way, or it only lost its peer
+        self.culprit = rank.rank
+        how = (
+            f"announced exit {rank.reported_exit}"
+            if rank.reported_exit is not None
+            else "no announced exit"
+        )
+        self.hooks.record(
+            self.job_id,
+            "rank_lost",
+            rank=rank.rank,
+            host=rank.host,
+            pid=rank.pid,
+            how=how,
+            reason=rank.reason,
+        )
+        log.warning("rank lost; stopping the others", rank=rank.rank, pid=rank.pid, how=how)
+        self.stop(StopReason.RANK_LOST, self.settings.hang_grace_s)
+
+    def hang(self, why: str) -> None:
+        where = {"rank": self.culprit} if self.distributed else {}
+        self.hooks.record(self.job_id, "hang_detected", reason=why, pid=self.pid, **where)
+        log.warning("trainer hung", why=why, pid=self.pid, **where)
+        self.stop(StopReason.HANG, self.settings.hang_grace_s)
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def command_all(self, action: str) -> None:
+        """Send ``action`` to the trainer, or to every rank still running."""
+        if not self.distributed:
+            self.hooks.command(self.pid, action, self.spec.remote)
+            return
+        for rank in self.live_ranks():
+            self.hooks.command(rank.pid, action, self.spec.remote)
+
+    def stop(self, reason: StopReason, grace: float) -> None:
+        """Ask the trainer (every rank) to checkpoint and exit; SIGKILL once ``grace`` is
+        over. The stop command and SIGTERM for one trainer. For ranks only the command: they
+        agree on it at their next step, so all stop at the same checkpoint; mlx.launch
+        terminates the rest once one has exited, and a second signal means "now, skip the
+        checkpoint". A local rank never heard from gets the signal, its only way to hear."""
+        self.stop_reason = reason
+        self.stop_sent_at = time.monotonic()
+        self.kill_at = self.stop_sent_at + grace
+        self.command_all("stop")
+        if self.distributed:
+            heard = {rank.pid for rank in self.ranks.values()}
+            for pid in trainers_under(self.pid):
+                if pid not in heard:
+                    signal_if_alive(pid, signal.SIGTERM)
+            return
+        signal_if_alive(self.pid, signal.SIGTERM)
+
+    def change_stop_reason(self, reason: StopReason) -> None:
+        """A user stop turned into the other one (cancel while pausing, or pause while
+        cancelling): the same checkpoint and grace, another outcome."""
+        self.stop_reason = reason
+
+    def escalate(self, now: float) -> None:
+        if self.kill_at is None or now < self.kill_at:
+            return
+        log.warning("grace period over; SIGKILL", pid=self.pid, reason=self.stop_reason)
+        self.kill_at = None
+        if self.distributed and not self.spec.remote and not self.ranks_killed:
+            # The ranks first, the launcher left to log how each ended (the only record of a
+            # rank killed from outside) and exit; its session goes only if it lingers.
+            self.ranks_killed = True
+            self.kill_at = time.monotonic() + LAUNCHER_GRACE_S
+            for pid in {r.pid for r in self.live_ranks()} | set(trainers_under(self.pid)):
+                signal_if_alive(pid, signal.SIGKILL)
+            return
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        """SIGKILL the trainer; for a distributed job, its launcher's whole session: every
+        local rank and every ssh that carries a remote one (which then gets SIGHUP)."""
+        if self.distributed:
+            try:
+                if os.getpgid(self.pid) == self.pid:
+                    os.killpg(self.pid, signal.SIGKILL)
+                    return
+            except ProcessLookupError:
+                return
+        signal_if_alive(self.pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL everything of this attempt and wait for our child: used where a trainer
+        must not be left unwatched (the job failed inside the supervisor, say)."""
+        self._kill_all()
+        if self.popen is not None:
+            self.popen.wait()
+
+    # -- reaping --------------------------------------------------------------------------
+
+    def reap(self) -> AttemptExit | None:
+        if self.popen is not None:
+            code = self.popen.poll()
+            if code is None:
+                return None
+            exit_code, signum = (code, None) if code >= 0 else (None, -code)
+        else:
+            try:
+                if psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE:
+                    return None
+            except psutil.NoSuchProcess:
+                pass
+            # Not our child: its exit status is lost; what it announced is what we know.
+            exit_code, signum = self.reported_exit, None
+        if self.distributed and self._ranks_linger():
+            return None  # the next attempt must not overlap this one's last rank
+        tail = self.stderr_tail()
+        if self.distributed:
+            # The launcher's own status says nothing; the ranks' ends do.
+            self._watch_ranks(time.monotonic())
+            exit_code, signum, self.culprit = attempt_exit(
+                self.ranks, self.spec.world_size, tail, self.culprit
+            )
+        oom_kills = cgroup_oom_kill_count(os.getpid())
+        oom_delta = (
+            oom_kills - self.cgroup_oom_at_start
+            if oom_kills is not None and self.cgroup_oom_at_start is not None
+            else 0
+        )
+        return AttemptExit(
+            spec=self.spec,
+            pid=self.pid,
+            exit_code=exit_code,
+            signum=signum,
+            stop_reason=self.stop_reason,
+            user_wish=self.user_wish,
+            heartbeat_seen=self.heartbeat_seen,
+            step=self.step,
+            last_checkpoint_step=self.last_checkpoint_step,
+            recent_footprint_mb=self.recent_footprint,
+            pressure_seen=self.pressure_seen,
+            cgroup_oom_kills_delta=oom_delta,
+            stderr_tail=tail,
+            culprit=self.ranks.get(self.culprit) if self.culprit is not None else None,
+            ranks=self.describe_ranks(),
+        )
+
+    def _ranks_linger(self) -> bool:
+        """Whether a process of the ended launcher's session (a rank it started) is still
+        alive. A rank killed with its launcher can outlive it for a moment; one left behind
+        by a launcher that died is killed. Given up on after LINGER_S: never blocks."""
+        try:
+            os.killpg(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        now = time.monotonic()
+        if self.lingering_since is None:
+            self.lingering_since = now
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+            log.warning("launcher gone but a rank lingers; killing it", pid=self.pid)
+        return now - self.lingering_since < LINGER_S
+
+    def stderr_tail(self) -> str:
+        try:
+            with self.spec.stderr_path.open("rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - STDERR_TAIL_BYTES))
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""

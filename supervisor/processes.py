@@ -1,0 +1,88 @@
+"""The process table as the supervisor's proof: which process is a trainer, of which job.
+
+A heartbeat can claim any pid, and a pid can be reused, so before the supervisor signals,
+adopts or trusts a process it checks it here, in one place and with one rigour: alive (not a
+zombie), started when we first saw it (create time within a second), and running the trainer
+module for the job in question.
+"""
+
+from __future__ import annotations
+
+import psutil
+
+# The trainer's module: how the supervisor starts it, and how its command line is known.
+TRAINER_MODULE = "loractl.daemon.trainer"
+
+# How far apart two readings of one process's create time may be (clock rounding).
+START_TIME_SLACK_S = 1.0
+
+
+def start_time(pid: int) -> float | None:
+    """When ``pid`` started (its create time), or None if it is gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def process_alive(pid: int, started_at: float | None = None) -> bool:
+    """Whether ``pid`` still runs and, given ``started_at``, is the process first seen under
+    it (not a reuse of its pid)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started_at is None or abs(proc.create_time() - started_at) <= START_TIME_SLACK_S
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def is_trainer(pid: int, job_id: str | None = None, started_at: float | None = None) -> bool:
+    """Whether ``pid`` is a live loractl trainer (of ``job_id``, when given, and the very
+    process that started at ``started_at``, when given)."""
+    if not process_alive(pid, started_at):
+        return False
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    if TRAINER_MODULE not in cmdline:
+        return False
+    return job_id is None or job_id in cmdline
+
+
+def launched_by(pid: int, launcher_pid: int) -> float | None:
+    """The create time of ``pid`` if it descends from ``launcher_pid``, else None."""
+    try:
+        proc = psutil.Process(pid)
+        if launcher_pid not in (parent.pid for parent in proc.parents()):
+            return None
+        return float(proc.create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def trainers_under(launcher_pid: int) -> list[int]:
+    """The pids of the trainers ``launcher_pid`` started on this machine, heard from or not."""
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+    pids = []
+    for child in children:
+        try:
+            if TRAINER_MODULE in child.cmdline():
+                pids.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return pids
+
+
+def biggest_consumer(pids: set[int]) -> bool:
+    """Whether the process using the most memory on this machine is one of ``pids``."""
+    biggest = max(
+        psutil.process_iter(["pid", "memory_info"]),
+        key=lambda p: p.info["memory_info"].rss if p.info["memory_info"] else 0,
+        default=None,
+    )
+    return biggest is not None and biggest.info["pid"] in pids

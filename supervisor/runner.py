@@ -1,0 +1,363 @@
+"""The running attempt, one at a time: launching it, feeding it telemetry, the user's stops,
+and handing its exit on.
+
+:class:`Runner` is the loop's one handle on trainers. It builds an attempt's command (the
+trainer, or mlx.launch around it), starts or adopts it, routes each telemetry message to it
+(or stops a stray trainer of one of our jobs), records what the attempt notices, and passes
+the exit to the :class:`~loractl.supervisor.exits.ExitHandler`. It is also the attempt's
+:class:`~loractl.supervisor.attempt.AttemptHooks`: the attempt itself never sees the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from loractl.config import JobConfig, load_config
+from loractl.distributed import free_port_range, launch_command, remote_hosts
+from loractl.paths import Layout
+from loractl.protocol import Heartbeat as HeartbeatMessage
+from loractl.protocol import JobState, Message, TrainerEvent
+from loractl.supervisor.attempt import Attempt, AttemptExit, AttemptSpec, AttemptView
+from loractl.supervisor.channels import Publisher, TelemetryChannels
+from loractl.supervisor.desktop import KeepAwake
+from loractl.supervisor.jobview import budget_mb
+from loractl.supervisor.ladder import describe_rung, rung_overrides
+from loractl.supervisor.policy import StopReason
+from loractl.supervisor.pressure import SystemMemory
+from loractl.supervisor.processes import TRAINER_MODULE, is_trainer, start_time
+from loractl.supervisor.settings import Settings
+from loractl.supervisor.store import Job, Store
+
+log = structlog.get_logger("loractl.supervisor")
+
+# The stops a user asks for, and the job state shown while each is carried out.
+USER_STOPS = {
+    "pause": (StopReason.USER_PAUSE, JobState.PAUSING),
+    "cancel": (StopReason.USER_CANCEL, JobState.CANCELLING),
+}
+
+
+class Runner:
+    """Owns the current attempt, if any."""
+
+    def __init__(
+        self,
+        store: Store,
+        layout: Layout,
+        settings: Settings,
+        channels: TelemetryChannels,
+        publisher: Publisher,
+        keep_awake: KeepAwake,
+        read_system: Callable[[], SystemMemory],
+        *,
+        is_known_job: Callable[[str], bool],
+        hostname: str | None = None,
+    ):
+        self.store = store
+        self.layout = layout
+        self.settings = settings
+        self.channels = channels
+        self.publisher = publisher
+        self.keep_awake = keep_awake
+        self.read_system = read_system
+        self.is_known_job = is_known_job
+        self.hostname = hostname or socket.gethostname()
+        self.attempt: Attempt | None = None
+        # Until recovery has run, a trainer of ours talking is not a stray but unadopted.
+        self.recovered = False
+        self.dropped_frames = 0
+
+    # -- AttemptHooks -------------------------------------------------------------------
+
+    def record(self, job_id: str, kind: str, **detail: Any) -> None:
+        self.store.record(job_id, kind, **detail)
+
+    def peak(self, job_id: str, rung: int, footprint_mb: float) -> None:
+        self.store.note_peak(job_id, rung, footprint_mb)
+
+    def command(self, pid: int, action: str, remote: bool) -> bool:
+        return self.channels.send(pid, action, remote)
+
+    # -- starting -------------------------------------------------------------------------
+
+    def stderr_path(self, job_id: str, attempt: int):
+        return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.stderr"
+
+    def fresh_start_requested(self, job_id: str, attempt: int) -> bool:
+        return any(
+            event["kind"] == "fresh_start_requested" and event["detail"].get("attempt") == attempt
+            for event in self.store.events(job_id)
+        )
+
+    def attempt_command(self, job: Job, cfg: JobConfig, attempt: int) -> tuple[list[str], bool]:
+        """The argv of one attempt, and whether some of its ranks run on other Macs: the
+        trainer, or for a distributed job mlx.launch running the trainer on every rank."""
+        remote = remote_hosts(cfg.distributed) if cfg.world_size > 1 else []
+        endpoint = self.channels.endpoint_for(job.id, attempt, remote)
+        command = [
+            sys.executable,
+            "-m",
+            TRAINER_MODULE,
+            job.config_path,
+            "--telemetry",
+            endpoint,
+            "--job-id",
+            job.id,
+            "--attempt",
+            str(attempt),
+            "--rung",
+            str(job.rung),
+            "--overrides",
+            json.dumps(rung_overrides(cfg, job.rung)),
+        ]
+        if self.fresh_start_requested(job.id, attempt):
+            command.append("--fresh")
+        if remote:
+            from loractl.keys import keys_folder
+
+            command += ["--keys-dir", str(keys_folder(self.layout.home))]
+        if cfg.world_size > 1:
+            section = cfg.distributed
+            port = None if section.get("starting_port") else free_port_range(cfg.world_size)
+            command = launch_command(section, command, starting_port=port)
+        return command, bool(remote)
+
+    def spawn(self, job: Job, cfg: JobConfig) -> Attempt:
+        """Start the job's next attempt and record it as starting."""
+        number = job.attempt + 1
+        command, remote = self.attempt_command(job, cfg, number)
+        spec = AttemptSpec(
+            job_id=job.id,
+            attempt=number,
+            rung=job.rung,
+            stderr_path=self.stderr_path(job.id, number),
+            budget_mb=budget_mb(cfg, self.settings.default_budget_fraction),
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            world_size=cfg.world_size,
+            remote=remote,
+        )
+        try:
+            attempt = Attempt.launch(
+                spec,
+                command,
+                self.layout.job_dir(job.id),
+                settings=self.settings,
+                hooks=self,
+                read_system=self.read_system,
+                last_checkpoint_step=job.last_checkpoint_step,
+            )
+        except BaseException:
+            if remote:
+                self.channels.close_remote()
+            raise
+        self.attempt = attempt
+        self.store.transition(
+            job.id,
+            JobState.STARTING,
+            f"attempt {number} on rung {job.rung} ({describe_rung(cfg, job.rung)})",
+            attempt=number,
+            trainer_pid=attempt.pid,
+            trainer_started_at=start_time(attempt.pid),
+        )
+        self.keep_awake.hold(attempt.pid, f"loractl is training {job.name}")
+        self.publisher.publish_state(job.id, pid=attempt.pid)
+        log.info(
+            "spawned trainer",
+            job=job.id,
+            pid=attempt.pid,
+            attempt=number,
+            rung=job.rung,
+            ranks=cfg.world_size,
+        )
+        return attempt
+
+    def adoptable(self, job: Job) -> bool:
+        """Whether the job's recorded trainer still runs: the same process, not a reuse."""
+        return bool(job.trainer_pid) and is_trainer(job.trainer_pid, job.id, job.trainer_started_at)
+
+    def adopt(self, job: Job) -> Attempt:
+        """Take over the live trainer a previous supervisor left running."""
+        assert job.trainer_pid is not None
+        cfg = load_config(job.config_path)
+        spec = AttemptSpec(
+            job_id=job.id,
+            attempt=job.attempt,
+            rung=job.rung,
+            stderr_path=self.stderr_path(job.id, job.attempt),
+            budget_mb=budget_mb(cfg, self.settings.default_budget_fraction),
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            world_size=cfg.world_size,
+        )
+        if spec.distributed:
+            remote = self.channels.reopen_remote(job.id, job.attempt)
+            spec = AttemptSpec(**{**spec.__dict__, "remote": remote})
+        attempt = Attempt(
+            spec,
+            pid=job.trainer_pid,
+            popen=None,
+            settings=self.settings,
+            hooks=self,
+            read_system=self.read_system,
+            last_checkpoint_step=job.last_checkpoint_step,
+            step=job.step,
+            heard=True,
+        )
+        # Recorded before it is ours: if the disk refuses, recovery runs again later.
+        self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)
+        self.attempt = attempt
+        self.keep_awake.hold(job.trainer_pid, f"loractl is training {job.name}")
+        log.info("re-adopted trainer", job=job.id, pid=job.trainer_pid)
+        return attempt
+
+    # -- the loop's calls -----------------------------------------------------------------
+
+    def poll(self, now: float) -> AttemptExit | None:
+        """Advance the current attempt; its exit, once, with the attempt forgotten."""
+        attempt = self.attempt
+        if attempt is None:
+            return None
+        ended = attempt.poll(now)
+        if ended is not None:
+            self._forget(attempt)
+        return ended
+
+    def reap_only(self) -> AttemptExit | None:
+        """Reap without guarding or judging: while the disk is full nothing is written, but
+        a trainer that ended must not linger as a zombie."""
+        attempt = self.attempt
+        if attempt is None:
+            return None
+        ended = attempt.reap()
+        if ended is not None:
+            self._forget(attempt)
+        return ended
+
+    def _forget(self, attempt: Attempt) -> None:
+        self.attempt = None
+        self.keep_awake.release()
+        if attempt.spec.remote:
+            self.channels.close_remote()
+
+    def kill_attempt_of(self, job_id: str) -> None:
+        """SIGKILL and reap ``job_id``'s attempt, if it is the one we run; forget it."""
+        attempt = self.attempt
+        if attempt is None or attempt.job_id != job_id:
+            return
+        attempt.kill()
+        self._forget(attempt)
+
+    def view(self) -> AttemptView | None:
+        """The current attempt, read-only, for `show` and `status`."""
+        return self.attempt.view() if self.attempt is not None else None
+
+    def running(self, job_id: str) -> bool:
+        return self.attempt is not None and self.attempt.job_id == job_id
+
+    # -- stops ----------------------------------------------------------------------------
+
+    def user_stop(self, job: Job, wish: str) -> JobState:
+        """Pause or cancel the running attempt; returns the state the job now shows.
+
+        The last word wins: a cancel while pausing cancels, a pause while cancelling pauses.
+        A stop the supervisor itself started (a hang, memory, a lost rank) keeps its reason
+        and grace, and the user's wish is carried out once the attempt has exited."""
+        attempt = self.attempt
+        assert attempt is not None and attempt.job_id == job.id
+        reason, showing = USER_STOPS[wish]
+        if attempt.stop_reason is None:
+            attempt.stop(reason, self.settings.stop_grace_s)
+        elif attempt.stop_reason.by_user:
+            attempt.change_stop_reason(reason)
+        attempt.user_wish = wish
+        self.store.transition(job.id, showing, f"{wish} asked by the user; checkpointing")
+        self.publisher.publish_state(job.id)
+        return showing
+
+    def take_back_pause(self, job: Job) -> None:
+        """`resume` while a pause is carried out: the job runs on. A stop that was sent
+        cannot be unsent, so the attempt still checkpoints and exits; its exit then goes
+        straight back to the queue instead of to paused."""
+        attempt = self.attempt
+        assert attempt is not None and attempt.job_id == job.id
+        attempt.user_wish = "resume"
+        self.store.transition(
+            job.id, JobState.RUNNING, "resumed by the user while pausing; it continues"
+        )
+        self.publisher.publish_state(job.id)
+
+    def shut_down(self) -> None:
+        """The supervisor is stopping: checkpoint the running attempt, unless a stop is
+        already under way."""
+        attempt = self.attempt
+        if attempt is not None and attempt.stop_reason is None:
+            attempt.stop(StopReason.SHUTDOWN, self.settings.exit_timeout_s)
+
+    # -- telemetry ------------------------------------------------------------------------
+
+    def take(self, message: Message) -> None:
+        """One telemetry message: to the attempt it belongs to, or a stray's."""
+        attempt = self.attempt
+        if attempt is None or not attempt.accepts(message, self.hostname):
+            self._stray(message)
+            return
+        if isinstance(message, HeartbeatMessage):
+            attempt.on_heartbeat(message)
+            self._heartbeat_recorded(attempt, message)
+        elif isinstance(message, TrainerEvent):
+            attempt.on_trainer_event(message)
+            self._event_recorded(attempt, message)
+
+    def _heartbeat_recorded(self, attempt: Attempt, beat: HeartbeatMessage) -> None:
+        job = self.store.get(attempt.job_id)
+        # On the stored state, not "the first heartbeat": if that write failed (a full disk),
+        # the next heartbeat makes it again.
+        if job.state == JobState.STARTING and attempt.all_joined:
+            world = attempt.spec.world_size
+            why = f"all {world} ranks heartbeat" if attempt.distributed else "first heartbeat"
+            self.store.transition(job.id, JobState.RUNNING, why, early_deaths=0)
+            self.publisher.publish_state(job.id)
+        self.store.update(
+            job.id,
+            step=max(attempt.step, 0),
+            examples_seen=beat.examples_seen,
+            total_examples=beat.total_examples,
+            last_checkpoint_step=attempt.last_checkpoint_step,
+        )
+        self.publisher.publish("heartbeat", beat)
+
+    def _event_recorded(self, attempt: Attempt, event: TrainerEvent) -> None:
+        if event.kind == "checkpoint":
+            self.store.update(attempt.job_id, last_checkpoint_step=event.step)
+        elif event.kind in ("oom_retry", "error"):
+            where = {"rank": event.rank} if attempt.distributed else {}
+            self.store.record(attempt.job_id, f"trainer_{event.kind}", **event.detail, **where)
+        self.publisher.publish("trainer_event", event)
+
+    def _stray(self, message: Message) -> None:
+        """A trainer we do not own is talking. If it is an orphan of one of our jobs, stop it:
+        one job must never have two trainers."""
+        pid = getattr(message, "pid", 0)
+        job_id = getattr(message, "job_id", "")
+        if not pid or not job_id:
+            self.dropped_frames += 1
+            return
+        if not self.recovered:
+            return
+        if not self.is_known_job(job_id) or not is_trainer(pid, job_id):
+            self.dropped_frames += 1  # a stranger, or a lie about the pid: never signal it
+            return
+        log.warning("stray trainer of one of our jobs; stopping it", pid=pid, job=job_id)
+        self.store.record(job_id, "stray_trainer_stopped", pid=pid)
+        self.channels.send(pid, "stop")
+        try:
+            os.kill(pid, signal.SIGTERM)  # checkpoints and exits, like any stop
+        except ProcessLookupError:
+            pass
