@@ -166,6 +166,8 @@ def status_text(status: dict[str, Any]) -> str:
     ]
     if status.get("running"):
         lines.append(f"  running: {status['running']} (trainer pid {status['trainer_pid']})")
+    if status.get("queue_held"):
+        lines.append("  queue:   held by `pause --all`; `loractl resume --all` releases it")
     rejected = status.get("rejected") or []
     if rejected:
         lines.append("  recently rejected from the inbox:")

@@ -77,9 +77,10 @@ def job_budget_mb(job: dict[str, Any]) -> float | None:
     return budget
 
 
-def nothing_to_watch(status: dict[str, Any]) -> str | None:
+def nothing_to_watch(status: dict[str, Any], follow: bool = False) -> str | None:
     """What `watch` says when there is no job to show, from a status reply; None when a job
-    runs, is in flight (starting, backoff, ...) or is queued to start next."""
+    runs, is in flight (starting, backoff, ...) or is queued to start next. ``follow``: the
+    watch goes on waiting, and says so."""
     counts = status.get("jobs") or {}
     if status.get("running") or any(counts.get(str(s)) for s in IN_FLIGHT):
         return None
@@ -93,6 +94,8 @@ def nothing_to_watch(status: dict[str, Any]) -> str | None:
         message += f" ({shown})"
     if held:
         message += "; the queue is held until `loractl resume --all`"
+    if follow:
+        return message + "; waiting for the next job"
     return message + "; `loractl watch --follow` waits for the next job"
 
 
@@ -687,6 +690,9 @@ def run_watch_lines(
                 if job_ref is None and (message := nothing_to_watch(current)):
                     return idle(current, message)
                 waiting = job_ref is None
+            elif job_ref is None and nothing_to_watch(current):
+                # --follow with nothing running: say so once, then wait.
+                idle(current, nothing_to_watch(current, follow=True))
             if job_ref:
                 job = show(job_ref)
                 job_id, state = job["id"], job["state"]

@@ -24,11 +24,11 @@ import re
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -41,6 +41,7 @@ __all__ = [
     "FieldInfo",
     "JobConfig",
     "LoraParameters",
+    "deep_merge",
     "default_ladder",
     "iter_fields",
     "load_config",
@@ -83,13 +84,17 @@ class ConfigError(ValueError):
             where += f": line {line}" + (f", column {column}" if column is not None else "")
         super().__init__(f"{where}: {message}")
 
-    def __reduce__(self):
+    def __reduce__(
+        self,
+    ) -> tuple[Callable[..., ConfigError], tuple[str, str | None, str, int | None, int | None]]:
         # The default pickling would call ConfigError(full_message) and lose key/source;
         # errors do cross process boundaries (trainer -> supervisor).
         return (_rebuild_error, (self.message, self.key, self.source, self.line, self.column))
 
 
-def _rebuild_error(message, key, source, line, column) -> ConfigError:
+def _rebuild_error(
+    message: str, key: str | None, source: str, line: int | None, column: int | None
+) -> ConfigError:
     return ConfigError(message, key=key, source=source, line=line, column=column)
 
 
@@ -113,7 +118,7 @@ def _kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _suggest(word: str, options) -> str:
+def _suggest(word: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(word, sorted(options), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
@@ -125,7 +130,7 @@ def _suggest(word: str, options) -> str:
 NEAR_MISS_CUTOFF = 0.8
 
 
-def _near_miss(word: str, options) -> str | None:
+def _near_miss(word: str, options: Iterable[str]) -> str | None:
     match = difflib.get_close_matches(word, sorted(options), n=1, cutoff=NEAR_MISS_CUTOFF)
     return match[0] if match else None
 
@@ -141,7 +146,7 @@ class _Ctx:
     def bad(self, key: str, expected: str, value: Any) -> ConfigError:
         return self.error(f"key '{key}': expected {expected}, got {_show(value)}", key)
 
-    def unknown(self, key: str, options, hint: str | None = None) -> ConfigError:
+    def unknown(self, key: str, options: Iterable[str], hint: str | None = None) -> ConfigError:
         name = key.rsplit(".", 1)[-1]
         extra = f" ({hint})" if hint else _suggest(name, options)
         return self.error(f"unknown key '{key}'{extra}", key)
@@ -164,7 +169,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int(lo: int | None = None, hi: int | None = None, *, also=(), optional=False) -> Check:
+def _int(
+    lo: int | None = None,
+    hi: int | None = None,
+    *,
+    also: tuple[int, ...] = (),
+    optional: bool = False,
+) -> Check:
     if lo is not None and hi is not None:
         span = f"an integer from {lo} to {hi}"
     elif lo is not None:
@@ -173,7 +184,7 @@ def _int(lo: int | None = None, hi: int | None = None, *, also=(), optional=Fals
         span = "an integer"
     expected = " or ".join(["null"] * optional + [str(a) for a in also] + [span])
 
-    def check(value, key, ctx):
+    def check(value: Any, key: str, ctx: _Ctx) -> int | None:
         if value is None and optional:
             return None
         if _is_int(value) and (
@@ -195,7 +206,13 @@ def _as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _float(*, gt=None, ge=None, lt=None, optional=False) -> Check:
+def _float(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    optional: bool = False,
+) -> Check:
     limits = []
     if gt is not None:
         limits.append(f"> {gt}")
@@ -207,7 +224,7 @@ def _float(*, gt=None, ge=None, lt=None, optional=False) -> Check:
     if optional:
         expected = "null or " + expected
 
-    def check(value, key, ctx):
+    def check(value: Any, key: str, ctx: _Ctx) -> float | None:
         if value is None and optional:
             return None
         number = _as_float(value)
@@ -224,7 +241,7 @@ def _float(*, gt=None, ge=None, lt=None, optional=False) -> Check:
 
 
 def _bool() -> Check:
-    def check(value, key, ctx):
+    def check(value: Any, key: str, ctx: _Ctx) -> bool:
         if not isinstance(value, bool):
             raise ctx.bad(key, "true or false", value)
         return value
@@ -232,10 +249,10 @@ def _bool() -> Check:
     return check
 
 
-def _str(*, optional=False) -> Check:
+def _str(*, optional: bool = False) -> Check:
     expected = ("null or " if optional else "") + "a non-empty string"
 
-    def check(value, key, ctx):
+    def check(value: Any, key: str, ctx: _Ctx) -> str | None:
         if value is None and optional:
             return None
         if not isinstance(value, str) or not value.strip():
@@ -245,10 +262,10 @@ def _str(*, optional=False) -> Check:
     return check
 
 
-def _choice(options: tuple[str, ...], *, fold_case=False) -> Check:
+def _choice(options: tuple[str, ...], *, fold_case: bool = False) -> Check:
     expected = "one of " + ", ".join(f"'{o}'" for o in options)
 
-    def check(value, key, ctx):
+    def check(value: Any, key: str, ctx: _Ctx) -> str:
         if isinstance(value, str):
             # mlx-lm lowercases the optimizer name itself, so "AdamW" works there and here.
             candidate = value.lower() if fold_case else value
@@ -267,7 +284,7 @@ def _choice(options: tuple[str, ...], *, fold_case=False) -> Check:
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 
 
-def _name(value, key, ctx):
+def _name(value: Any, key: str, ctx: _Ctx) -> str:
     # The name ends up in folder names and log lines, so no spaces, slashes or leading dot.
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ctx.bad(
@@ -294,7 +311,7 @@ def _looks_like_hf_id(value: str) -> bool:
     )
 
 
-def _local_or_hub(value, key, ctx):
+def _local_or_hub(value: Any, key: str, ctx: _Ctx) -> str:
     # Same rule as mlx-lm: an existing local path wins, anything else goes to the Hub. Unlike
     # mlx-lm we insist the Hub reading is plausible, so a typo'd path fails now, not after a
     # failed download.
@@ -323,11 +340,15 @@ def _local_or_hub(value, key, ctx):
     )
 
 
-def _existing_file(value, key, ctx):
+def _existing_file(value: Any, key: str, ctx: _Ctx) -> str | None:
     if value is None:
         return None
+    return _existing_path(value, key, ctx, "null or a path to an adapter file")
+
+
+def _existing_path(value: Any, key: str, ctx: _Ctx, expected: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ctx.bad(key, "null or a path to an adapter file", value)
+        raise ctx.bad(key, expected, value)
     local = _resolve(value, ctx.base_dir)
     if not os.path.isfile(local):
         raise ctx.error(f"key '{key}': file {local!r} does not exist", key)
@@ -356,7 +377,7 @@ _SYSTEM_FOLDERS = (
 )  # fmt: skip
 
 
-def _output_path(value, key, ctx):
+def _output_path(value: Any, key: str, ctx: _Ctx) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ctx.bad(key, "a non-empty path", value)
     resolved = _resolve(value, ctx.base_dir)
@@ -375,7 +396,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(b?)\s*$", re.IGNORE
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
 
-def _size(value, key, ctx):
+def _size(value: Any, key: str, ctx: _Ctx) -> int:
     # mlx-lm parses "2GB"-style sizes (decimal units) on its command line only; loractl takes
     # the same spelling in the file and stores bytes.
     expected = "a byte count >= 0 or a size like '512MB' or '2GB'"
@@ -390,7 +411,7 @@ def _size(value, key, ctx):
     raise ctx.bad(key, expected, value)
 
 
-def _plain(value: Any, key: str, ctx: _Ctx, budget: list[int] | None = None, depth: int = 0):
+def _plain(value: Any, key: str, ctx: _Ctx, budget: list[int] | None = None, depth: int = 0) -> Any:
     """A JSON-safe deep copy of a free-form value, or ConfigError."""
     budget = [_MAX_NODES] if budget is None else budget
     budget[0] -= 1
@@ -405,7 +426,7 @@ def _plain(value: Any, key: str, ctx: _Ctx, budget: list[int] | None = None, dep
     if isinstance(value, list):
         return [_plain(v, f"{key}[{i}]", ctx, budget, depth + 1) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ctx.bad(key, "a mapping with string keys", value)
@@ -414,7 +435,7 @@ def _plain(value: Any, key: str, ctx: _Ctx, budget: list[int] | None = None, dep
     raise ctx.bad(key, "plain data (string, number, boolean, null, list or mapping)", value)
 
 
-def _mapping(value, key, ctx, what="a mapping") -> dict:
+def _mapping(value: Any, key: str, ctx: _Ctx, what: str = "a mapping") -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ctx.bad(key, what, value)
     for k in value:
@@ -446,7 +467,7 @@ _OPTIMIZER_ARGS: dict[str, frozenset[str]] = {
 _OPTIMIZERS = tuple(_OPTIMIZER_ARGS)
 
 
-def _optimizer_config(value, key, ctx):
+def _optimizer_config(value: Any, key: str, ctx: _Ctx) -> dict[str, Any]:
     _mapping(value, key, ctx, "a mapping of optimizer name to its arguments")
     out = {}
     for name, args in value.items():
@@ -476,7 +497,7 @@ _SCHEDULES: dict[str, tuple[int, int] | None] = {
 _SCHEDULE_KEYS = ("name", "arguments", "warmup", "warmup_init")
 
 
-def _lr_schedule(value, key, ctx):
+def _lr_schedule(value: Any, key: str, ctx: _Ctx) -> dict[str, Any] | None:
     if value is None:
         return None
     _mapping(value, key, ctx, "null or a mapping with 'name' and 'arguments'")
@@ -513,7 +534,7 @@ def _lr_schedule(value, key, ctx):
     return out
 
 
-def _hf_dataset(value, key, ctx):
+def _hf_dataset(value: Any, key: str, ctx: _Ctx) -> Any:
     if value is None:
         return None
     entries = value if isinstance(value, list) else [value]
@@ -540,7 +561,7 @@ def _hf_dataset(value, key, ctx):
 _REPORTERS = ("wandb", "swanlab")
 
 
-def _report_to(value, key, ctx):
+def _report_to(value: Any, key: str, ctx: _Ctx) -> str | None:
     if value is None:
         return None
     expected = "null or a comma-separated list of 'wandb', 'swanlab'"
@@ -565,15 +586,15 @@ def _report_to(value, key, ctx):
     return value
 
 
-def _train(value, key, ctx):
-    value = _bool()(value, key, ctx)
-    if not value:
+def _train(value: Any, key: str, ctx: _Ctx) -> bool:
+    enabled: bool = _bool()(value, key, ctx)
+    if not enabled:
         raise ctx.error(
             f"key '{key}': loractl always trains; remove 'train: false'"
             " (evaluate-only runs belong to 'mlx_lm.lora --test')",
             key,
         )
-    return value
+    return enabled
 
 
 @dataclass
@@ -597,7 +618,7 @@ _LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraParameters))
 _LADDER_LORA_KEYS = frozenset({"rank"})
 
 
-def _lora_keys(value, key, ctx):
+def _lora_keys(value: Any, key: str, ctx: _Ctx) -> list[str] | None:
     expected = "null or a non-empty list of module names like 'self_attn.q_proj'"
     if value is None:
         return None
@@ -610,7 +631,7 @@ def _lora_keys(value, key, ctx):
     return list(value)
 
 
-def _lora_subkeys(value, key, ctx, allowed) -> dict:
+def _lora_subkeys(value: Any, key: str, ctx: _Ctx, allowed: Collection[str]) -> dict[str, Any]:
     _mapping(value, key, ctx)
     for sub in value:
         if sub == "alpha":
@@ -633,18 +654,18 @@ def _lora_subkeys(value, key, ctx, allowed) -> dict:
     return out
 
 
-def _lora_parameters(value, key, ctx):
+def _lora_parameters(value: Any, key: str, ctx: _Ctx) -> LoraParameters:
     return LoraParameters(**_lora_subkeys(value, key, ctx, _LORA_KEYS))
 
 
-def _lora_rung(value, key, ctx):
+def _lora_rung(value: Any, key: str, ctx: _Ctx) -> dict[str, Any]:
     out = _lora_subkeys(value, key, ctx, _LADDER_LORA_KEYS)
     if not out:
         raise ctx.bad(key, "a mapping with 'rank'", value)
     return out
 
 
-def _ladder(value, key, ctx):
+def _ladder(value: Any, key: str, ctx: _Ctx) -> list[dict[str, Any]] | None:
     if value is None:
         return None
     if not isinstance(value, list):
@@ -678,7 +699,7 @@ _DISTRIBUTED_KEYS = ("backend", "hosts", "hostfile", "processes", "env", "starti
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _distributed(value, key, ctx):
+def _distributed(value: Any, key: str, ctx: _Ctx) -> dict[str, Any] | None:
     """mlx.launch's options for a multi-process job; checked here so that a bad layout fails
     at submit time rather than in the launcher's argparse at 3am."""
     if value is None:
@@ -713,7 +734,7 @@ def _distributed(value, key, ctx):
                 "one entry per rank",
                 f"{key}.processes",
             )
-        path = _existing_file(hostfile, f"{key}.hostfile", ctx)
+        path = _existing_path(hostfile, f"{key}.hostfile", ctx, "a path to a hostfile")
         try:
             _dist.hostfile_hosts(path)
         except ValueError as exc:
@@ -752,9 +773,18 @@ def _distributed(value, key, ctx):
 
 
 _MLX, _ID, _LADDER = "mlx", "identity", "ladder"
+# Relative, so it lands beside the config like any path the user wrote.
+_DEFAULT_ADAPTER_PATH = "adapters"
 
 
-def _f(default: Any, help: str, check: Check, kind: str, *roles: str, factory=None):
+def _f(
+    default: Any,
+    help: str,
+    check: Check,
+    kind: str,
+    *roles: str,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A schema field; ``default`` MISSING makes it required.
 
     Roles: _MLX, mlx_lm.lora knows the key (it goes into adapter_config.json). _ID, changing
@@ -796,7 +826,7 @@ class JobConfig:
         "adam", "Optimizer: adam, adamw, muon, sgd or adafactor.",
         _choice(_OPTIMIZERS, fold_case=True), "choice:" + "|".join(_OPTIMIZERS), _MLX, _ID,
     )  # fmt: skip
-    optimizer_config: dict = _f(
+    optimizer_config: dict[str, Any] = _f(
         MISSING, "Extra optimizer arguments by optimizer name, e.g. adamw: {weight_decay: 0.1}.",
         _optimizer_config, "mapping", _MLX, _ID, factory=dict,
     )  # fmt: skip
@@ -832,8 +862,8 @@ class JobConfig:
         None, "Adapter weights to start from.", _existing_file, "path?", _MLX, _ID
     )
     adapter_path: str = _f(
-        "adapters", "Folder for the final adapters and adapter_config.json.", _output_path,
-        "path", _MLX,
+        _DEFAULT_ADAPTER_PATH, "Folder for the final adapters and adapter_config.json.",
+        _output_path, "path", _MLX,
     )  # fmt: skip
     save_every: int = _f(
         100, "Save the adapters every N iterations, also as <N>_adapters.safetensors, as"
@@ -852,7 +882,7 @@ class JobConfig:
         0, "Clear the MLX cache after an iteration when it holds more than this many bytes"
         " ('2GB' works); 0: after every iteration, as in mlx-lm.", _size, "size", _MLX,
     )  # fmt: skip
-    lr_schedule: dict | None = _f(
+    lr_schedule: dict[str, Any] | None = _f(
         None, "Learning-rate schedule: {name, arguments, warmup, warmup_init}.", _lr_schedule,
         "mapping?", _MLX, _ID,
     )  # fmt: skip
@@ -874,7 +904,7 @@ class JobConfig:
     trust_remote_code: bool = _f(
         False, "Trust remote code when loading the model and tokenizer.", _bool(), "bool", _MLX
     )
-    hf_dataset: dict | list | None = _f(
+    hf_dataset: dict[str, Any] | list[dict[str, Any]] | None = _f(
         None, "Hugging Face dataset(s) with a feature mapping; replaces 'data'.", _hf_dataset,
         "mapping|list?", _MLX, _ID,
     )  # fmt: skip
@@ -903,7 +933,7 @@ class JobConfig:
         None, "Most memory the trainer may use, in MB (memory_budget_gb also accepted);"
         " null: a share of physical RAM.", _int(64, optional=True), "int?",
     )  # fmt: skip
-    ladder: list | None = _f(
+    ladder: list[dict[str, Any]] | None = _f(
         None, "Fallback rungs, each a partial override, taken one per memory crash;"
         " null: the default ladder, []: none.", _ladder, "list?",
     )  # fmt: skip
@@ -933,15 +963,19 @@ class JobConfig:
     notify: bool = _f(False, "Send a desktop notification when the job ends.", _bool(), "bool")
     # Not an identity field itself: only the world size it implies is (see identity_hash), so
     # moving a job to other hosts or ports keeps its checkpoints.
-    distributed: dict | None = _f(
+    distributed: dict[str, Any] | None = _f(
         None, "Run on several processes through mlx.launch: backend, hosts, hostfile,"
         " processes (mlx.launch's -n), env, starting_port; null: one process.", _distributed,
         "mapping?",
     )  # fmt: skip
 
-    # Not a field: what loading noticed but did not refuse (keys mlx_lm.lora would ignore),
-    # one line each, for the CLI, the supervisor and the trainer to show.
-    warnings: ClassVar[tuple[str, ...]] = ()
+    def __post_init__(self) -> None:
+        # Not fields (they stay out of to_dict, equality and the identity): what loading
+        # noticed but did not refuse (keys mlx_lm.lora would ignore), one line each, for the
+        # CLI, the supervisor and the trainer to show; and the folder the config was loaded
+        # from, against which with_overrides resolves an override's relative paths.
+        self.warnings: list[str] = []
+        self._base_dir: str | None = None
 
     # -- derived values --
 
@@ -970,12 +1004,16 @@ class JobConfig:
         """How many ranks the job runs on: 1 unless ``distributed`` says otherwise."""
         return _dist.world_size(self.distributed)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON-safe data (a deep copy)."""
         return dataclasses.asdict(self)
 
     def with_overrides(
-        self, override: Mapping, source: str = "override", *, base_dir: str | Path | None = None
+        self,
+        override: Mapping[str, Any],
+        source: str = "override",
+        *,
+        base_dir: str | Path | None = None,
     ) -> JobConfig:
         """A new config with ``override`` deep-merged in and everything re-validated.
 
@@ -986,7 +1024,7 @@ class JobConfig:
             raise ConfigError(
                 f"expected a mapping of overrides, got {_show(override)}", source=source
             )
-        base = base_dir if base_dir is not None else getattr(self, "_base_dir", os.getcwd())
+        base = base_dir if base_dir is not None else self._base_dir or os.getcwd()
         merged = _merge(self.to_dict(), dict(override))
         out = parse_config(merged, Path(base), source, default_name=self.name)
         # The merged dict re-states this config's own keys; only the override's keys are news.
@@ -1019,12 +1057,13 @@ class JobConfig:
         )
         return hashlib.sha256(blob.encode("ascii")).hexdigest()
 
-    def effective_ladder(self) -> list[dict]:
+    def effective_ladder(self) -> list[dict[str, Any]]:
         """The rungs to step down through: the config's own, else the default recipe."""
         rungs = self.ladder if self.ladder is not None else default_ladder(self)
-        return json.loads(json.dumps(rungs))
+        copied: list[dict[str, Any]] = json.loads(json.dumps(rungs))
+        return copied
 
-    def mlx_lm_args(self) -> dict:
+    def mlx_lm_args(self) -> dict[str, Any]:
         """The mlx_lm.lora keys only, shaped as mlx-lm writes adapter_config.json."""
         everything = self.to_dict()
         out = {f.name: everything[f.name] for f in dataclasses.fields(self) if f.metadata[_MLX]}
@@ -1089,34 +1128,38 @@ def iter_fields() -> list[FieldInfo]:
 _MERGED = ("lora_parameters", "optimizer_config")
 
 
-def _merge(base: dict, override: Mapping) -> dict:
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     if "memory_budget_gb" in override:
         out.pop("memory_budget_mb", None)
     if "memory_budget_mb" in override:
         out.pop("memory_budget_gb", None)
     for key, value in override.items():
-        if key in _MERGED and isinstance(out.get(key), dict) and isinstance(value, Mapping):
-            out[key] = _deep_merge(out[key], value)
+        if key in _MERGED and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def _deep_merge(base: dict, override: Mapping) -> dict:
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it, as a new dict: where both hold a mapping
+    under a key they merge key by key, at any depth; any other value in ``override``
+    replaces ``base``'s whole. Neither argument changes."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(out.get(key), dict) and isinstance(value, Mapping):
-            out[key] = _deep_merge(out[key], value)
+        current = out.get(key)
+        if isinstance(current, Mapping) and isinstance(value, Mapping):
+            out[key] = deep_merge(current, value)
         else:
             out[key] = value
     return out
 
 
-def default_ladder(cfg: JobConfig) -> list[dict]:
+def default_ladder(cfg: JobConfig) -> list[dict[str, Any]]:
     """The recipe's fallbacks: halve accumulation, then sequence length, then LoRA rank,
     skipping a rung that cannot halve (or, for rank, a full fine-tune that has none)."""
-    rungs: list[dict] = []
+    rungs: list[dict[str, Any]] = []
     if cfg.grad_accumulation_steps > 1:
         rungs.append({"grad_accumulation_steps": cfg.grad_accumulation_steps // 2})
     if cfg.max_seq_length > 32:
@@ -1135,7 +1178,11 @@ def _default_name(stem: str) -> str:
 
 
 def parse_config(
-    data: Mapping, base_dir: str | Path, source: str = "<config>", *, default_name: str = "job"
+    data: Mapping[str, Any],
+    base_dir: str | Path,
+    source: str = "<config>",
+    *,
+    default_name: str = "job",
 ) -> JobConfig:
     """Validate a config mapping; relative paths resolve against ``base_dir``."""
     base = os.path.abspath(os.fspath(base_dir))
@@ -1199,7 +1246,7 @@ def parse_config(
     values.setdefault("name", default_name)
     # The default adapter folder is relative too, and must land beside the config like any
     # path the user wrote.
-    values.setdefault("adapter_path", _resolve(_FIELDS["adapter_path"].default, base))
+    values.setdefault("adapter_path", _resolve(_DEFAULT_ADAPTER_PATH, base))
 
     cfg = JobConfig(**values)
     _check_world(cfg, ctx)
@@ -1209,7 +1256,6 @@ def parse_config(
             f" ({cfg.heartbeat_interval:g}), got {cfg.heartbeat_timeout:g}",
             "heartbeat_timeout",
         )
-    # Not a field: with_overrides resolves an override's relative paths from the same folder.
     cfg._base_dir = base
     cfg.warnings = warnings
     return cfg
@@ -1238,10 +1284,10 @@ def _check_world(cfg: JobConfig, ctx: _Ctx) -> None:
 class _YamlLoader(yaml.SafeLoader):
     """Safe loader that reads numbers like mlx-lm does and refuses duplicate keys."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         # PyYAML keeps the last of two equal keys silently; in a config that hides a typo'd
         # edit. Merge keys ('<<') legitimately repeat what they merge, so they are skipped.
-        seen = set()
+        seen: set[tuple[str, Any]] = set()
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 ident = (key_node.tag, key_node.value)
@@ -1314,8 +1360,8 @@ def _parse_toml(text: str, source: str) -> Any:
         raise ConfigError(f"TOML error: {message}", source=source) from None
 
 
-def _json_pairs(pairs):
-    out = {}
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise ValueError(f"duplicate key {key!r}")
@@ -1373,7 +1419,7 @@ def _read_text(path: Path, source: str) -> str:
         ) from None
 
 
-def load_config(path: str | Path, overrides: Mapping | None = None) -> JobConfig:
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobConfig:
     """Load and validate a job config file (.yaml/.yml, .toml or .json).
 
     ``overrides`` are merged over the file's values before validation; relative paths in

@@ -106,7 +106,7 @@ def address_towards(host: str) -> str:
         target = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)[0][4]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect(target)
-            return probe.getsockname()[0]
+            return str(probe.getsockname()[0])
     except OSError as exc:
         raise OSError(f"no route to the distributed host {host}: {exc}") from None
 

@@ -89,11 +89,11 @@ def is_tcp(endpoint: str) -> bool:
     return endpoint.strip().lower().startswith("tcp://")
 
 
-def keys_folder(home: str | os.PathLike) -> Path:
+def keys_folder(home: str | os.PathLike[str]) -> Path:
     return Path(home) / KEYS_DIR_NAME
 
 
-def ensure_keys(folder: str | os.PathLike) -> CurveKeys:
+def ensure_keys(folder: str | os.PathLike[str]) -> CurveKeys:
     """The install's keys in ``folder``, made first if it does not exist (or is empty).
 
     The pairs are made in a private temporary folder next to ``folder`` and renamed into
@@ -125,7 +125,7 @@ def ensure_keys(folder: str | os.PathLike) -> CurveKeys:
     return _load(folder, ALL_FILES, _fix_incomplete_server(folder))
 
 
-def load_keys(folder: str | os.PathLike) -> CurveKeys:
+def load_keys(folder: str | os.PathLike[str]) -> CurveKeys:
     """A trainer's keys: the client pair and the server's public key, from ``folder``.
 
     On another Mac the folder is a copy of ``<home>/keys`` from the supervisor's Mac; only
@@ -145,7 +145,9 @@ def load_keys(folder: str | os.PathLike) -> CurveKeys:
 
 
 def secure_server(
-    socket: zmq.Socket, keys: CurveKeys, context: zmq.Context | None = None
+    socket: zmq.Socket[bytes],
+    keys: CurveKeys,
+    context: zmq.Context[zmq.Socket[bytes]] | None = None,
 ) -> ThreadAuthenticator:
     """Make ``socket`` (before it binds) a CURVE server that lets in only this install's
     client key(s); returns the running authenticator, which the caller stops on close.
@@ -186,7 +188,7 @@ def secure_server(
     return authenticator
 
 
-def secure_client(socket: zmq.Socket, keys: CurveKeys) -> None:
+def secure_client(socket: zmq.Socket[bytes], keys: CurveKeys) -> None:
     """Make ``socket`` (before it connects) a CURVE client of this install's server."""
     socket.curve_secretkey = keys.client_secret
     socket.curve_publickey = keys.client_public

@@ -43,7 +43,7 @@ class _RusageInfoV2(ctypes.Structure):
     ]
 
 
-_libproc = None
+_libproc: ctypes.CDLL | None = None
 if sys.platform == "darwin":  # pragma: no cover - exercised on macOS only
     _path = ctypes.util.find_library("proc")
     if _path:

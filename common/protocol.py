@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 PROTOCOL_VERSION = 1
 
@@ -190,7 +190,7 @@ _JSON_TYPES = {
 }
 
 
-def _check_type(kind: str, spec, value: Any) -> None:
+def _check_type(kind: str, spec: Field[Any], value: Any) -> None:
     """Reject a field whose JSON type does not match its annotation (``int | None`` etc.)."""
     annotation = str(spec.type)
     if value is None:
@@ -217,7 +217,7 @@ class _NotJSON(ValueError):
     pass
 
 
-def _refuse_constant(name: str):
+def _refuse_constant(name: str) -> NoReturn:
     # Python's json reads NaN and Infinity, which JSON does not have; a NaN footprint would
     # quietly pass every budget comparison.
     raise _NotJSON(f"not a JSON message: {name} is not a number")
@@ -242,9 +242,9 @@ def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> Message:
             f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
         )
     kind = data.get("type")
-    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if not isinstance(kind, str) or kind not in _REGISTRY:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}")
+    cls = _REGISTRY[kind]
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known) - {"type"}
     if unknown:
@@ -443,12 +443,13 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
             _S.QUEUED,
         }
     ),
-    # -> running: `resume` while the pause is carried out (the last command wins); the exit
-    # of that attempt then goes straight back to the queue. The rest: however the trainer
-    # ended while it was being paused.
+    # -> running (or starting, if it never reported): `resume` while the pause is carried
+    # out (the last command wins); the exit of that attempt then goes straight back to the
+    # queue. The rest: however the trainer ended while it was being paused.
     _S.PAUSING: frozenset(
         {
             _S.RUNNING,
+            _S.STARTING,
             _S.PAUSED,
             _S.CANCELLING,
             _S.BACKOFF,

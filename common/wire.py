@@ -27,7 +27,7 @@ __all__ = ["FRAMES", "ROUTING_ID_BYTES", "drain", "receive"]
 # How many frames one well-formed message has, by the kind of socket reading it: a ROUTER
 # sees the peer's routing id then the payload, a SUB the topic then the payload, a DEALER
 # (the trainer's and the client's side) the payload alone. Anything else is not ours.
-FRAMES = {zmq.ROUTER: 2, zmq.SUB: 2, zmq.DEALER: 1, zmq.PULL: 1, zmq.PAIR: 1}
+FRAMES: dict[int, int] = {zmq.ROUTER: 2, zmq.SUB: 2, zmq.DEALER: 1, zmq.PULL: 1, zmq.PAIR: 1}
 # libzmq caps a routing id at 255 bytes; a topic is held to the same.
 ROUTING_ID_BYTES = 255
 # After dropping less than this, there is nothing worth handing back to the system.
@@ -35,7 +35,7 @@ _TRIM_AFTER_BYTES = 1 << 20
 
 
 def receive(
-    sock: zmq.Socket,
+    sock: zmq.Socket[bytes],
     on_drop: Callable[[ProtocolError], None],
     *,
     max_frames: int | None = None,
@@ -48,7 +48,7 @@ def receive(
     or of more than ``limit`` payload bytes plus ROUTING_ID_BYTES per leading frame, is read
     away frame by frame, handed to ``on_drop`` as a TOO_LARGE ProtocolError and skipped.
     """
-    frames_allowed = max_frames if max_frames is not None else FRAMES.get(sock.type, 1)
+    frames_allowed = max_frames if max_frames is not None else FRAMES.get(int(sock.type), 1)
     bytes_allowed = limit + ROUTING_ID_BYTES * (frames_allowed - 1)
     while True:
         try:
@@ -89,7 +89,7 @@ def receive(
 
 
 def drain(
-    sock: zmq.Socket,
+    sock: zmq.Socket[bytes],
     on_drop: Callable[[ProtocolError], None],
     *,
     max_frames: int | None = None,

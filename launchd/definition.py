@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loractl.paths import Layout, default_home
 
@@ -115,7 +116,7 @@ class ServiceDefinition:
             return plistlib.dumps(self.plist())
         return self.unit().encode()
 
-    def plist(self) -> dict:
+    def plist(self) -> dict[str, Any]:
         return {
             "Label": self.label,
             "ProgramArguments": self.program_arguments,

@@ -100,7 +100,7 @@ def one_line(text: str) -> str:
 
 
 def _backoff(attempt: int) -> float:
-    return min(0.5 * 2**attempt, 4.0)
+    return min(0.5 * 2.0**attempt, 4.0)
 
 
 def _remove(path: Path) -> str:
@@ -523,10 +523,16 @@ def _read_plist(path: Path) -> tuple[dict[str, Any], str]:
     return (loaded if isinstance(loaded, dict) else {}), ""
 
 
+class _CaseSensitiveParser(configparser.ConfigParser):
+    """Keys are case-sensitive in systemd; ConfigParser lowercases them by default."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def _read_unit(path: Path) -> tuple[list[str], dict[str, str]]:
     """ExecStart's argv and the Environment of a unit written by ``ServiceDefinition.unit``."""
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # keys are case-sensitive in systemd
+    parser = _CaseSensitiveParser(strict=False, interpolation=None)
     try:
         parser.read(path)
         service = parser["Service"]

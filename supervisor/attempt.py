@@ -177,6 +177,7 @@ class Attempt:
         last_checkpoint_step: int | None = None,
         step: int = -1,
         heard: bool = False,
+        started_at: float | None = None,
     ):
         self.spec = spec
         self.pid = pid
@@ -199,8 +200,12 @@ class Attempt:
         self.footprints: deque[float] = deque(maxlen=50)
         self.peak_mb = 0.0
         self.pressure_seen = str(Pressure.NORMAL)
-        # The trainer shares our cgroup, and our pid outlives it for the exit check.
-        self.cgroup_oom_at_start = cgroup_oom_kill_count(os.getpid())
+        # Our child shares our cgroup, and our pid outlives it for the exit check. An adopted
+        # trainer may sit in another cgroup: its kills are not ours to count.
+        self.cgroup_oom_at_start = cgroup_oom_kill_count(os.getpid()) if popen is not None else None
+        # When the process started: an adopted trainer's pid may be reused once it is gone,
+        # and another process must never be taken for it (or signalled).
+        self.started_at = started_at
         # The exit code the trainer announced (done: 0, stopped: 82, error: its code): the
         # only word on how an adopted trainer, not our child, ended.
         self.reported_exit: int | None = None
@@ -617,7 +622,16 @@ class Attempt:
                 if pid not in heard:
                     signal_if_alive(pid, signal.SIGTERM)
             return
-        signal_if_alive(self.pid, signal.SIGTERM)
+        self._signal_trainer(signal.SIGTERM)
+
+    def rearm_stop(self, reason: StopReason, grace: float) -> None:
+        """Carry on a stop a previous supervisor had sent (found after a restart): the
+        trainer is already stopping, and a second signal would make it skip its checkpoint,
+        so only the stop command goes out again, and the grace starts over."""
+        self.stop_reason = reason
+        self.stop_sent_at = time.monotonic()
+        self.kill_at = self.stop_sent_at + grace
+        self.command_all("stop")
 
     def change_stop_reason(self, reason: StopReason) -> None:
         """A user stop turned into the other one (cancel while pausing, or pause while
@@ -649,7 +663,13 @@ class Attempt:
                     return
             except ProcessLookupError:
                 return
-        signal_if_alive(self.pid, signal.SIGKILL)
+        self._signal_trainer(signal.SIGKILL)
+
+    def _signal_trainer(self, signum: int) -> None:
+        """Signal the attempt's process, unless an adopted one's pid now belongs to another."""
+        if self.popen is None and not process_alive(self.pid, self.started_at):
+            return
+        signal_if_alive(self.pid, signum)
 
     def kill(self) -> None:
         """SIGKILL everything of this attempt and wait for our child: used where a trainer
@@ -667,11 +687,8 @@ class Attempt:
                 return None
             exit_code, signum = (code, None) if code >= 0 else (None, -code)
         else:
-            try:
-                if psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE:
-                    return None
-            except psutil.NoSuchProcess:
-                pass
+            if process_alive(self.pid, self.started_at):
+                return None
             # Not our child: its exit status is lost; what it announced is what we know.
             exit_code, signum = self.reported_exit, None
         if self.distributed and self._ranks_linger():

@@ -59,7 +59,6 @@ class ExitEvidence:
     budget_mb: float | None = None
     pressure: str = "normal"  # "normal" | "warn" | "critical"
     cgroup_oom_kills_delta: int = 0
-    exit_memory_flag: bool = False  # macOS kqueue NOTE_EXIT_MEMORY
     hang_detected: bool = False  # the supervisor killed it for no heartbeat / no progress
     memory_guard_stop: bool = False  # the supervisor stopped it for budget / critical pressure
     user_stop: bool = False  # a user pause, cancel or shutdown asked it to stop
@@ -157,7 +156,14 @@ def _footprint_words(ev: ExitEvidence) -> str:
 
 
 def memory_evidence(ev: ExitEvidence) -> list[str]:
-    """The reasons, each a short phrase, to believe memory ran out; empty if there are none."""
+    """The reasons, each a short phrase, to believe memory ran out; empty if there are none.
+
+    Only what the supervisor observes: its footprint readings, the system pressure and the
+    cgroup's oom_kill counter. macOS jetsam's own mark (kqueue's NOTE_EXIT_MEMORY) reaches
+    only a parent that watches its child's exit through kqueue, and no part of the supervisor
+    does (an adopted trainer or a rank under mlx.launch is not its child anyway), so a jetsam
+    kill is known by its SIGKILL and the memory pressure that came with it.
+    """
     reasons = []
     if (
         ev.last_footprint_mb is not None
@@ -171,8 +177,6 @@ def memory_evidence(ev: ExitEvidence) -> list[str]:
         reasons.append(f"memory pressure {ev.pressure}")
     if ev.cgroup_oom_kills_delta > 0:
         reasons.append(f"cgroup oom_kill counter up by {ev.cgroup_oom_kills_delta}")
-    if ev.exit_memory_flag:
-        reasons.append("NOTE_EXIT_MEMORY set by macOS")
     return reasons
 
 

@@ -37,7 +37,6 @@ from loractl.supervisor.store import Job, Store, disk_space_mb
 log = structlog.get_logger("loractl.supervisor")
 
 
-
 class ExitHandler:
     """Turn an attempt's exit into the job's next state."""
 
@@ -115,13 +114,7 @@ class ExitHandler:
             # The user took the pause back while it was being carried out: the last word
             # was resume, so the job goes on from the checkpoint the stop wrote.
             action = Action(Do.REQUEUE, "resumed by the user while pausing; continues")
-        if ended.user_wish == "cancel" and action.do not in (Do.COMPLETE, Do.FAIL):
-            # Asked while another stop was under way: the job ends here, whatever that
-            # stop would have led to (its crash is recorded above).
-            action = Action(Do.CANCEL, "cancelled by the user (asked while stopping)")
-        self.carry_out(job, action, cfg)
-        if ended.user_wish == "pause":
-            self._pause_as_asked(job.id)
+        self.carry_out(job, with_user_wish(action, ended.user_wish), cfg)
 
     def _record_crash(self, job: Job, ended: AttemptExit, verdict: Verdict) -> Job:
         culprit = ended.culprit
@@ -148,14 +141,6 @@ class ExitHandler:
         self.publisher.publish("crash", crash)
         return job
 
-    def _pause_as_asked(self, job_id: str) -> None:
-        """The pause that arrived while another stop was under way: after that stop's own
-        outcome (a memory stop has stepped the job down a rung), the job waits paused."""
-        if JobState.PAUSED not in TRANSITIONS[self.store.get(job_id).state]:
-            return  # it completed, failed or paused meanwhile: nothing left to pause
-        self.store.transition(job_id, JobState.PAUSED, "pause by the user (asked while stopping)")
-        self.publisher.publish_state(job_id)
-
     def carry_out(self, job: Job, action: Action, cfg: JobConfig) -> None:
         """Apply the restart policy's decision to the job."""
         if action.early_deaths is not None:
@@ -170,15 +155,7 @@ class ExitHandler:
             self.fail(job, action.fail_cause, action.reason)
             return
         elif action.do == Do.STEP_DOWN:
-            assert action.rung is not None
-            change = describe_rung(cfg, action.rung)
-            self.store.record(
-                job.id, "ladder_step", from_rung=job.rung, to_rung=action.rung, change=change
-            )
-            log.warning("ladder step", job=job.id, to_rung=action.rung, change=change)
-            self.notify(
-                job, f"{job.name}: out of memory", f"stepping down to rung {action.rung}: {change}"
-            )
+            self._step_down(job, action, cfg)
             self.store.transition(
                 job.id, JobState.BACKOFF, action.why, rung=action.rung, retries_on_rung=0
             )
@@ -194,12 +171,26 @@ class ExitHandler:
                 Do.CANCEL: JobState.CANCELLED,
                 Do.REQUEUE: JobState.QUEUED,
             }[action.do]
-            extra = {"reason": action.reason} if action.reason else {}
+            extra: dict[str, object] = {"reason": action.reason} if action.reason else {}
+            if action.rung is not None:  # a memory stop the user's pause or cancel ended
+                self._step_down(job, action, cfg)
+                extra.update(rung=action.rung, retries_on_rung=0)
             self.store.transition(job.id, state, action.why, **extra)
             if action.reason:
                 log.warning("job paused", job=job.id, reason=action.reason)
                 self.notify(job, f"{job.name} paused", action.reason)
         self.publisher.publish_state(job.id)
+
+    def _step_down(self, job: Job, action: Action, cfg: JobConfig) -> None:
+        assert action.rung is not None
+        change = describe_rung(cfg, action.rung)
+        self.store.record(
+            job.id, "ladder_step", from_rung=job.rung, to_rung=action.rung, change=change
+        )
+        log.warning("ladder step", job=job.id, to_rung=action.rung, change=change)
+        self.notify(
+            job, f"{job.name}: out of memory", f"stepping down to rung {action.rung}: {change}"
+        )
 
     def fail(self, job: Job, cause: str, reason: str) -> None:
         self.store.transition(
@@ -243,6 +234,25 @@ class ExitHandler:
                 self.fail(job, "internal", f"supervisor error while {during}: {error}")
         except Exception:
             log.exception("could not record the job's failure", job=job_id)
+
+
+def with_user_wish(action: Action, wish: str | None) -> Action:
+    """The policy's action, with the pause or cancel the user asked for while another stop
+    (a hang, memory, a lost rank) was under way folded in: one transition, so a full disk
+    between two writes cannot lose the user's word. A memory stop's step down is kept, so
+    a later resume or retry starts on the cheaper rung."""
+    if wish not in ("pause", "cancel") or action.do not in (Do.STEP_DOWN, Do.BACKOFF, Do.REQUEUE):
+        return action
+    do = Do.PAUSE if wish == "pause" else Do.CANCEL
+    why = f"{wish} by the user (asked while stopping)"
+    if action.do == Do.STEP_DOWN:
+        why += f"; {action.why}"
+    return Action(
+        do,
+        why,
+        rung=action.rung if action.do == Do.STEP_DOWN else None,
+        early_deaths=action.early_deaths,
+    )
 
 
 # A user's pause or cancel is being carried out: the attempt is still ending.

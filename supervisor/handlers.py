@@ -107,6 +107,19 @@ def require_state(job: Job, command: str) -> None:
     )
 
 
+# A pause or cancel being carried out: the attempt is still ending.
+STOPPING = frozenset({JobState.PAUSING, JobState.CANCELLING})
+
+
+def still_exiting(job: Job, command: str) -> InvalidState:
+    """A stopping job whose attempt is not ours to change any more (its exit is waiting to
+    be recorded, or the supervisor is still recovering)."""
+    return InvalidState(
+        f"cannot {command} job {job.id} yet: it is {job.state} and its trainer is exiting; "
+        "try again in a moment"
+    )
+
+
 @dataclass
 class HandlerContext:
     """Everything a handler may touch, named."""
@@ -184,7 +197,7 @@ class RequestHandlers:
             job,
             self.ctx.store,
             trainer_pid=view.pid if live and view else None,
-            ranks=(view.ranks if live and view else None) or self.ctx.last_ranks.get(job.id),
+            ranks=view.ranks if live and view else self.ctx.last_ranks.get(job.id),
             default_budget_fraction=self.ctx.settings.default_budget_fraction,
         )
 
@@ -250,6 +263,8 @@ class RequestHandlers:
         runner = self.ctx.runner
         if runner.running(job.id):
             return runner.user_stop(job, wish)
+        if job.state in STOPPING:
+            raise still_exiting(job, wish)
         if wish == "cancel":
             state = self.ctx.store.transition(
                 job.id, JobState.CANCELLED, "cancelled by the user", outcome="cancelled"
@@ -273,8 +288,9 @@ class RequestHandlers:
 
     def _resume(self, job: Job) -> JobState:
         if job.state == JobState.PAUSING:
-            self.ctx.runner.take_back_pause(job)
-            return JobState.RUNNING
+            if not self.ctx.runner.running(job.id):
+                raise still_exiting(job, "resume")
+            return self.ctx.runner.take_back_pause(job)
         job = self.ctx.store.transition(
             job.id, JobState.QUEUED, "resumed by the user; continues from its checkpoint"
         )

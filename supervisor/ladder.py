@@ -1,13 +1,10 @@
-"""The fallback ladder and the restart policy: pure functions, no processes, no mlx.
+"""The fallback ladder: pure functions, no processes, no mlx.
 
 Rung 0 is the job as submitted; rung k applies the first k rungs of the job's ladder on top
 of each other (the recipe's rungs accumulate: accumulation 2 *and* seq 128 *and* rank 4).
 """
 
 from __future__ import annotations
-
-import random
-from dataclasses import dataclass
 
 from loractl.config import JobConfig
 
@@ -51,19 +48,3 @@ def describe_rung(cfg: JobConfig, rung: int) -> str:
         else:
             parts.append(f"{key}={value}")
     return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """Exponential backoff with jitter, capped."""
-
-    base_s: float = 1.0
-    cap_s: float = 60.0
-    jitter: float = 0.2
-
-    def delay(self, consecutive_failures: int, rng: random.Random | None = None) -> float:
-        if consecutive_failures <= 0:
-            return 0.0
-        raw = min(self.cap_s, self.base_s * 2 ** (consecutive_failures - 1))
-        spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
-        return min(self.cap_s, raw * spread)

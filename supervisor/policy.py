@@ -5,6 +5,11 @@ exit looked like, the classifier's verdict, the job's config and the supervisor'
 ``after_exit`` says whether the job completes, pauses, is cancelled, goes back to the queue,
 steps down a rung, backs off before a restart, or fails (and why). The supervisor carries
 the action out; the tests walk every cause and state in milliseconds.
+
+Only a stop the user (or the supervisor's own shutdown) asked for ends as that request. Every
+other stop the supervisor makes (a hang, the memory guard, a lost rank) is a failure of the
+attempt: the classifier reads the exit (for a lost rank, the culprit rank's exit) and the job
+is retried, stepped down or failed by that verdict, like any crash.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 from loractl.config import JobConfig
 from loractl.supervisor.classify import Cause, Verdict
-from loractl.supervisor.ladder import RestartPolicy, describe_rung, rung_count
+from loractl.supervisor.ladder import describe_rung, rung_count
 
 
 class StopReason(StrEnum):
@@ -33,6 +38,24 @@ class StopReason(StrEnum):
     def by_user(self) -> bool:
         """A stop that only ends this attempt: its checkpoint is the point, not a crash."""
         return self in (StopReason.USER_PAUSE, StopReason.USER_CANCEL, StopReason.SHUTDOWN)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before the next attempt: exponential in the failures, with jitter,
+    capped."""
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    jitter: float = 0.2
+
+    def delay(self, consecutive_failures: int, rng: random.Random | None = None) -> float:
+        """``base_s * 2**(n-1)`` spread by +-``jitter``, never over ``cap_s``; 0 for n <= 0."""
+        if consecutive_failures <= 0:
+            return 0.0
+        raw = min(self.cap_s, self.base_s * 2 ** (consecutive_failures - 1))
+        spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
+        return min(self.cap_s, raw * spread)
 
 
 class Do(StrEnum):
@@ -88,7 +111,8 @@ def after_exit(
     record (if it was a crash) already appended to ``job.crashes``."""
     if verdict.cause == Cause.DONE:
         return Action(Do.COMPLETE, "trainer finished")
-    if verdict.cause == Cause.STOPPED:
+    asked = facts.stop_reason is not None and facts.stop_reason.by_user
+    if verdict.cause == Cause.STOPPED and asked:
         if facts.stop_reason == StopReason.USER_PAUSE:
             return Action(Do.PAUSE, "paused by the user; checkpointed")
         if facts.stop_reason == StopReason.USER_CANCEL:
@@ -102,7 +126,10 @@ def after_exit(
             "then `loractl resume` continues from it"
         )
         return Action(Do.PAUSE, reason, reason=reason)
-    if not verdict.retry:
+    # The classifier says STOPPED only for a user's stop. A stopped verdict for any other
+    # stop (a lost rank, a hang) would be a failed attempt all the same: it is retried with
+    # backoff below, never taken for a pause, a cancel or a shutdown's requeue.
+    if not verdict.retry and verdict.cause != Cause.STOPPED:
         return Action(
             Do.FAIL,
             f"failed: {verdict.cause}",
@@ -157,7 +184,7 @@ def after_exit(
             fail_cause=str(verdict.cause),
             early_deaths=early_deaths,
         )
-    delay = RestartPolicy(settings.backoff_base_s, settings.backoff_cap_s).delay(retries, rng)
+    delay = Backoff(settings.backoff_base_s, settings.backoff_cap_s).delay(retries, rng)
     return Action(
         Do.BACKOFF,
         f"{verdict.cause}: {verdict.explanation}; restarting in {delay:.1f} s",

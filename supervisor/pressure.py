@@ -2,9 +2,18 @@
 
 Each platform source has a pure parser (text in, numbers out), tested on real tool output in
 ``tests/fixtures``, kept apart from the few functions that touch the OS. Nothing here starts a
-subprocess: the guard polls about once a second, and forking ``memory_pressure`` or ``vm_stat``
-that often would cost more than the reading is worth. The parsers for those tools exist for
-diagnostics and tests of the numbers the kernel interfaces report.
+subprocess: the guard polls about once a second, and forking a tool that often would cost more
+than the reading is worth.
+
+On macOS the reading path asks the kernel directly: the pressure level through ``sysctl``
+(``kern.memorystatus_vm_pressure_level``, the kernel's verdict that dispatch's memory-pressure
+events carry) and the sizes through psutil (``host_statistics64``). ``parse_vm_stat`` and
+``parse_memory_pressure_output`` are not on that path, and deliberately not its fallback: both
+tools print what the same kernel interfaces (sysctl, ``host_statistics64``) report, so where
+the direct read fails the tools fail too, and where it works they add a fork and nothing new.
+They stay as the reference to check the direct read against: on a Mac, ``tests/test_pressure.py``
+runs both tools once and compares what they print with ``read_system_memory``, and the fixtures
+of their real output pin the parsers everywhere else.
 """
 
 from __future__ import annotations

@@ -209,6 +209,7 @@ class Runner:
             last_checkpoint_step=job.last_checkpoint_step,
             step=job.step,
             heard=True,
+            started_at=job.trainer_started_at,
         )
         # Recorded before it is ours: if the disk refuses, recovery runs again later.
         self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)
@@ -272,26 +273,30 @@ class Runner:
         attempt = self.attempt
         assert attempt is not None and attempt.job_id == job.id
         reason, showing = USER_STOPS[wish]
+        # Recorded first: a store that refuses (a full disk) must leave the attempt as it was.
+        self.store.transition(job.id, showing, f"{wish} asked by the user; checkpointing")
         if attempt.stop_reason is None:
             attempt.stop(reason, self.settings.stop_grace_s)
         elif attempt.stop_reason.by_user:
             attempt.change_stop_reason(reason)
         attempt.user_wish = wish
-        self.store.transition(job.id, showing, f"{wish} asked by the user; checkpointing")
         self.publisher.publish_state(job.id)
         return showing
 
-    def take_back_pause(self, job: Job) -> None:
+    def take_back_pause(self, job: Job) -> JobState:
         """`resume` while a pause is carried out: the job runs on. A stop that was sent
         cannot be unsent, so the attempt still checkpoints and exits; its exit then goes
         straight back to the queue instead of to paused."""
         attempt = self.attempt
         assert attempt is not None and attempt.job_id == job.id
-        attempt.user_wish = "resume"
+        # Back to where it was: running once every rank has reported, else still starting.
+        back = JobState.RUNNING if attempt.heartbeat_seen and attempt.all_joined else None
         self.store.transition(
-            job.id, JobState.RUNNING, "resumed by the user while pausing; it continues"
+            job.id, back or JobState.STARTING, "resumed by the user while pausing; it continues"
         )
+        attempt.user_wish = "resume"
         self.publisher.publish_state(job.id)
+        return back or JobState.STARTING
 
     def shut_down(self) -> None:
         """The supervisor is stopping: checkpoint the running attempt, unless a stop is
@@ -324,6 +329,9 @@ class Runner:
             why = f"all {world} ranks heartbeat" if attempt.distributed else "first heartbeat"
             self.store.transition(job.id, JobState.RUNNING, why, early_deaths=0)
             self.publisher.publish_state(job.id)
+        elif job.early_deaths:
+            # It reported while being paused: no longer a trainer that dies on arrival.
+            self.store.update(job.id, early_deaths=0)
         self.store.update(
             job.id,
             step=max(attempt.step, 0),

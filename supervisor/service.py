@@ -315,7 +315,7 @@ class Supervisor:
                     wish = RESTOPPED[job.state]
                     attempt.user_wish = wish
                     reason = StopReason.USER_PAUSE if wish == "pause" else StopReason.USER_CANCEL
-                    attempt.stop(reason, self.settings.stop_grace_s)
+                    attempt.rearm_stop(reason, self.settings.stop_grace_s)
             elif job.state in STOPPED_BY_USER:
                 self.store.transition(
                     job.id,
@@ -383,9 +383,7 @@ class Supervisor:
         if self.pending_exit is not None:
             self.handle_exit(self.pending_exit)
         if self.pending_exit is None:
-            ended = self.runner.poll(now)
-            if ended is not None:
-                self.handle_exit(ended)
+            self._survive("watching the trainer", self._watch_attempt, now)
         self.side_processes.reap()
         for result in self.inbox.poll():
             self._report_intake(result)
@@ -395,6 +393,11 @@ class Supervisor:
             job = self.queue.next_job(now)
             if job is not None:
                 self.start(job)
+
+    def _watch_attempt(self, now: float) -> None:
+        ended = self.runner.poll(now)
+        if ended is not None:
+            self.handle_exit(ended)
 
     def handle_exit(self, ended: AttemptExit) -> None:
         """The exit handler, guarded: a full disk keeps the exit pending (retried once there

@@ -141,7 +141,9 @@ def put_in_state(sup, config, state, script: str = STAND_IN, budget_mb: float = 
     store = sup.store
     live = (JobState.STARTING, JobState.RUNNING, JobState.PAUSING, JobState.CANCELLING)
     if state in (*live, JobState.COMPLETED, JobState.BACKOFF):
-        popen = subprocess.Popen([sys.executable, "-c", script])
+        # Named as a trainer of this job in its argv, as the process table proves a trainer.
+        argv = [sys.executable, "-c", script, "-m", "loractl.daemon.trainer", "--job-id", job.id]
+        popen = subprocess.Popen(argv)
         store.transition(job.id, JobState.STARTING, "test", trainer_pid=popen.pid, attempt=1)
         if state in (JobState.COMPLETED, JobState.BACKOFF):
             popen.kill()

@@ -177,11 +177,6 @@ CASES = [
         "signal_with_memory_evidence",
     ),
     (
-        "SIGKILL with NOTE_EXIT_MEMORY",
-        ev(sig=signal.SIGKILL, exit_memory_flag=True),
-        "signal_with_memory_evidence",
-    ),
-    (
         "SIGABRT near budget",
         ev(sig=signal.SIGABRT, last_footprint_mb=1990, budget_mb=2000),
         "signal_with_memory_evidence",
@@ -340,7 +335,7 @@ def test_long_stderr_lines_are_shortened():
 
 
 def test_memory_evidence_lists_every_reason():
-    """Budget, pressure, cgroup and NOTE_EXIT_MEMORY each add a reason; none gives an empty list."""
+    """Budget, pressure and the cgroup counter each add a reason; none gives an empty list."""
     assert memory_evidence(ev(sig=signal.SIGKILL)) == []
     reasons = memory_evidence(
         ev(
@@ -349,13 +344,13 @@ def test_memory_evidence_lists_every_reason():
             budget_mb=2000,
             pressure="critical",
             cgroup_oom_kills_delta=1,
-            exit_memory_flag=True,
         )
     )
-    assert len(reasons) == 4
-    assert reasons[0] == "footprint 1900 MB of a 2000 MB budget (95%)"
-    assert reasons[1] == "memory pressure critical"
-    assert "oom_kill" in reasons[2] and "NOTE_EXIT_MEMORY" in reasons[3]
+    assert reasons == [
+        "footprint 1900 MB of a 2000 MB budget (95%)",
+        "memory pressure critical",
+        "cgroup oom_kill counter up by 1",
+    ]
 
 
 def test_memory_evidence_ignores_readings_below_the_line_or_without_budget():
@@ -366,10 +361,44 @@ def test_memory_evidence_ignores_readings_below_the_line_or_without_budget():
 
 
 def test_from_returncode_splits_signals_from_exit_codes():
-    """Popen's -N becomes signal N; a non-negative code stays an exit code."""
+    """Popen's -N becomes signal N, other codes stay exit codes, None stays unknown."""
     assert ExitEvidence.from_returncode(-signal.SIGKILL) == ev(sig=signal.SIGKILL)
+    assert ExitEvidence.from_returncode(0) == ev(0)
+    assert ExitEvidence.from_returncode(137) == ev(137)  # a shell's relay: classify reads it
     assert ExitEvidence.from_returncode(75, pressure="warn") == ev(75, pressure="warn")
     assert ExitEvidence.from_returncode(None) == ev()
+    assert ExitEvidence.from_returncode(-signal.SIGTERM, user_stop=True).user_stop
+
+
+@given(st.one_of(st.none(), st.integers(-64, 255)))
+def test_from_returncode_keeps_exactly_what_popen_said(returncode):
+    """Every returncode maps to at most one of exit code and signal, and back to itself."""
+    evidence = ExitEvidence.from_returncode(returncode)
+    assert evidence.exit_code is None or evidence.signal is None
+    if returncode is None:
+        assert (evidence.exit_code, evidence.signal) == (None, None)
+    elif evidence.signal is not None:
+        assert -evidence.signal == returncode
+    else:
+        assert evidence.exit_code == returncode
+
+
+def test_real_child_exits_read_through_from_returncode():
+    """Real children's returncodes classify as done, data error and killed externally."""
+    script = {
+        "0": "raise SystemExit(0)",
+        "65": "raise SystemExit(65)",
+        "kill": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+    }
+    causes = {}
+    for name, code in script.items():
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+        causes[name] = classify(ExitEvidence.from_returncode(proc.returncode)).cause
+    assert causes == {
+        "0": Cause.DONE,
+        "65": Cause.DATA_ERROR,
+        "kill": Cause.KILLED_EXTERNALLY,
+    }
 
 
 def test_real_segfaulting_child_classifies_as_crash():
@@ -399,16 +428,30 @@ def test_signal_name():
     budget=st.one_of(st.none(), st.floats(min_value=0), st.just(5e-324)),
     pressure=st.sampled_from(["normal", "warn", "critical"]),
     delta=st.integers(0, 3),
-    flags=st.lists(st.booleans(), min_size=4, max_size=4),
+    flags=st.lists(st.booleans(), min_size=3, max_size=3),
 )
 def test_any_evidence_gets_a_consistent_verdict(
     exit_code, sig, stderr_tail, footprint, budget, pressure, delta, flags
 ):
-    """Any evidence gets a verdict; only memory steps down; final causes are never retried."""
+    """Any evidence gets one verdict; only memory steps down; only a user stop is STOPPED."""
+    hang_detected, memory_guard_stop, user_stop = flags
     verdict = classify(
-        ExitEvidence(exit_code, sig, stderr_tail, footprint, budget, pressure, delta, *flags)
+        ExitEvidence(
+            exit_code,
+            sig,
+            stderr_tail,
+            footprint,
+            budget,
+            pressure,
+            delta,
+            hang_detected=hang_detected,
+            memory_guard_stop=memory_guard_stop,
+            user_stop=user_stop,
+        )
     )
     assert verdict.explanation and "\n" not in verdict.explanation
+    if verdict.cause is Cause.STOPPED:  # never for a hang, a memory stop or a lost rank
+        assert user_stop
     if verdict.step_down:
         assert verdict.cause is Cause.MEMORY
     if verdict.cause in (Cause.DONE, Cause.STOPPED, Cause.DATA_ERROR, Cause.CONFIG_ERROR):

@@ -176,3 +176,51 @@ def test_daemon_keys_makes_the_keys_once_and_names_what_other_macs_need(tmp_path
     Path(data["copy_to_each_mac"][0]).chmod(0o640)
     refused = runner.invoke(main, ["--home", str(home), "daemon", "keys"])
     assert refused.exit_code == 78 and "chmod 600" in refused.output
+
+
+@pytest.mark.parametrize("command", ["pause", "resume", "wait"])
+def test_job_or_all_is_required_and_not_both(command, tmp_path):
+    """pause, resume and wait take a JOB or --all: neither, or both, is one line and exit 2
+    before any supervisor is asked."""
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "nowhere")]
+    neither = runner.invoke(main, [*home, command])
+    assert neither.exit_code == 2
+    assert neither.stderr.strip() == "loractl: name a JOB, or pass --all for every job"
+    both = runner.invoke(main, [*home, command, "j1", "--all", "--json"])
+    assert both.exit_code == 2
+    assert json.loads(both.stdout)["reason"] == (
+        "name a JOB or pass --all, not both (got 'j1' and --all)"
+    )
+
+
+def test_the_client_imports_none_of_the_trainers_side():
+    """No client module, imported and with its commands built, imports loractl.daemon."""
+    code = (
+        "import importlib, pkgutil, sys, loractl.client as c\n"
+        "for m in pkgutil.iter_modules(c.__path__):\n"
+        "    importlib.import_module('loractl.client.' + m.name)\n"
+        "import loractl.client.cli as cli\n"
+        "for name in cli.main.list_commands(None):\n"
+        "    cli.main.get_command(None, name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('loractl.daemon')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_demo_prepare_builds_the_workspace_in_a_child(tmp_path):
+    """`demo --prepare --json` prints the model, data and job.yaml it built, all present."""
+    result = subprocess.run(
+        [sys.executable, "-m", "loractl.client.cli", "demo", str(tmp_path / "ws"), "--prepare"]
+        + ["--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert sorted(paths) == ["config", "data", "model"]
+    assert all(Path(p).exists() for p in paths.values())
+    assert load_config(paths["config"]).name

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from conftest import STAND_IN, make_job, put_in_state, reconfigure, wait_for
@@ -59,6 +60,7 @@ def send(sup: Supervisor, message) -> Reply:
 
 def settle(sup: Supervisor, job_id: str) -> JobState:
     """Run the loop until no trainer is left stopping; the job's state then."""
+
     def settled() -> bool:
         sup.tick()
         attempt = sup.runner.attempt
@@ -286,3 +288,67 @@ def test_an_adopted_trainer_is_judged_by_the_exit_it_announced(
     job = supervisor.store.get(job_id)
     assert job.crashes[-1]["cause"] == "disk_full" and job.crashes[-1]["rule"] == "disk_full"
     assert job.state == JobState.PAUSED
+
+
+def test_a_pause_during_a_memory_stop_keeps_the_step_down_and_pauses(
+    tiny_workspace, tmp_path, supervisor
+):
+    """A pause asked while the guard stops a trainer for memory: the job shows pausing, and
+    once the trainer is out it is paused on the cheaper rung, the step recorded."""
+    from loractl.supervisor.policy import StopReason
+
+    job_id = put_in_state(supervisor, make_job(tiny_workspace, tmp_path), JobState.RUNNING)
+    supervisor.runner.attempt.stop(StopReason.MEMORY, grace=10)
+    assert send(supervisor, PauseRequest(job=job_id)).data["state"] == "pausing"
+    wait_for(lambda: (supervisor.tick(), supervisor.runner.attempt is None)[1], 20)
+    job = supervisor.store.get(job_id)
+    assert job.state == JobState.PAUSED and job.rung == 1
+    assert [c["cause"] for c in job.crashes] == ["memory"]
+    assert [e for e in supervisor.store.events(job_id) if e["kind"] == "ladder_step"]
+
+
+# Stops on the first SIGTERM after a moment (its checkpoint); a second SIGTERM means "skip
+# the checkpoint", as it does for the real trainer, and exits 1.
+TWO_SIGNALS = (
+    "import os, signal, sys, time\n"
+    "seen = []\n"
+    "def on_term(*_):\n"
+    "    seen.append(1)\n"
+    "    if len(seen) > 1:\n"
+    "        sys.exit(1)\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "open(os.environ['STAND_IN_READY'], 'w').close()\n"
+    "while not seen:\n"
+    "    time.sleep(0.05)\n"
+    "time.sleep(1.5)\n"
+    "sys.exit(82)\n"
+)
+
+
+def test_a_restart_while_pausing_carries_the_pause_on_without_a_second_signal(
+    tiny_workspace, tmp_path, supervisor, monkeypatch
+):
+    """A supervisor that died while a pause was carried out adopts the stopping trainer and
+    lets it finish its checkpoint (no second SIGTERM); the job ends paused, no crash."""
+    ready = tmp_path / "ready"
+    monkeypatch.setenv("STAND_IN_READY", str(ready))
+    job_id = put_in_state(
+        supervisor, make_job(tiny_workspace, tmp_path), JobState.RUNNING, script=TWO_SIGNALS
+    )
+    wait_for(ready.exists, 10)
+    assert send(supervisor, PauseRequest(job=job_id)).data["state"] == "pausing"
+    attempt = supervisor.runner.attempt
+    popen = attempt.popen
+    supervisor.store.update(job_id, trainer_started_at=psutil.Process(popen.pid).create_time())
+    supervisor.runner.attempt = None  # the old supervisor is gone; its child lives on
+    fresh = Supervisor(supervisor.layout.home, Settings(hold_queue=True, keep_awake=False))
+    fresh.wire(supervisor.store, supervisor.channels.local, supervisor.publisher.events)
+    fresh.inbox = supervisor.inbox
+    fresh.recover()
+    adopted = fresh.runner.attempt
+    assert adopted is not None and adopted.stop_reason == "user-pause"
+    wait_for(lambda: popen.poll() is not None, 20)
+    assert popen.returncode == 82, "a second SIGTERM made it skip its checkpoint"
+    wait_for(lambda: (fresh.tick(), fresh.runner.attempt is None)[1], 20)
+    job = fresh.store.get(job_id)
+    assert job.state == JobState.PAUSED and job.crashes == []

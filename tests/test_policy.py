@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass, field
 
 import pytest
 
 from loractl.config import parse_config
-from loractl.supervisor.classify import Cause, Verdict
+from loractl.protocol import ExitCode
+from loractl.supervisor.classify import RULES, Cause, ExitEvidence, Verdict, classify
 from loractl.supervisor.policy import (
+    Backoff,
     Do,
     ExitFacts,
     PolicySettings,
+    StopReason,
     after_exit,
     reason_with_tail,
 )
 
 SETTINGS = PolicySettings(early_death_limit=3, backoff_base_s=1.0, backoff_cap_s=60.0)
-RETRYING = {
-    Cause.MEMORY: True,
-    Cause.RESOURCE_LIMIT: False,
-    Cause.HANG: False,
-    Cause.CRASH: False,
-    Cause.KILLED_EXTERNALLY: False,
-    Cause.GPU_WATCHDOG: False,
-    Cause.ADAPTER_BUSY: False,
-}
+# Each cause's (retry, step_down), read from the classifier's own table: the policy tests
+# cannot disagree with the rules (test_each_cause_has_one_handling checks it is one per cause).
+HANDLING = {rule.cause: (rule.retry, rule.step_down) for rule in RULES}
+BACKING_OFF = sorted(cause for cause, (retry, down) in HANDLING.items() if retry and not down)
+STEPPING_DOWN = sorted(cause for cause, (_, down) in HANDLING.items() if down)
+USER_STOPS = sorted(reason for reason in StopReason if reason.by_user)
+OTHER_STOPS = sorted(reason for reason in StopReason if not reason.by_user)
 
 
 @dataclass
@@ -50,7 +52,9 @@ def cfg(tmp_path_factory):
     return parse_config({"model": "model", "data": "data", "max_retries": 3}, base_dir=folder)
 
 
-def verdict(cause: Cause, retry: bool = True, step_down: bool = False) -> Verdict:
+def verdict(cause: Cause) -> Verdict:
+    """A verdict for ``cause`` with the retry and step-down its rules give it."""
+    retry, step_down = HANDLING[cause]
     return Verdict(cause, "test", retry, step_down, f"{cause}: what happened")
 
 
@@ -59,36 +63,53 @@ def facts(**changes) -> ExitFacts:
     return ExitFacts(**{**values, **changes})
 
 
-def decide(job, cause, cfg, *, retry=True, step_down=False, **fact_changes):
-    return after_exit(
-        job,
-        facts(**fact_changes),
-        verdict(cause, retry, step_down),
-        cfg,
-        SETTINGS,
-        random.Random(0),
-    )
+def decide(job, cause, cfg, **fact_changes):
+    return after_exit(job, facts(**fact_changes), verdict(cause), cfg, SETTINGS, random.Random(0))
+
+
+def test_each_cause_has_one_handling():
+    """All rules of one cause agree on retry and step-down, and every cause has rules."""
+    assert set(HANDLING) == set(Cause)
+    for cause in Cause:
+        handling = {(r.retry, r.step_down) for r in RULES if r.cause == cause}
+        assert handling == {HANDLING[cause]}, cause
+    assert STEPPING_DOWN == [Cause.MEMORY]
+    assert {Cause.HANG, Cause.CRASH} <= set(BACKING_OFF)
 
 
 def test_done_completes(cfg):
     """A clean finish completes the job."""
-    assert decide(StoredJob(), Cause.DONE, cfg, retry=False).do == Do.COMPLETE
+    assert decide(StoredJob(), Cause.DONE, cfg).do == Do.COMPLETE
 
 
-@pytest.mark.parametrize(
-    ("stop_reason", "expected"),
-    [("user-pause", Do.PAUSE), ("user-cancel", Do.CANCEL), ("shutdown", Do.REQUEUE)],
-)
-def test_a_requested_stop_does_what_was_asked(cfg, stop_reason, expected):
-    """A stop the supervisor asked for ends as that request: paused, cancelled or requeued."""
-    action = decide(StoredJob(), Cause.STOPPED, cfg, retry=False, stop_reason=stop_reason)
-    assert action.do == expected
+REQUESTED = {
+    StopReason.USER_PAUSE: Do.PAUSE,
+    StopReason.USER_CANCEL: Do.CANCEL,
+    StopReason.SHUTDOWN: Do.REQUEUE,
+}
+
+
+@pytest.mark.parametrize("stop_reason", USER_STOPS)
+def test_a_requested_stop_does_what_was_asked(cfg, stop_reason):
+    """Each stop the user or a shutdown asks for ends as asked: paused, cancelled, requeued."""
+    assert set(REQUESTED) == set(USER_STOPS)
+    action = decide(StoredJob(), Cause.STOPPED, cfg, stop_reason=stop_reason)
+    assert action.do == REQUESTED[stop_reason]
+
+
+@pytest.mark.parametrize("stop_reason", [*OTHER_STOPS, None])
+def test_a_stopped_exit_nobody_asked_for_backs_off(cfg, stop_reason):
+    """A clean stop no user asked for (hang, memory, lost rank) backs off as a failed attempt."""
+    # The classifier never says STOPPED for these; should it, the stop is still no request.
+    job = StoredJob(crashes=[{"rung": 0, "checkpoint_step": 10}])
+    action = decide(job, Cause.STOPPED, cfg, stop_reason=stop_reason)
+    assert action.do == Do.BACKOFF and action.retries_on_rung == 1 and action.delay_s > 0
 
 
 @pytest.mark.parametrize("cause", [Cause.CONFIG_ERROR, Cause.DATA_ERROR])
 def test_config_and_data_errors_fail_without_retry(cfg, cause):
     """Bad config or data is never retried; the reason carries the explanation."""
-    action = decide(StoredJob(crashes=[{}]), cause, cfg, retry=False)
+    action = decide(StoredJob(crashes=[{}]), cause, cfg)
     assert action.do == Do.FAIL and action.fail_cause == str(cause)
     assert "what happened" in action.reason
 
@@ -99,7 +120,6 @@ def test_disk_full_pauses_with_the_free_space_and_the_path(cfg):
         StoredJob(crashes=[{}]),
         Cause.DISK_FULL,
         cfg,
-        retry=False,
         disk_free_mb=3.2,
         disk_path="/Volumes/small",
     )
@@ -110,7 +130,7 @@ def test_disk_full_pauses_with_the_free_space_and_the_path(cfg):
 
 def test_memory_steps_down_one_rung(cfg):
     """A memory crash moves the job one rung down, with the change described."""
-    action = decide(StoredJob(rung=0, crashes=[{}]), Cause.MEMORY, cfg, step_down=True)
+    action = decide(StoredJob(rung=0, crashes=[{}]), Cause.MEMORY, cfg)
     assert action.do == Do.STEP_DOWN and action.rung == 1
     assert "max_seq_length" in action.why  # the default ladder's first rung for this config
 
@@ -118,16 +138,15 @@ def test_memory_steps_down_one_rung(cfg):
 def test_memory_on_the_last_rung_fails_listing_every_rung(cfg):
     """With no rung left the job fails, listing each rung and its peak."""
     job = StoredJob(rung=3, crashes=[{}], peak_memory_mb={"0": 900.0, "3": 400.0})
-    action = decide(job, Cause.MEMORY, cfg, step_down=True)
+    action = decide(job, Cause.MEMORY, cfg)
     assert action.do == Do.FAIL and action.fail_cause == "memory"
     assert "rung 0 (as submitted): peak 900 MB" in action.reason
     assert "rung 1" in action.reason and "no reading" in action.reason
 
 
-@pytest.mark.parametrize("cause", sorted(set(RETRYING) - {Cause.MEMORY}))
+@pytest.mark.parametrize("cause", BACKING_OFF)
 def test_other_crashes_back_off_with_a_growing_delay(cfg, cause):
-    """A crash on the same rung without a new checkpoint counts a retry and backs off longer
-    each time; the budget runs out at max_retries."""
+    """Each retrying cause backs off longer per retry and fails at max_retries."""
     first = decide(StoredJob(crashes=[{"rung": 0, "checkpoint_step": 10}]), cause, cfg)
     assert first.do == Do.BACKOFF and first.retries_on_rung == 1
     stuck = StoredJob(
@@ -156,8 +175,7 @@ def test_a_new_checkpoint_resets_the_retry_budget(cfg):
 
 
 def test_deaths_before_the_first_heartbeat_fail_at_the_limit(cfg):
-    """Trainers that die before saying anything are counted; at the limit the job fails with
-    the stderr tail."""
+    """Deaths before the first heartbeat fail the job at the limit, with the stderr tail."""
     action = decide(
         StoredJob(early_deaths=1, crashes=[{}]),
         Cause.CRASH,
@@ -178,10 +196,94 @@ def test_deaths_before_the_first_heartbeat_fail_at_the_limit(cfg):
 
 
 def test_reason_puts_the_quoted_line_back_whole_and_only_once():
-    """A shortened stderr line in the explanation is replaced by the whole line, which is
-    not repeated below it."""
+    """A shortened stderr line in the reason is put back whole and not repeated below."""
     whole = "data/train.jsonl line 3: Invalid control character at: line 1 column 12 (char 11)"
     tail = f"Traceback (most recent call last):\nValueError: boom\nloractl: {whole}\n"
     reason = reason_with_tail(f"exit 65 (data error): {whole[:40]}...", tail)
     assert reason.splitlines()[0] == f"exit 65 (data error): {whole}"
     assert reason.count("Invalid control character") == 1
+
+
+def rank_lost(returncode: int | None, **evidence) -> tuple[ExitFacts, Verdict]:
+    """A distributed attempt stopped because a rank was lost: the classifier reads the
+    culprit rank's exit (``returncode`` as Popen gives it), with no stop flag of its own."""
+    reason = StopReason.RANK_LOST
+    verdict = classify(
+        ExitEvidence.from_returncode(returncode, user_stop=reason.by_user, **evidence)
+    )
+    return facts(stop_reason=reason), verdict
+
+
+def test_a_lost_rank_is_not_a_user_stop():
+    """RANK_LOST is not one of the stops that end as the user's request."""
+    assert not StopReason.RANK_LOST.by_user
+    assert StopReason("rank-lost") is StopReason.RANK_LOST
+
+
+@pytest.mark.parametrize(
+    ("returncode", "evidence", "cause"),
+    [
+        (-signal.SIGKILL, {}, Cause.KILLED_EXTERNALLY),
+        (None, {}, Cause.KILLED_EXTERNALLY),  # a remote rank gone without a word
+        (int(ExitCode.STOPPED), {}, Cause.KILLED_EXTERNALLY),
+        (1, {"stderr_tail": "ValueError: bad shape\n"}, Cause.CRASH),
+        (-signal.SIGSEGV, {}, Cause.CRASH),
+    ],
+    ids=["sigkill", "vanished", "exit-82", "exit-1", "sigsegv"],
+)
+def test_a_lost_rank_backs_off_on_its_culprits_cause(cfg, returncode, evidence, cause):
+    """A rank-lost stop takes the culprit rank's cause and backs off; never a user stop."""
+    rank_facts, rank_verdict = rank_lost(returncode, **evidence)
+    assert rank_verdict.cause == cause and rank_verdict.retry
+    job = StoredJob(crashes=[{"rung": 0, "checkpoint_step": 10}])
+    action = after_exit(job, rank_facts, rank_verdict, cfg, SETTINGS, random.Random(0))
+    assert action.do == Do.BACKOFF and action.retries_on_rung == 1 and action.delay_s > 0
+    assert str(cause) in action.why
+
+
+def test_a_lost_rank_that_ran_out_of_memory_steps_down(cfg):
+    """A culprit rank that exited 75 (out of memory) steps the job down, as one trainer's would."""
+    rank_facts, rank_verdict = rank_lost(int(ExitCode.OUT_OF_MEMORY))
+    action = after_exit(StoredJob(crashes=[{}]), rank_facts, rank_verdict, cfg, SETTINGS)
+    assert (rank_verdict.cause, action.do, action.rung) == (Cause.MEMORY, Do.STEP_DOWN, 1)
+
+
+def test_a_lost_rank_with_a_data_error_fails(cfg):
+    """A culprit rank's data error fails the job: a retry would meet the same data."""
+    rank_facts, rank_verdict = rank_lost(int(ExitCode.DATA_ERROR))
+    action = after_exit(StoredJob(crashes=[{}]), rank_facts, rank_verdict, cfg, SETTINGS)
+    assert action.do == Do.FAIL and action.fail_cause == str(Cause.DATA_ERROR)
+
+
+def test_lost_ranks_without_a_new_checkpoint_use_up_the_retries(cfg):
+    """Ranks lost again and again at the same checkpoint fail the job at max_retries."""
+    rank_facts, rank_verdict = rank_lost(-signal.SIGKILL)
+    stuck = StoredJob(
+        retries_on_rung=3,
+        crashes=[{"rung": 0, "checkpoint_step": 10}, {"rung": 0, "checkpoint_step": 10}],
+    )
+    action = after_exit(stuck, rank_facts, rank_verdict, cfg, SETTINGS)
+    assert action.do == Do.FAIL and "3 retries on rung 0" in action.reason
+
+
+def test_backoff_doubles_with_jitter_and_stops_at_the_cap():
+    """The delay is 0 at first, then base * 2**(n-1) within the jitter, never over the cap."""
+    backoff = Backoff(base_s=1.0, cap_s=60.0, jitter=0.2)
+    rng = random.Random(7)
+    assert backoff.delay(0, rng) == 0.0 and backoff.delay(-1, rng) == 0.0
+    for n in range(1, 7):
+        raw = 2.0 ** (n - 1)
+        assert 0.8 * raw <= backoff.delay(n, rng) <= 1.2 * raw
+    assert all(48.0 <= backoff.delay(n, rng) <= 60.0 for n in (7, 12, 200))
+    assert Backoff(jitter=0.0).delay(3) == 4.0
+
+
+def test_backoff_is_the_policy_delay(cfg):
+    """after_exit's delay is Backoff's for the settings and the retry count, same rng."""
+    job = StoredJob(
+        retries_on_rung=1,
+        crashes=[{"rung": 0, "checkpoint_step": 10}, {"rung": 0, "checkpoint_step": 10}],
+    )
+    action = decide(job, Cause.CRASH, cfg)
+    expected = Backoff(SETTINGS.backoff_base_s, SETTINGS.backoff_cap_s).delay(2, random.Random(0))
+    assert action.retries_on_rung == 2 and action.delay_s == expected

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
 
 from conftest import FIXTURES
 from loractl.supervisor.pressure import (
+    MB,
     Pressure,
     SystemMemory,
     cgroup_oom_kill_count,
@@ -86,6 +88,18 @@ def test_vm_stat_fixture():
     assert data["pageins"] == 35398820
     assert data["swapouts"] == 0
     assert len(data) == 23
+
+
+def test_the_two_macos_fixtures_read_the_same_counters():
+    """memory_pressure and vm_stat, captured together, agree on their shared counters."""
+    pressure_data = parse_memory_pressure_output((MACOS / "memory_pressure.txt").read_text())
+    vm = parse_vm_stat((MACOS / "vm_stat.txt").read_text())
+    assert pressure_data["page_size"] == vm["page_size"]
+    assert pressure_data["pages_used_by_compressor"] == vm["pages_occupied_by_compressor"]
+    assert pressure_data["pages_compressed"] == vm["compressions"]
+    assert pressure_data["pages_decompressed"] == vm["decompressions"]
+    assert pressure_data["pages_purged"] == vm["pages_purged"]
+    assert pressure_data["pages_wired_down"] == pytest.approx(vm["pages_wired_down"], abs=100)
 
 
 def test_psi_fixture():
@@ -222,10 +236,22 @@ def test_cgroup_count_unavailable(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads this machine's /proc")
-def test_cgroup_count_of_this_process_is_a_count_or_none():
-    """On this machine the real counter of our own cgroup reads as a non-negative int or None."""
+def test_cgroup_count_of_this_process_is_the_real_counter():
+    """On Linux our count is the oom_kill line of the real cgroup file it resolves to."""
+    path = oom_kill_counter_file(os.getpid())
+    if path is None:
+        pytest.skip("no memory cgroup counter file here (no cgroup fs, or no memory controller)")
+    assert path.is_relative_to("/sys/fs/cgroup")
+    assert path.name in ("memory.oom_control", "memory.events")
+    # Read before and after: an OOM kill in the cgroup between the reads cannot make it flaky.
+    try:
+        before = parse_cgroup_oom_kills(path.read_text())
+    except ValueError:  # v1 before Linux 4.13 has no oom_kill line
+        assert cgroup_oom_kill_count(os.getpid()) is None
+        return
     count = cgroup_oom_kill_count(os.getpid())
-    assert count is None or count >= 0
+    after = parse_cgroup_oom_kills(path.read_text())
+    assert isinstance(count, int) and before <= count <= after
 
 
 def write_proc(tmp_path, meminfo: str, psi_text: str | None):
@@ -286,3 +312,23 @@ def test_macos_pressure_level_is_none_elsewhere_and_valid_on_macos():
         assert level in (1, 2, 4)
     else:
         assert level is None
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="runs macOS's memory_pressure and vm_stat")
+def test_macos_reading_agrees_with_memory_pressure_and_vm_stat():
+    """On a Mac the direct reading agrees with what memory_pressure and vm_stat print."""
+    tools = {
+        name: subprocess.run([f"/usr/bin/{name}"], capture_output=True, text=True, timeout=30)
+        for name in ("memory_pressure", "vm_stat")
+    }
+    assert all(proc.returncode == 0 for proc in tools.values())
+    pressure_data = parse_memory_pressure_output(tools["memory_pressure"].stdout)
+    vm = parse_vm_stat(tools["vm_stat"].stdout)
+    reading = read_system_memory()
+    assert reading.source == "sysctl"
+    assert reading.total_mb * MB == pytest.approx(pressure_data["total_bytes"], rel=0.01)
+    assert pressure_data["page_size"] == vm["page_size"]
+    # vm_stat's "Pages free" leaves out the speculative pages, which psutil counts as free.
+    pages = vm["pages_free"] + vm["pages_speculative"] + vm["pages_inactive"]
+    available_mb = pages * vm["page_size"] / MB
+    assert abs(reading.available_mb - available_mb) < reading.total_mb / 10

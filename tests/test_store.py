@@ -89,8 +89,8 @@ def test_transition_table_matches_the_design():
         s.QUEUED,
     }  # fmt: skip
     assert TRANSITIONS[s.PAUSING] == {
-        s.RUNNING, s.PAUSED, s.CANCELLING, s.BACKOFF, s.COMPLETED, s.FAILED, s.CANCELLED,
-        s.QUEUED,
+        s.RUNNING, s.STARTING, s.PAUSED, s.CANCELLING, s.BACKOFF, s.COMPLETED, s.FAILED,
+        s.CANCELLED, s.QUEUED,
     }  # fmt: skip
     assert TRANSITIONS[s.CANCELLING] == {s.PAUSING, s.CANCELLED, s.COMPLETED, s.FAILED}
     assert TRANSITIONS[s.BACKOFF] == {s.STARTING, s.FAILED, s.PAUSED, s.CANCELLED, s.QUEUED}

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
+import psutil
+import pytest
 import yaml
 
-from conftest import make_job
+from conftest import make_job, wait_for
 from loractl import __version__
 from loractl.client.train_cmd import schema_flags
 from loractl.daemon.tinymodel import build_dataset
@@ -183,3 +186,103 @@ def test_every_flag_reaches_the_trainer(tiny_workspace, tmp_path):
     assert log_events(out, "training")[0]["total_examples"] == 64  # one epoch of 64
     assert (out / "0000005_adapters.safetensors").exists()
     assert "test loss" in result.stderr
+
+
+def logged_steps(adapters: Path) -> int:
+    """Steps in a train.log that is still being written (a torn last line is skipped)."""
+    path = adapters / "train.log"
+    if not path.exists():
+        return 0
+    steps = 0
+    for line in path.read_text().splitlines():
+        try:
+            steps += json.loads(line).get("event") == "step"
+        except json.JSONDecodeError:
+            continue
+    return steps
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_loractl_train_reaches_the_trainer(tiny_workspace, tmp_path, sig):
+    """SIGTERM (or a SIGINT not from a terminal) sent to `loractl train` reaches its trainer
+    child: it checkpoints and exits 82, which is the command's exit code and --json outcome,
+    and no trainer is left behind."""
+    config = make_job(tiny_workspace, tmp_path, iters=4000, checkpoint_every=1000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loractl", "train", str(config), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or logged_steps(tmp_path / "adapters") >= 2, 120)
+        assert proc.poll() is None, proc.communicate()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("loractl.daemon.trainer" in " ".join(c.cmdline()) for c in children)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == ExitCode.STOPPED, err
+    assert json.loads(out) == {"exit_code": 82, "outcome": "stopped"}
+    assert "stopped at step" in err and "run the same command again" in err
+    assert log_events(tmp_path / "adapters", "stopped on request")
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+# The child claims the pty as its controlling terminal (so ^C there becomes SIGINT for the
+# foreground process group), then runs the command.
+CLAIM_TTY = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def test_ctrl_c_on_a_terminal_stops_the_trainer_with_a_checkpoint(tiny_workspace, tmp_path):
+    """^C typed on the terminal stops the trainer after a checkpoint; `loractl train` exits 82."""
+    import os
+    import select
+
+    config = make_job(tiny_workspace, tmp_path, iters=4000, checkpoint_every=1000)
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_TTY, "-m", "loractl", "train", str(config)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    screen = b""
+
+    def drain() -> None:
+        nonlocal screen
+        while select.select([master], [], [], 0)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child side is gone
+                return
+            if not chunk:
+                return
+            screen += chunk
+
+    try:
+        wait_for(
+            lambda: drain() or proc.poll() is not None or logged_steps(tmp_path / "adapters") >= 2,
+            120,
+        )
+        assert proc.poll() is None, screen.decode(errors="replace")
+        os.write(master, b"\x03")
+        wait_for(lambda: drain() or proc.poll() is not None, 120)
+        drain()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    text = screen.decode(errors="replace")
+    assert proc.returncode == ExitCode.STOPPED, text
+    assert "stopped at step" in text and "Traceback" not in text
+    assert log_events(tmp_path / "adapters", "stopped on request")

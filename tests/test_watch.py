@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import select
@@ -23,6 +24,7 @@ from loractl.client.watch import (
     eta_seconds,
     examples_rate,
     format_duration,
+    nothing_to_watch,
     render,
     run_watch,
 )
@@ -186,16 +188,59 @@ def test_state_for_a_named_job_ignores_others_and_keeps_crashes():
     assert state.outcome() == 0
 
 
+def test_nothing_to_watch_only_when_no_job_runs_or_is_about_to():
+    """The idle message names the counts and the hold; a running, in-flight or startable
+    queued job means there is something to watch."""
+    assert nothing_to_watch({"running": "j1", "jobs": {"running": 1}}) is None
+    assert nothing_to_watch({"running": None, "jobs": {"backoff": 1}}) is None
+    assert nothing_to_watch({"running": None, "jobs": {"pausing": 1}}) is None
+    assert nothing_to_watch({"running": None, "jobs": {"queued": 2}}) is None
+    assert nothing_to_watch({"running": None, "jobs": {}}) == (
+        "nothing is running; `loractl watch --follow` waits for the next job"
+    )
+    held = nothing_to_watch({"running": None, "jobs": {"queued": 2}, "queue_held": True})
+    assert held.startswith("nothing is running (2 queued); the queue is held until")
+    assert nothing_to_watch({"jobs": {}}, follow=True) == (
+        "nothing is running; waiting for the next job"
+    )
+    done = nothing_to_watch({"running": None, "jobs": {"completed": 3, "paused": 1}})
+    assert done.startswith("nothing is running (3 completed, 1 paused);")
+
+
+def test_state_without_follow_stays_with_the_first_job_it_takes():
+    """Not following, the state takes the next job that starts and keeps it after it ends,
+    as if it had been named; the outcome is that job's."""
+    state = WatchState(None, follow=False)
+    assert state.waiting and state.target() is None
+    assert state.apply_event("job", {"job_id": "j1", "state": "starting"}, 1.0)
+    assert not state.waiting and state.target() == "j1"
+    assert not state.apply_event("heartbeat", {"job_id": "j2", "examples_seen": 1}, 2.0)
+    assert state.apply_event("job", {"job_id": "j1", "state": "pausing"}, 3.0)
+    assert state.snapshot(3.0)["job"]["state"] == "pausing" and state.outcome() is None
+    state.apply_event("job", {"job_id": "j1", "state": "cancelled"}, 4.0)
+    state.apply_status({"running": "j2", "jobs": {"running": 1, "cancelled": 1}})
+    assert state.target() == "j1" and state.job["id"] == "j1" and state.outcome() == 1
+
+
+def test_pausing_and_cancelling_show_their_phase_and_memory():
+    """A job being paused still shows its heartbeat, phase and memory while it checkpoints."""
+    snap = snapshot()
+    snap["job"]["state"] = "pausing"
+    snap["heartbeat"]["phase"] = "checkpoint"
+    text = screen_text(render(snap))
+    assert "pausing (checkpoint)" in text and "512 MB / 1,024 MB budget" in text
+    state = WatchState("m1")
+    state.apply_show({"id": "m1", "name": "x", "state": "cancelling", "progress": {}})
+    state.apply_event("heartbeat", {"job_id": "m1", "examples_seen": 5, "phase": "checkpoint"}, 1.0)
+    assert state.snapshot(1.5)["heartbeat"]["phase"] == "checkpoint"
+
+
 # -- the real command ------------------------------------------------------------------------
 
 
-def watch_argv(home: Path, *job: str) -> list[str]:
-    """`loractl watch` once the CLI has it, else the module's own entry point."""
-    from loractl.client.cli import main
-
-    if "watch" in main.commands:
-        return ["-m", "loractl.client.cli", "--home", str(home), "watch", *job]
-    return ["-c", "from loractl.client.watch import main; main()", "--home", str(home), *job]
+def watch_argv(home: Path, *args: str) -> list[str]:
+    """`loractl --home HOME watch ARGS` for a child interpreter."""
+    return ["-m", "loractl.client.cli", "--home", str(home), "watch", *args]
 
 
 class Terminal:
@@ -297,14 +342,19 @@ def test_watch_draws_the_running_job_in_a_terminal_and_quits_on_ctrl_c(
     assert terminal.raw.rfind(SHOW_CURSOR) > terminal.raw.rfind(HIDE_CURSOR) >= 0
 
 
-def watch_in_thread(layout, job_ref: str | None) -> tuple[dict, io.StringIO, threading.Thread]:
-    """run_watch(exit_when_done=True) on a daemon thread, so a hang fails instead of sticking."""
+def watch_in_thread(
+    layout, job_ref: str | None, follow: bool = False
+) -> tuple[dict, io.StringIO, threading.Thread]:
+    """run_watch(exit_when_done=True) on a daemon thread, so a hang fails instead of sticking.
+    The console draws as on a terminal, so what is on screen can be read while it runs."""
     result: dict = {}
     out = io.StringIO()
 
     def target():
-        console = Console(file=out, width=100)
-        result["code"] = run_watch(layout, job_ref, console=console, exit_when_done=True)
+        console = Console(file=out, width=100, force_terminal=True)
+        result["code"] = run_watch(
+            layout, job_ref, console=console, exit_when_done=True, follow=follow
+        )
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -316,8 +366,9 @@ def test_watch_until_done_returns_0_for_a_named_job_and_for_the_followed_one(
 ):
     """exit_when_done returns 0 on completion, both watching JOB and following what runs."""
     supervisor.start()
-    following, follow_out, follow_thread = watch_in_thread(supervisor.layout, None)
-    time.sleep(0.5)  # let the follower draw "idle" and subscribe before the job starts
+    following, follow_out, follow_thread = watch_in_thread(supervisor.layout, None, follow=True)
+    # Once it draws "idle" it has subscribed and polled: the job cannot start unseen.
+    wait_for(lambda: "idle: no job is running" in follow_out.getvalue(), 30)
     job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "src", name="short", iters=16))
     named, named_out, named_thread = watch_in_thread(supervisor.layout, job_id)
     for thread in (named_thread, follow_thread):
@@ -348,3 +399,60 @@ def test_watch_without_a_daemon_says_so_in_one_line_and_exits_3(tmp_path):
     assert len(output.splitlines()) == 1, output
     assert "not running" in output and "daemon run" in output
     assert time.monotonic() - began < 10
+
+
+def test_watch_with_nothing_running_says_so_and_exits_0_unless_following(tmp_path, supervisor):
+    """On a terminal and in a pipe, `watch` with no job says nothing is running and exits
+    0; `watch --follow` waits and prints the next job's events as it runs."""
+    supervisor.start()
+    terminal = Terminal(watch_argv(supervisor.home))
+    try:
+        assert terminal.finish(timeout=30) == 0, terminal.text
+    finally:
+        terminal.close()
+    assert "nothing is running; `loractl watch --follow` waits for the next job" in terminal.text
+    piped = subprocess.run(
+        [sys.executable, *watch_argv(supervisor.home, "--json")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["message"].startswith("nothing is running")
+    refused = subprocess.run(
+        [sys.executable, *watch_argv(supervisor.home, "some-job", "--follow")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "takes no JOB" in refused.stderr
+
+
+def test_watch_follow_waits_for_the_next_job_and_prints_its_events(
+    tiny_workspace, tmp_path, supervisor
+):
+    """`watch --follow` piped keeps running while idle, then prints the job's lines."""
+    supervisor.start()
+    follower = subprocess.Popen(
+        [sys.executable, *watch_argv(supervisor.home, "--follow")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+    reader.start()
+    try:
+        # It says it is waiting once it has subscribed and asked for the status.
+        wait_for(lambda: any(line.startswith("nothing is running") for line in lines), 30)
+        job_id = supervisor.submit(make_job(tiny_workspace, tmp_path / "src", iters=8))
+        supervisor.wait_state(job_id, {"completed"}, timeout=120)
+        wait_for(lambda: f"{job_id} completed\n" in lines, 30)
+        assert follower.poll() is None, "--follow must keep waiting for the next job"
+    finally:
+        follower.kill()
+        follower.wait()
+        reader.join(timeout=5)
+        follower.stdout.close()
+    assert lines[0] == "nothing is running; waiting for the next job\n"
+    assert len([line for line in lines if line.startswith(f"{job_id} ")]) >= 2, lines

@@ -32,6 +32,7 @@ from loractl.client.control import DaemonNotRunning, RequestFailed, request
 from loractl.client.harness import FAST, trainers_of
 from loractl.paths import Layout
 from loractl.protocol import (
+    ACTIVE,
     CancelRequest,
     ErrorCode,
     HistoryRequest,
@@ -475,7 +476,7 @@ class Soak:
                 return  # it moved on between the list and the pause
             self.commands["pause (squeeze)"] += 1
             try:
-                wait_for(lambda: self.show(job["id"])["state"] != "running", 60, interval=0.1)
+                wait_for(lambda: self.show(job["id"])["state"] not in ACTIVE, 60, interval=0.1)
             except AssertionError:
                 self.notes.append(f"squeeze: {job['id']} never stopped after pause")
                 return
@@ -517,7 +518,7 @@ class Soak:
         self.filler.unlink()
         self.filler = None
         try:
-            wait_for(lambda: self.show(job_id)["state"] not in ("running", "starting"), 30)
+            wait_for(lambda: self.show(job_id)["state"] not in ACTIVE, 30)
         except AssertionError:
             pass
         if self.show(job_id)["state"] == "paused":
@@ -613,16 +614,21 @@ class Soak:
                 self.internal_errors.append(f"{name} {job_id} refused oddly: {exc}")
             return
         self.commands[name] += 1
-        if reply.data.get("state") == "stopping":
+        if reply.data.get("state") in ("pausing", "cancelling"):
             # Let the trainer checkpoint and stop before the next fault, so each fault's
             # effect is its own.
-            wait_for(lambda: self.show(job_id)["state"] not in ("running", "starting"), 60)
+            wait_for(lambda: self.show(job_id)["state"] not in ACTIVE, 60)
 
     def inject(self, kind: str, target: tuple[str, int] | None) -> None:
         if kind in TRAINER_KINDS:
             getattr(self, kind)(*target)
         else:
             getattr(self, kind)()
+
+
+# Where a restarted supervisor puts a job whose trainer is gone: back in the queue, or where a
+# pause or cancel under way was taking it.
+RESTARTED = ("queued", "paused", "cancelled")
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -677,7 +683,7 @@ def verify(soak: Soak, fault: Fault, jobs: dict[str, dict]) -> str:
             if event["kind"] == "adopted" and event["detail"].get("pid") == fault.pid:
                 return ""
             # Or, the trainer gone by then, the restarted supervisor requeued the job.
-            if event["from_state"] in ("starting", "running") and event["to_state"] == "queued":
+            if event["from_state"] in ACTIVE and event["to_state"] in RESTARTED:
                 return ""
         done = [e for e in job["history"] if e.get("to_state") == "completed"]
         if done and done[0]["at"] <= fault.at + 1:
