@@ -40,11 +40,11 @@ COMMON_MODULES := $(filter-out __init__ __main__,$(basename $(notdir $(wildcard 
 MYPY_TARGETS := -m loractl $(addprefix -m loractl.,$(COMMON_MODULES)) -p loractl.launchd
 
 typecheck: $(STAMP)
-	rm -rf $(TYPECHECK)
-	mkdir -p $(TYPECHECK)/loractl
-	ln -s $(CURDIR)/common/*.py $(TYPECHECK)/loractl/
-	for pkg in daemon supervisor client launchd; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/loractl/$$pkg; done
-	$(BIN)/mypy $(MYPY_TARGETS) > $(TYPECHECK)/mypy.out; status=$$?; \
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/loractl
+	@ln -s $(CURDIR)/common/*.py $(TYPECHECK)/loractl/
+	@for pkg in daemon supervisor client launchd; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/loractl/; done
+	@echo "mypy $(MYPY_TARGETS)"
+	@$(BIN)/mypy $(MYPY_TARGETS) > $(TYPECHECK)/mypy.out; status=$$?; \
 	sed -E -e 's#$(TYPECHECK)/loractl/(daemon|supervisor|client|launchd)/#\1/#g' \
 	    -e 's#$(TYPECHECK)/loractl/#common/#g' $(TYPECHECK)/mypy.out; exit $$status
 

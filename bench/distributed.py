@@ -79,7 +79,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -438,43 +438,7 @@ def bench(args, out: Path) -> int:
         if supervisor is not None:
             supervisor.stop()
 
-    summary = overhead.summarize(runs, args.rounds)
-    print()
-    overhead.print_table(runs)
-    print()
-    print_ranks(runs)
-    print("-" * 20)
-    fmt = overhead.fmt
-    for trainer, med in summary["medians"].items():
-        print(
-            f"median {trainer:<6}: {fmt(med['tokens_per_sec'])} tok/s (per CPU-second "
-            f"{fmt(med['cpu_tokens_per_sec'])}), peak RSS per rank {fmt(med['peak_rss_mb'])} "
-            f"MiB, MLX peak {fmt(med['mlx_peak_mb'])} MiB, wall {fmt(med['wall_seconds'])} s, "
-            f"other load {fmt(med['other_cpus'], 2)} cores"
-        )
-    totals = {r.trainer: r.total_tokens for r in runs}
-    same = len({r.total_tokens for r in runs}) == 1
-    print(f"global tokens trained per run: {totals} ({'equal' if same else 'DIFFERENT'})")
-    print("per-round throughput ratios: " + ", ".join(fmt(x, 4) for x in summary["round_ratios"]))
-    print(
-        "tokens per CPU-second ratios (diagnostic): "
-        + ", ".join(fmt(x, 4) for x in summary["cpu_ratios"])
-        + f" (median {fmt(summary['cpu_ratio'], 4)})"
-    )
-    busy = max(med["other_cpus"] for med in summary["medians"].values())
-    if busy > overhead.NOISY_OTHER_CPUS:
-        print(f"WARNING: other processes kept {fmt(busy, 2)} cores busy (median) meanwhile.")
-    met = summary["throughput_ratio"] >= overhead.THROUGHPUT_TARGET
-    print(f"target: throughput >= {overhead.THROUGHPUT_TARGET}: {'MET' if met else 'NOT MET'}")
-    record = {
-        "machine": info,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "runs": [{k: v for k, v in asdict(r).items() if k != "cpu_samples"} for r in runs],
-        "summary": summary,
-    }
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(f"peak_memory_ratio={fmt(summary['peak_memory_ratio'], 4)}")
-    print(f"throughput_ratio={fmt(summary['throughput_ratio'], 4)}")
+    overhead.report(out, args, runs, {"machine": info}, ranks=lambda: print_ranks(runs))
     return 0
 
 

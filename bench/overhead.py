@@ -103,6 +103,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -538,6 +539,79 @@ def summarize(runs: list[Run], rounds: int) -> dict:
     }
 
 
+def report(
+    out: Path,
+    args: argparse.Namespace,
+    runs: list[Run],
+    facts: dict,
+    ranks: Callable[[], None] | None = None,
+) -> None:
+    """The end of a bench, single-process or distributed: the table of runs (then ``ranks``,
+    a distributed bench's table of its ranks), each trainer's medians, the ratios, the
+    targets, results.json (``facts`` first, then the arguments, the runs and the summary) and
+    last the key=value lines that readers of the output take, throughput_ratio the very last.
+
+    A distributed bench (``ranks`` given) reports peak RSS per rank and the global token count,
+    and is held to the throughput target only.
+    """
+    distributed = ranks is not None
+    summary = summarize(runs, args.rounds)
+    print()
+    print_table(runs)
+    if ranks is not None:
+        print()
+        ranks()
+    print("-" * 20)
+    for trainer, med in summary["medians"].items():
+        print(
+            f"median {trainer:<6}: {fmt(med['tokens_per_sec'])} tok/s "
+            f"(median step {fmt(med['median_step_tokens_per_sec'])}, per CPU-second "
+            f"{fmt(med['cpu_tokens_per_sec'])}), peak RSS{' per rank' if distributed else ''} "
+            f"{fmt(med['peak_rss_mb'])} MiB, MLX peak {fmt(med['mlx_peak_mb'])} MiB, "
+            f"wall {fmt(med['wall_seconds'])} s, other load {fmt(med['other_cpus'], 2)} cores"
+        )
+    totals = {r.trainer: r.total_tokens for r in runs}
+    same = len({r.total_tokens for r in runs}) == 1
+    print(
+        f"{'global ' if distributed else ''}tokens trained per run: {totals} "
+        f"({'equal' if same else 'DIFFERENT'})"
+    )
+    print("per-round throughput ratios: " + ", ".join(fmt(x, 4) for x in summary["round_ratios"]))
+    print(f"throughput ratio of medians: {fmt(summary['throughput_ratio_of_medians'], 4)}")
+    print(
+        "median-step ratios (diagnostic): "
+        + ", ".join(fmt(x, 4) for x in summary["median_step_ratios"])
+        + f" (median {fmt(summary['median_step_ratio'], 4)})"
+    )
+    print(
+        "tokens per CPU-second ratios (diagnostic): "
+        + ", ".join(fmt(x, 4) for x in summary["cpu_ratios"])
+        + f" (median {fmt(summary['cpu_ratio'], 4)})"
+    )
+    busy = max(med["other_cpus"] for med in summary["medians"].values())
+    if busy > NOISY_OTHER_CPUS:
+        print(
+            f"WARNING: other processes kept {fmt(busy, 2)} cores busy (median) during the "
+            "runs;\nwall-clock figures are noisy, trust the per-CPU-second ratio more."
+        )
+    print(f"mlx_peak_ratio={fmt(summary['mlx_peak_ratio'], 4)}")
+    tp_ok = summary["throughput_ratio"] >= THROUGHPUT_TARGET
+    targets = f"throughput >= {THROUGHPUT_TARGET}: {'MET' if tp_ok else 'NOT MET'}"
+    if not distributed:
+        mem_ok = summary["peak_memory_ratio"] <= MEMORY_TARGET
+        targets += f"; peak RSS <= {MEMORY_TARGET}x: {'MET' if mem_ok else 'NOT MET'}"
+    print(f"target{'s' if not distributed else ''}: {targets}")
+    record = {
+        **facts,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "runs": [{k: v for k, v in asdict(r).items() if k != "cpu_samples"} for r in runs],
+        "summary": summary,
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"peak_memory_ratio={fmt(summary['peak_memory_ratio'], 4)}")
+    print(f"throughput_ratio={fmt(summary['throughput_ratio'], 4)}")
+
+
 def machine() -> dict:
     import mlx.core as mx
     from mlx_lm import __version__ as mlx_lm_version
@@ -759,56 +833,7 @@ def bench(args, out: Path, prepare) -> int:
     finally:
         sink.close()
 
-    summary = summarize(runs, args.rounds)
-    print()
-    print_table(runs)
-    print("-" * 20)
-    for trainer, med in summary["medians"].items():
-        print(
-            f"median {trainer:<6}: {fmt(med['tokens_per_sec'])} tok/s "
-            f"(median step {fmt(med['median_step_tokens_per_sec'])}, per CPU-second "
-            f"{fmt(med['cpu_tokens_per_sec'])}), peak RSS "
-            f"{fmt(med['peak_rss_mb'])} MiB, MLX peak {fmt(med['mlx_peak_mb'])} MiB, "
-            f"wall {fmt(med['wall_seconds'])} s, other load {fmt(med['other_cpus'], 2)} cores"
-        )
-    totals = {r.trainer: r.total_tokens for r in runs}
-    same = len({r.total_tokens for r in runs}) == 1
-    print(f"tokens trained per run: {totals} ({'equal' if same else 'DIFFERENT'})")
-    print("per-round throughput ratios: " + ", ".join(fmt(x, 4) for x in summary["round_ratios"]))
-    print(f"throughput ratio of medians: {fmt(summary['throughput_ratio_of_medians'], 4)}")
-    print(
-        "median-step ratios (diagnostic): "
-        + ", ".join(fmt(x, 4) for x in summary["median_step_ratios"])
-        + f" (median {fmt(summary['median_step_ratio'], 4)})"
-    )
-    print(
-        "tokens per CPU-second ratios (diagnostic): "
-        + ", ".join(fmt(x, 4) for x in summary["cpu_ratios"])
-        + f" (median {fmt(summary['cpu_ratio'], 4)})"
-    )
-    busy = max(med["other_cpus"] for med in summary["medians"].values())
-    if busy > NOISY_OTHER_CPUS:
-        print(
-            f"WARNING: other processes kept {fmt(busy, 2)} cores busy (median) during the "
-            "runs;\nwall-clock figures are noisy, trust the per-CPU-second ratio more."
-        )
-    print(f"mlx_peak_ratio={fmt(summary['mlx_peak_ratio'], 4)}")
-    tp_ok = summary["throughput_ratio"] >= THROUGHPUT_TARGET
-    mem_ok = summary["peak_memory_ratio"] <= MEMORY_TARGET
-    print(
-        f"targets: throughput >= {THROUGHPUT_TARGET}: {'MET' if tp_ok else 'NOT MET'}; "
-        f"peak RSS <= {MEMORY_TARGET}x: {'MET' if mem_ok else 'NOT MET'}"
-    )
-    record = {
-        "machine": info,
-        "padding_efficiency": efficiency,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "runs": [{k: v for k, v in asdict(r).items() if k != "cpu_samples"} for r in runs],
-        "summary": summary,
-    }
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(f"peak_memory_ratio={fmt(summary['peak_memory_ratio'], 4)}")
-    print(f"throughput_ratio={fmt(summary['throughput_ratio'], 4)}")
+    report(out, args, runs, {"machine": info, "padding_efficiency": efficiency})
     return 0
 
 

@@ -189,13 +189,30 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
     console.print("  [bold green]bitwise equal[/]" if same else "  [bold red]DIFFERENT[/]")
 
     console.rule("5. mlx-lm loads the adapter and generates")
-    from mlx_lm import generate, load
-
-    model, tokenizer = load(
-        str(base / "model"), adapter_path=str(directory / "interrupted" / "adapters")
-    )
-    text = generate(model, tokenizer, prompt="the quiet river", max_tokens=12)
-    console.print(f"  mlx_lm.generate: {text!r}")
+    # mlx-lm's own command, in a child: the client never imports mlx.
+    generate = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "generate",
+        "--model",
+        str(base / "model"),
+        "--adapter-path",
+        str(directory / "interrupted" / "adapters"),
+        "--prompt",
+        "the quiet river",
+        "--max-tokens",
+        "12",
+        "--ignore-chat-template",
+        "--verbose",
+        "False",
+    ]
+    done = subprocess.run(generate, capture_output=True, text=True)
+    if done.returncode != 0:
+        console.print(f"mlx_lm.generate failed ({done.returncode}):", style="red")
+        console.print(done.stderr, markup=False)
+        return done.returncode
+    console.print(f"  mlx_lm.generate: {done.stdout.strip()!r}")
     console.print(
         f"  try: mlx_lm.generate --model {base / 'model'} "
         f"--adapter-path {directory / 'interrupted' / 'adapters'} --prompt 'the quiet river'"

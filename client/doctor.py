@@ -214,7 +214,7 @@ def _check_package(ctx: Context, package: str) -> Check:
         return warn(
             package,
             f"{package} {version}, but loractl is built against {requirement.specifier}",
-            f"Install the tested version: `{sys.executable} -m pip install "
+            f"Install a supported version: `{sys.executable} -m pip install "
             f"'{package}{requirement.specifier}'`.",
         )
     return ok(package, f"{package} {version}")

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.auth
 
+from loractl.atomic import fsync_path
 from loractl.paths import UnsafeFolder, verify_folder
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def ensure_keys(folder: str | os.PathLike[str]) -> CurveKeys:
             if not os.path.isdir(folder):
                 raise
         else:
-            _fsync_folder(folder.parent)
+            fsync_path(folder.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _verify_folder(folder)
@@ -285,8 +286,8 @@ def _make_keys(staging: Path) -> None:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
     os.chmod(staging, 0o700)
-    _fsync_folder(authorized)
-    _fsync_folder(staging)
+    fsync_path(authorized)
+    fsync_path(staging)
 
 
 @contextmanager
@@ -298,11 +299,3 @@ def _private_umask() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
-
-
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -10,12 +10,14 @@ import os
 import plistlib
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The service manager writes through loractl.atomic; tests/test_launchd.py imports the name
+# from here.
+from loractl.atomic import atomic_write_bytes as write_atomically  # noqa: F401
 from loractl.paths import Layout, default_home
 
 LAUNCHD = "launchd"
@@ -38,8 +40,8 @@ START_LIMIT_INTERVAL_S = 300
 STDOUT_LOG = "supervisor.stdout.log"
 STDERR_LOG = "supervisor.stderr.log"
 
-# launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin; the supervisor reads
-# memory_pressure, vm_stat and sysctl from there, and Homebrew tools live in /opt/homebrew.
+# launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin; Homebrew tools (an ssh
+# for remote ranks, say) live in /opt/homebrew.
 LAUNCHD_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 SYSTEMD_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 
@@ -208,30 +210,6 @@ def build_definition(
         logs=layout.logs,
         environment=environment,
     )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # launchd refuses a plist that group or others can write.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _systemd_quote(word: str, expand_dollar: bool) -> str:

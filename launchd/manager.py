@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loractl.atomic import atomic_write_bytes
 from loractl.launchd.definition import (
     DEFAULT_LABEL,
     LAUNCHD,
@@ -37,7 +38,6 @@ from loractl.launchd.definition import (
     default_target,
     definition_path,
     unit_name,
-    write_atomically,
 )
 from loractl.launchd.runner import COMMAND_NOT_FOUND, CommandRunner, SubprocessRunner
 from loractl.paths import Layout
@@ -222,7 +222,7 @@ class LaunchdService:
         self._require_macos()
         result = self._result("install")
         definition.logs.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, definition.render())
+        atomic_write_bytes(self.path, definition.render())
         result.steps.append(f"wrote {self.path}")
         self._bootstrap(result)
         result.hints.append(
@@ -377,7 +377,7 @@ class SystemdService:
         result = self._result("install")
         was_active = self._systemctl("is-active", "--quiet", self.unit)[0] == 0
         definition.logs.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, definition.render())
+        atomic_write_bytes(self.path, definition.render())
         result.steps.append(f"wrote {self.path}")
         self._checked(result, "daemon-reload")
         self._checked(result, "enable", "--now", self.unit)

@@ -33,6 +33,7 @@ import structlog
 
 from loractl.memory import footprint_mb
 from loractl.protocol import ExitCode, Heartbeat, Message, TrainerEvent
+from loractl.supervisor.classify import split_returncode
 from loractl.supervisor.launcher import (
     LAUNCHER_GRACE_S,
     LINGER_S,
@@ -685,7 +686,7 @@ class Attempt:
             code = self.popen.poll()
             if code is None:
                 return None
-            exit_code, signum = (code, None) if code >= 0 else (None, -code)
+            exit_code, signum = split_returncode(code)
         else:
             if process_alive(self.pid, self.started_at):
                 return None

@@ -48,6 +48,13 @@ class Cause(StrEnum):
     ADAPTER_BUSY = "adapter_busy"
 
 
+def split_returncode(returncode: int | None) -> tuple[int | None, int | None]:
+    """``Popen.returncode`` (``-N`` = killed by signal N) as ``(exit_code, signal)``."""
+    if returncode is not None and returncode < 0:
+        return None, -returncode
+    return returncode, None
+
+
 @dataclass(frozen=True)
 class ExitEvidence:
     """Everything the supervisor knows about one trainer's end."""
@@ -66,9 +73,8 @@ class ExitEvidence:
     @classmethod
     def from_returncode(cls, returncode: int | None, **fields) -> ExitEvidence:
         """Build from ``Popen.returncode`` / ``os.waitstatus_to_exitcode`` (``-N`` = signal N)."""
-        if returncode is not None and returncode < 0:
-            return cls(exit_code=None, signal=-returncode, **fields)
-        return cls(exit_code=returncode, signal=None, **fields)
+        exit_code, signum = split_returncode(returncode)
+        return cls(exit_code=exit_code, signal=signum, **fields)
 
 
 # A reading this close to the budget means the trainer was about to be, or was, out of memory.

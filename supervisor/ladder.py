@@ -6,17 +6,7 @@ of each other (the recipe's rungs accumulate: accumulation 2 *and* seq 128 *and*
 
 from __future__ import annotations
 
-from loractl.config import JobConfig
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+from loractl.config import JobConfig, deep_merge
 
 
 def rung_count(cfg: JobConfig) -> int:
@@ -28,7 +18,7 @@ def rung_overrides(cfg: JobConfig, rung: int) -> dict:
     """The config overrides that put a job on ``rung``."""
     overrides: dict = {}
     for step in cfg.effective_ladder()[:rung]:
-        overrides = merge(overrides, step)
+        overrides = deep_merge(overrides, step)
     return overrides
 
 

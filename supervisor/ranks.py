@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loractl.protocol import ExitCode
+from loractl.supervisor.classify import split_returncode
 
 # What mlx.launch (mlx/_distributed_utils/launch.py, 0.32.4) logs as each rank ends: a
 # negative code is the signal that ended it; "was killed" means the launcher terminated it
@@ -104,7 +105,7 @@ def attempt_exit(
         code = logged.get(number)
         if code is None:
             return None, None
-        return (None, -code) if code < 0 else (code, None)
+        return split_returncode(code)
 
     if culprit is not None:
         code = logged.get(culprit)

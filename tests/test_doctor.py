@@ -192,21 +192,28 @@ def test_old_python_fails(layout):
 
 
 def test_missing_mlx_lm_fails(layout):
-    """An mlx-lm that is not installed fails, and the fix names the pinned version."""
+    """An mlx-lm that is not installed fails, and the fix installs loractl's requirement."""
 
     def version(package: str) -> str:
         raise metadata.PackageNotFoundError(package)
 
-    check = doctor.check_mlx_lm(mac_context(layout, package_version=version))
+    ctx = mac_context(layout, package_version=version)
+    check = doctor.check_mlx_lm(ctx)
     assert status_of(check) is Status.FAIL
-    assert "mlx-lm==" in check.fix
+    required = doctor._pinned_requirement(ctx, "mlx-lm")
+    assert required is not None and required.specifier
+    assert f"pip install '{str(required).split(';')[0]}'" in check.fix
 
 
 def test_mlx_other_than_the_pinned_version_warns(layout):
-    """An mlx that does not match loractl's pin warns and suggests the tested version."""
-    check = doctor.check_mlx(mac_context(layout, package_version=lambda package: "0.18.0"))
+    """An mlx outside loractl's requirement warns and suggests a version inside it."""
+    ctx = mac_context(layout, package_version=lambda package: "0.18.0")
+    check = doctor.check_mlx(ctx)
     assert status_of(check) is Status.WARN
-    assert "0.18.0" in check.detail and "mlx==" in check.fix
+    required = doctor._pinned_requirement(ctx, "mlx")
+    assert required is not None and required.specifier
+    assert "0.18.0" in check.detail and str(required.specifier) in check.detail
+    assert f"pip install 'mlx{required.specifier}'" in check.fix
 
 
 # -- device and memory -----------------------------------------------------------------------
