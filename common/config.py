@@ -933,6 +933,12 @@ class JobConfig:
         None, "Most memory the trainer may use, in MB (memory_budget_gb also accepted);"
         " null: a share of physical RAM.", _int(64, optional=True), "int?",
     )  # fmt: skip
+    preflight: bool = _f(
+        True, "Before the first optimizer step of every attempt, run forward and backward on"
+        " the longest batch (and evaluation on the longest validation batch) and stop at once"
+        " if the peak is over the memory budget; false starts training at once.", _bool(),
+        "bool",
+    )  # fmt: skip
     ladder: list[dict[str, Any]] | None = _f(
         None, "Fallback rungs, each a partial override, taken one per memory crash;"
         " null: the default ladder, []: none.", _ladder, "list?",

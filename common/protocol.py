@@ -51,6 +51,9 @@ class ExitCode(IntEnum):
     OUT_OF_MEMORY = 75  # EX_TEMPFAIL: caught in-process, worth a cheaper rung
     CONFIG_ERROR = 78  # EX_CONFIG: retrying cannot help
     STOPPED = 82  # stopped on request after writing a checkpoint
+    # The pre-flight of the attempt's longest batch peaked over the memory budget: nothing
+    # was trained, and a cheaper rung may fit. Not a crash; costs no retry.
+    DOES_NOT_FIT = 83
 
 
 class ProtocolError(ValueError):
@@ -132,7 +135,11 @@ class TrainerEvent(Message):
     TYPE: ClassVar[str] = "trainer_event"
     job_id: str = ""
     pid: int = 0
-    kind: str = ""  # checkpoint | eval | oom_retry | done | stopped | error
+    # checkpoint | eval | oom_retry | preflight | done | stopped | error. A preflight event's
+    # detail: peak_mb (the larger of MLX's peak and the process footprint), mlx_peak_mb,
+    # footprint_mb, weights_mb (after loading), tokens, batch_size, max_seq_length, eval_peak_mb
+    # and budget_mb.
+    kind: str = ""
     step: int = 0
     examples_seen: int = 0
     detail: dict[str, Any] = field(default_factory=dict)

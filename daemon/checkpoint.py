@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from loractl.atomic import atomic_write_bytes, fsync_path
 from loractl.checkpoints import (
     LATEST_POINTER,
     STATE_FILE,
@@ -23,25 +24,6 @@ from loractl.checkpoints import (
     sha256_file,
     state_checksum,
 )
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 class CheckpointStore(CheckpointReader):
@@ -94,7 +76,7 @@ class CheckpointStore(CheckpointReader):
             shutil.rmtree(final)
         os.rename(staging, final)
         fsync_path(self.root)
-        atomic_write_bytes(self.root / LATEST_POINTER, name.encode())
+        atomic_write_bytes(self.root / LATEST_POINTER, name.encode(), mode=0o600)
         self._prune(keep_name=name)
         body.pop("self_sha256")
         return Checkpoint(path=final, state=body)

@@ -311,14 +311,21 @@ class ExampleOrder:
         return out
 
 
+def padded_width(longest, max_seq_length: int):
+    """The length ``make_batch`` pads a batch to when its longest sample, already truncated
+    to ``max_seq_length``, has ``longest`` tokens (an int, or a numpy array of them)."""
+    return np.minimum(
+        1 + PAD_MULTIPLE * ((longest + PAD_MULTIPLE - 1) // PAD_MULTIPLE), max_seq_length
+    )
+
+
 def make_batch(
     dataset: TokenizedDataset, indices: Sequence[int], max_seq_length: int
 ) -> tuple[mx.array, mx.array]:
     """Pad samples into one batch the way mlx-lm does, returning (tokens, [offset, length])."""
     samples = [dataset[i] for i in indices]
     lengths = [min(len(tokens), max_seq_length) for tokens, _ in samples]
-    width = 1 + PAD_MULTIPLE * ((max(lengths) + PAD_MULTIPLE - 1) // PAD_MULTIPLE)
-    width = min(width, max_seq_length)
+    width = int(padded_width(max(lengths), max_seq_length))
     tokens = np.zeros((len(samples), width), np.int32)
     for row, ((sample, _), length) in enumerate(zip(samples, lengths, strict=True)):
         tokens[row, :length] = sample[:length]

@@ -159,12 +159,14 @@ def run(
     rung: int = 0,
     show_progress: bool | None = None,
     keys_dir: str | None = None,
+    budget_mb: float | None = None,
 ) -> int:
     """Run one attempt of a job and return its exit code. Never raises.
 
     ``settings`` change the job itself, as the command line's flags do (``--iters 8`` makes
     an 8-iteration job); ``overrides`` are a ladder rung's, which change how the job runs but
-    never its length.
+    never its length. ``budget_mb`` is the memory budget the pre-flight holds the attempt to
+    (the supervisor's guard's); without it, the job's memory_budget_mb or a share of RAM.
     """
     if os.environ.get("LORACTL_FAULT_EARLY_EXIT"):
         # Test hook: die the way a broken install does, before the first heartbeat.
@@ -218,6 +220,7 @@ def run(
         attempt=attempt,
         rung=rung,
         show_progress=show_progress,
+        budget_mb=budget_mb,
     )
     return session.run()
 
@@ -255,7 +258,9 @@ class TrainingSession:
         show_progress: bool,
         supervised: bool = False,
         keys_dir: str | None = None,
+        budget_mb: float | None = None,
     ):
+        from loractl.daemon.preflight import default_budget_mb
         from loractl.daemon.telemetry import Requests, Telemetry, new_progress
 
         self.cfg = cfg
@@ -281,6 +286,8 @@ class TrainingSession:
         self.supervised = supervised
         self._signals_seen = 0
         self.collective_watch: CollectiveWatch | None = None
+        self.budget_mb = budget_mb if budget_mb else default_budget_mb(cfg)
+        self.weights_mb = 0.0
 
     def start_over_hint(self) -> str:
         """How to discard the checkpoints and train from the start, for whoever runs us."""
@@ -415,6 +422,12 @@ class TrainingSession:
         # Seed before the LoRA layers are made: their initial A matrices are random.
         mx.random.seed(cfg.seed)
         self._apply_adapters(model)
+        # The fixed part, for the pre-flight's report: the weights with the adapters, before
+        # a checkpoint, an optimizer state or a batch adds anything. (Evaluating the adapters'
+        # initial values now rather than in the first step draws no random numbers: those
+        # were drawn when the layers were made.)
+        mx.eval(model.parameters())
+        self.weights_mb = mx.get_active_memory() / MB
         optimizer = self._build_optimizer()
         store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
         if self.fresh and self.rank == 0:
@@ -455,11 +468,9 @@ class TrainingSession:
             rank=self.rank,
             world_size=self.world_size,
         )
-        hooks = TrainerHooks(self, model, optimizer, store, plan, order, callback)
         self.progress.total_examples = total
         self.progress.examples_seen = state.examples_seen
         self.progress.step = state.step
-        self.progress.phase = "train"
         try:
             from mlx_lm.utils import maybe_set_recommended_wired_limit
 
@@ -470,6 +481,12 @@ class TrainingSession:
             from mlx_lm.tuner.trainer import grad_checkpoint
 
             grad_checkpoint(model.layers[0])
+        if cfg.preflight:
+            stopped = self._preflight(model, datasets, plan, order, state)
+            if stopped is not None:
+                return stopped
+        hooks = TrainerHooks(self, model, optimizer, store, plan, order, callback)
+        self.progress.phase = "train"
         log.info(
             "training",
             total_examples=total,
@@ -508,6 +525,41 @@ class TrainingSession:
             return ExitCode.STOPPED
         self._finish(model, datasets, plan)
         return ExitCode.DONE
+
+    def _preflight(self, model, datasets, plan, order, state) -> int | None:
+        """Run the attempt's longest batch before its first step (see ``preflight.py``);
+        report it, and return ExitCode.DOES_NOT_FIT when its peak is over the budget."""
+        from loractl.daemon.preflight import run_preflight
+
+        self.progress.phase = "preflight"
+        self.touch()
+        result = run_preflight(
+            model,
+            datasets.train,
+            datasets.valid,
+            order=order,
+            start=state.examples_seen,
+            total=plan.total_examples,
+            batch_size=plan.batch_size,
+            max_seq_length=plan.max_seq_length,
+            val_batches=plan.val_batches,
+            seed=plan.seed,
+            budget_mb=self.budget_mb,
+            weights=self.weights_mb,
+            clear_cache_threshold=plan.clear_cache_threshold,
+            rank=self.rank,
+            world_size=self.world_size,
+            world=self.world,
+        )
+        self.touch()
+        detail = result.detail()
+        log.info("preflight", line=result.summary(), **detail)
+        rank = f" (rank {self.rank})" if self.world_size > 1 else ""
+        print(f"loractl: {result.summary()}{rank}", file=sys.stderr)
+        self.telemetry.event("preflight", **detail)
+        if result.fits:
+            return None
+        return self._fail(ExitCode.DOES_NOT_FIT, result.does_not_fit_words(self.world_size))
 
     def _agree_on_start(self, state) -> None:
         """Every rank resumed from the same step, or none trains.
@@ -791,6 +843,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overrides", default="{}", help="JSON object of a ladder rung's config overrides"
     )
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        default=None,
+        help="the memory budget the pre-flight holds this attempt to, in MB (the supervisor "
+        "passes its guard's); default: the job's memory_budget_mb, else 70%% of RAM",
+    )
     args = parser.parse_args(argv)
     return run(
         args.config,
@@ -802,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         attempt=args.attempt,
         rung=args.rung,
         keys_dir=args.keys_dir,
+        budget_mb=args.budget_mb,
     )
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 # The service manager writes through loractl.atomic; tests/test_launchd.py imports the name
 # from here.
-from loractl.atomic import atomic_write_bytes as write_atomically  # noqa: F401
 from loractl.paths import Layout, default_home
 
 LAUNCHD = "launchd"

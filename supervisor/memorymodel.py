@@ -30,9 +30,8 @@ prior that settles what the readings cannot tell apart (see :class:`Prior`): wit
 the split between the fixed part, activations and LoRA is the prior's; with readings at two
 token counts, the fixed part and ``a`` are the readings' and ``b`` keeps the prior's ratio to
 ``a`` until readings on two ranks measure it; ``g`` likewise needs readings with and without
-checkpointing. Non-negative
-coefficients make every prediction monotone: fewer tokens, fewer layers, a lower rank or
-gradient checkpointing never predict more memory.
+checkpointing. Non-negative coefficients make every prediction monotone: fewer tokens, fewer
+layers, a lower rank or gradient checkpointing never predict more memory.
 
 What it assumes, and where it breaks
 ------------------------------------
@@ -43,19 +42,19 @@ What it assumes, and where it breaks
   seq 128 about 2% low on the DESIGN.md table.
 - The longest batch sets the peak, and every batch is counted at ``batch_size *
   max_seq_length`` tokens. Data shorter than ``max_seq_length`` peaks lower; then the model
-  overstates the peak (safe). Batches are assumed to be padded to their longest example, as
-  mlx-lm pads them.
+  overstates the peak (safe). mlx-lm pads a batch to its longest example (to 1 + a multiple of
+  32, at most max_seq_length), so one long example makes the whole batch long.
 - Peaks grow linearly in the batch size. On the DESIGN.md table batch 2 peaked well under twice
   batch 1's activations, so a batch-size rung is predicted to save more than it will, and a
-  larger batch is predicted higher than it will be (29% high for the table's batch-2 row,
-  predicted from the batch-1 rows).
+  larger batch is predicted higher than it will be (28% high for the table's batch-2 row,
+  predicted from two batch-1 rows).
 - Gradient accumulation does not change the peak (DESIGN.md measured 0%): gradients are summed
   into one buffer of the LoRA parameters' size, which is the ``b`` term.
 - The LoRA term assumes mlx-lm's default adapted projections; another ``lora_parameters.keys``
   list changes ``b``, which the readings then learn if the rank changes between them.
 - MLX's buffer cache is not modelled apart: a reading that includes cache growth (the process
   footprint does, ``mx.get_peak_memory`` does not) counts it as part of the peak, and the model
-  learns whatever the readings report. Mix one kind of reading per job.
+  learns whatever the readings report. Keep to one meter per job, the fixed reading too.
 - A distributed job is modelled per process: each rank holds ``batch_size / world_size``
   examples of a batch, and the budget is a per-process budget.
 - ``num_layers: -1`` (all layers) needs the model's depth, which the config does not hold:

@@ -245,9 +245,9 @@ def test_sigkill_of_one_rank_then_relaunch_ends_bitwise_equal(
     # announced reason does.
     # The survivor either hears that its peer is gone or, stuck inside a collective, is ended
     # by its own watcher: both say why, neither is silent.
-    assert (
-        "a peer rank was lost (rank 0)" in stderr or "rank 0 was asked to stop but" in stderr
-    ), stderr
+    assert "a peer rank was lost (rank 0)" in stderr or "rank 0 was asked to stop but" in stderr, (
+        stderr
+    )
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
     stopped_at = max(r["step"] for r in logged(tmp_path, "step"))
     assert stopped_at < JOB["iters"]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, OK, FakeRunner
+from loractl.atomic import atomic_write_bytes as write_atomically
 from loractl.launchd import (
     DEFAULT_LABEL,
     LAUNCHD,
@@ -33,7 +34,6 @@ from loractl.launchd import (
     parse_launchctl_print,
     service_state,
 )
-from loractl.launchd.definition import write_atomically
 from loractl.launchd.manager import _read_unit
 from loractl.paths import Layout
 
