@@ -33,11 +33,12 @@ lint: $(STAMP)
 # mypy finds modules by folder, and the folders here are not named as the packages (common/ is
 # loractl, launchd/ is loractl.launchd, ...): it checks a tree of links that is. Its messages
 # are turned back into the repository's paths. Strict everywhere (pyproject.toml); checked so
-# far: common/ (less __main__.py, the client's entry point) and launchd/. Add a package with
-# -p, e.g. `-p loractl.supervisor`.
+# far: common/ (less __main__.py, the client's entry point), launchd/ and supervisor/. Add a
+# package with -p, e.g. `-p loractl.client`.
 TYPECHECK := build/typecheck
 COMMON_MODULES := $(filter-out __init__ __main__,$(basename $(notdir $(wildcard common/*.py))))
-MYPY_TARGETS := -m loractl $(addprefix -m loractl.,$(COMMON_MODULES)) -p loractl.launchd
+MYPY_TARGETS := -m loractl $(addprefix -m loractl.,$(COMMON_MODULES)) -p loractl.launchd \
+	-p loractl.supervisor
 
 typecheck: $(STAMP)
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/loractl

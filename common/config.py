@@ -665,11 +665,17 @@ def _lora_rung(value: Any, key: str, ctx: _Ctx) -> dict[str, Any]:
     return out
 
 
-def _ladder(value: Any, key: str, ctx: _Ctx) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
+# `ladder: auto`: the rungs are built from the job itself (see auto_ladder).
+AUTO_LADDER = "auto"
+
+
+def _ladder(value: Any, key: str, ctx: _Ctx) -> list[dict[str, Any]] | str | None:
+    if value is None or value == AUTO_LADDER:
+        return value  # type: ignore[no-any-return]  # None or the string "auto"
     if not isinstance(value, list):
-        raise ctx.bad(key, "null or a list of rungs, each a mapping of settings to change", value)
+        raise ctx.bad(
+            key, "null, 'auto', or a list of rungs, each a mapping of settings to change", value
+        )
     rungs = []
     by_name = {f.name: f for f in dataclasses.fields(JobConfig)}
     for i, rung in enumerate(value):
@@ -939,9 +945,10 @@ class JobConfig:
         " if the peak is over the memory budget; false starts training at once.", _bool(),
         "bool",
     )  # fmt: skip
-    ladder: list[dict[str, Any]] | None = _f(
+    ladder: list[dict[str, Any]] | str | None = _f(
         None, "Fallback rungs, each a partial override, taken one per memory crash;"
-        " null: the default ladder, []: none.", _ladder, "list?",
+        " null: the default ladder, 'auto': built from the job (gradient checkpointing, batch"
+        " into accumulation, then sequence length, layers, rank), []: none.", _ladder, "list?",
     )  # fmt: skip
     checkpoint_every: int | None = _f(
         None, "Checkpoint every N optimizer steps; null: save_every / grad_accumulation_steps.",
@@ -1065,7 +1072,12 @@ class JobConfig:
 
     def effective_ladder(self) -> list[dict[str, Any]]:
         """The rungs to step down through: the config's own, else the default recipe."""
-        rungs = self.ladder if self.ladder is not None else default_ladder(self)
+        if self.ladder is None:
+            rungs = default_ladder(self)
+        elif isinstance(self.ladder, str):  # AUTO_LADDER, the one string the schema allows
+            rungs = auto_ladder(self)
+        else:
+            rungs = list(self.ladder)
         copied: list[dict[str, Any]] = json.loads(json.dumps(rungs))
         return copied
 
@@ -1175,6 +1187,37 @@ def default_ladder(cfg: JobConfig) -> list[dict[str, Any]]:
     return rungs
 
 
+def auto_ladder(cfg: JobConfig) -> list[dict[str, Any]]:
+    """`ladder: auto`: the steps that save memory for this job, cheapest to the result first.
+
+    First what keeps the effective batch and the model: gradient checkpointing, then the batch
+    halved into twice the accumulation (down to one example per rank). Then what changes the
+    run: the sequence length halved (twice, not below 64), the trained layers halved, the
+    LoRA rank halved. Accumulation alone is never a rung: at the same batch size it saves
+    nothing (measured: 0%). Each step applies on top of the ones before it, as every ladder's
+    rungs do; the supervisor's memory model then skips a rung predicted to save too little.
+    """
+    rungs: list[dict[str, Any]] = []
+    if not cfg.grad_checkpoint:
+        rungs.append({"grad_checkpoint": True})
+    world = max(cfg.world_size, 1)
+    batch, accumulation = cfg.batch_size, cfg.grad_accumulation_steps
+    while batch // 2 >= world and (batch // 2) % world == 0 and batch % 2 == 0:
+        batch, accumulation = batch // 2, accumulation * 2
+        rungs.append({"batch_size": batch, "grad_accumulation_steps": accumulation})
+    seq = cfg.max_seq_length
+    for _ in range(2):
+        if seq // 2 < 64:
+            break
+        seq //= 2
+        rungs.append({"max_seq_length": seq})
+    if cfg.num_layers > 1:
+        rungs.append({"num_layers": cfg.num_layers // 2})
+    if cfg.fine_tune_type != "full" and cfg.lora_parameters.rank > 1:
+        rungs.append({"lora_parameters": {"rank": cfg.lora_parameters.rank // 2}})
+    return rungs
+
+
 # --- parsing -------------------------------------------------------------------------------
 
 
@@ -1278,7 +1321,7 @@ def _check_world(cfg: JobConfig, ctx: _Ctx) -> None:
             " 'distributed'; each rank takes an equal share of every batch",
             "batch_size",
         )
-    for index, rung in enumerate(cfg.ladder or []):
+    for index, rung in enumerate(cfg.effective_ladder()):
         if "batch_size" in rung and rung["batch_size"] % world:
             raise ctx.error(
                 f"key 'ladder[{index}].batch_size': {rung['batch_size']} is not divisible by"

@@ -78,3 +78,51 @@ def available_mb() -> float:
 
 def total_mb() -> float:
     return psutil.virtual_memory().total / MB
+
+
+# cgroup v1 writes "no limit" as the largest page-aligned 64-bit value.
+_V1_UNLIMITED = 1 << 62
+
+
+def cgroup_memory_limit_mb(proc_root: str = "/proc", sys_root: str = "/sys") -> float | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), the lowest along its ancestors, in MB; None without one.
+
+    The Linux twin of a Mac's RAM for a job: past it the kernel OOM-kills the trainer, so a
+    default budget taken from RAM alone would let the guard watch the trainer die."""
+    from pathlib import Path
+
+    try:
+        lines = (Path(proc_root) / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    mounts = Path(sys_root) / "fs" / "cgroup"
+    limits: list[int] = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            root, name = mounts / "memory", "memory.limit_in_bytes"
+        elif hierarchy == "0" and controllers == "":
+            root, name = mounts, "memory.max"
+        else:
+            continue
+        # Without a cgroup namespace the path may not exist under this mount: its nearest
+        # ancestor that does is the one that limits us.
+        folder = root / path.strip().lstrip("/")
+        while True:
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit() and int(text) < _V1_UNLIMITED:
+                limits.append(int(text))
+            if folder == root or root not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) / MB if limits else None
+
+
+def memory_limit_mb() -> float:
+    """What a job may count on: the machine's RAM, or its cgroup's limit when lower."""
+    limit = cgroup_memory_limit_mb()
+    return min(total_mb(), limit) if limit is not None else total_mb()

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The service manager writes through loractl.atomic; tests/test_launchd.py imports the name
-# from here.
 from loractl.paths import Layout, default_home
 
 LAUNCHD = "launchd"

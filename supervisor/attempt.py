@@ -537,10 +537,10 @@ class Attempt:
                 )
             return
         for rank in self.live_ranks():
-            silent = now - rank.last_heartbeat
-            if silent > self.spec.heartbeat_timeout:
+            quiet_s = now - rank.last_heartbeat
+            if quiet_s > self.spec.heartbeat_timeout:
                 self.culprit = rank.rank
-                self.hang(f"no heartbeat from rank {rank.rank} for {silent:.1f} s")
+                self.hang(f"no heartbeat from rank {rank.rank} for {quiet_s:.1f} s")
                 return
         if self._stalled(now):
             self.culprit = min(self.ranks.values(), key=lambda r: r.step).rank

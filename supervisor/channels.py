@@ -113,7 +113,7 @@ class TelemetryChannels:
 
         if self.remote is not None:
             return str(self.remote.getsockopt_string(zmq.LAST_ENDPOINT))
-        context = zmq.Context.instance()
+        context: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
         keys = ensure_keys(keys_folder(self.layout.home))
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)

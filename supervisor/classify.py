@@ -15,10 +15,12 @@ Nothing here imports mlx or touches the OS, so it is cheap to import and trivial
 from __future__ import annotations
 
 import math
+import re
 import signal as _signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from loractl.protocol import ExitCode
 from loractl.signatures import (
@@ -71,7 +73,7 @@ class ExitEvidence:
     user_stop: bool = False  # a user pause, cancel or shutdown asked it to stop
 
     @classmethod
-    def from_returncode(cls, returncode: int | None, **fields) -> ExitEvidence:
+    def from_returncode(cls, returncode: int | None, **fields: Any) -> ExitEvidence:
         """Build from ``Popen.returncode`` / ``os.waitstatus_to_exitcode`` (``-N`` = signal N)."""
         exit_code, signum = split_returncode(returncode)
         return cls(exit_code=exit_code, signal=signum, **fields)
@@ -132,7 +134,9 @@ def _how(ev: ExitEvidence) -> str:
     return "an unknown exit"
 
 
-def _last_line(text: str, patterns=None, limit: int = _LINE_LIMIT) -> str:
+def _last_line(
+    text: str, patterns: Sequence[re.Pattern[str]] | None = None, limit: int = _LINE_LIMIT
+) -> str:
     """The last non-empty stderr line, or the last one matching ``patterns``, shortened."""
     for line in reversed(text.splitlines()):
         line = line.strip().removeprefix(_NOISE_PREFIX)
@@ -142,7 +146,11 @@ def _last_line(text: str, patterns=None, limit: int = _LINE_LIMIT) -> str:
 
 
 def _with_tail(
-    prefix: str, ev: ExitEvidence, patterns=None, sep: str = ": ", limit: int = _LINE_LIMIT
+    prefix: str,
+    ev: ExitEvidence,
+    patterns: Sequence[re.Pattern[str]] | None = None,
+    sep: str = ": ",
+    limit: int = _LINE_LIMIT,
 ) -> str:
     line = _last_line(ev.stderr_tail, patterns, limit)
     return f"{prefix}{sep}{line}" if line else prefix

@@ -65,10 +65,10 @@ class SideProcesses:
     """Children that are not trainers: started without blocking, reaped on every tick."""
 
     def __init__(self) -> None:
-        self.live: list[subprocess.Popen] = []
+        self.live: list[subprocess.Popen[bytes]] = []
         self._failed: set[str] = set()
 
-    def start(self, argv: list[str]) -> subprocess.Popen | None:
+    def start(self, argv: list[str]) -> subprocess.Popen[bytes] | None:
         try:
             proc = subprocess.Popen(
                 argv,
@@ -88,7 +88,7 @@ class SideProcesses:
     def reap(self) -> None:
         self.live = [proc for proc in self.live if proc.poll() is None]
 
-    def stop(self, proc: subprocess.Popen) -> None:
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -122,7 +122,7 @@ class KeepAwake:
         self.processes = processes
         self.enabled = enabled
         self.command = shlex.split(command) if command else None
-        self.holding: subprocess.Popen | None = None
+        self.holding: subprocess.Popen[bytes] | None = None
 
     def hold(self, pid: int, why: str) -> None:
         self.release()

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from watchdog.events import (
@@ -53,6 +54,9 @@ from watchdog.observers import Observer
 # _default_name is the rule load_config applies to a file's stem; reusing it (rather than a
 # copy) keeps an inbox job named exactly as `loractl submit` of the same file would be.
 from loractl.config import MAX_CONFIG_BYTES, ConfigError, JobConfig, _default_name, load_config
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 __all__ = ["CONFIG_SUFFIXES", "REJECTED", "Accepted", "Inbox", "Rejected"]
 
@@ -102,9 +106,13 @@ class Rejected:
     stored: str = ""
 
 
+# A file's (type, inode, size, mtime), and for a symlink what it points at.
+_Signature = tuple[int, int, int, int, *tuple[object, ...]]
+
+
 @dataclass
 class _Seen:
-    signature: tuple
+    signature: _Signature
     since: float
 
 
@@ -130,13 +138,13 @@ def _fit(stem: str, tail: str, limit: int) -> str:
     return stem + tail
 
 
-def _signature(path: Path) -> tuple | None:
+def _signature(path: Path) -> _Signature | None:
     """What changes when a file is written to, renamed over or re-pointed; None if gone."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
-    sig: tuple = (stat.S_IFMT(info.st_mode), info.st_ino, info.st_size, info.st_mtime_ns)
+    sig: _Signature = (stat.S_IFMT(info.st_mode), info.st_ino, info.st_size, info.st_mtime_ns)
     if stat.S_ISLNK(info.st_mode):
         try:
             target = os.stat(path)
@@ -223,10 +231,10 @@ class Inbox:
         self._seen: dict[str, _Seen | None] = {}
         # Files that could not even be moved to rejected/: retried only once they change, so
         # a read-only folder does not become an error every half second.
-        self._stuck: dict[str, tuple | None] = {}
+        self._stuck: dict[str, _Signature | None] = {}
         self._scan_due = True
         self._next_scan = 0.0
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self._name_max = _NAME_MAX
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -292,7 +300,7 @@ class Inbox:
         return results
 
     @staticmethod
-    def _keep(results: list, result: Accepted | Rejected | None) -> None:
+    def _keep(results: list[Accepted | Rejected], result: Accepted | Rejected | None) -> None:
         # Not logged here: the caller reports what poll() returns, once.
         if result is not None:
             results.append(result)
@@ -381,7 +389,9 @@ class Inbox:
             where = claimed if claimed is not None and os.path.lexists(claimed) else path
             return self._reject_after(where, name, error)
 
-    def _finish_leftover(self, claim_name: str, job_id: str, name: str):
+    def _finish_leftover(
+        self, claim_name: str, job_id: str, name: str
+    ) -> Accepted | Rejected | None:
         claimed = self.inbox / claim_name
         if claim_name in self._stuck and self._stuck[claim_name] == _signature(claimed):
             return None

@@ -34,7 +34,7 @@ def recent_rejections(inbox: Path, limit: int | None) -> list[dict[str, Any]]:
     """Files the inbox turned away, newest first, each with the reason it wrote for it."""
     from loractl.supervisor.inbox import REJECTED
 
-    found = []
+    found: list[dict[str, Any]] = []
     try:
         entries = list(os.scandir(inbox / REJECTED))
     except OSError:

@@ -6,6 +6,8 @@ of each other (the recipe's rungs accumulate: accumulation 2 *and* seq 128 *and*
 
 from __future__ import annotations
 
+from typing import Any
+
 from loractl.config import JobConfig, deep_merge
 
 
@@ -14,9 +16,9 @@ def rung_count(cfg: JobConfig) -> int:
     return 1 + len(cfg.effective_ladder())
 
 
-def rung_overrides(cfg: JobConfig, rung: int) -> dict:
+def rung_overrides(cfg: JobConfig, rung: int) -> dict[str, Any]:
     """The config overrides that put a job on ``rung``."""
-    overrides: dict = {}
+    overrides: dict[str, Any] = {}
     for step in cfg.effective_ladder()[:rung]:
         overrides = deep_merge(overrides, step)
     return overrides
@@ -31,7 +33,7 @@ def describe_rung(cfg: JobConfig, rung: int) -> str:
     if rung == 0:
         return "as submitted"
     step = cfg.effective_ladder()[rung - 1]
-    parts = []
+    parts: list[str] = []
     for key, value in step.items():
         if isinstance(value, dict):
             parts.extend(f"{key}.{k}={v}" for k, v in value.items())

@@ -12,8 +12,10 @@ import logging
 import logging.handlers
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import structlog
+from structlog.typing import Processor
 
 LOG_NAME = "supervisor.log"
 MAX_BYTES = 5 * 1024 * 1024
@@ -21,14 +23,17 @@ BACKUPS = 3
 
 
 def configure_logging(
-    logs_dir: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS, stream=None
+    logs_dir: Path,
+    max_bytes: int = MAX_BYTES,
+    backups: int = BACKUPS,
+    stream: TextIO | None = None,
 ) -> Path:
     """Route every ``structlog.get_logger("loractl...")`` record to both sinks; returns the
     log file's path. Called once, by the supervisor's entry point only: tests that build a
     Supervisor in-process keep structlog's defaults."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     path = logs_dir / LOG_NAME
-    shared = [
+    shared: list[Processor] = [
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

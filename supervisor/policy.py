@@ -53,7 +53,7 @@ class Backoff:
         """``base_s * 2**(n-1)`` spread by +-``jitter``, never over ``cap_s``; 0 for n <= 0."""
         if consecutive_failures <= 0:
             return 0.0
-        raw = min(self.cap_s, self.base_s * 2 ** (consecutive_failures - 1))
+        raw: float = min(self.cap_s, self.base_s * 2 ** (consecutive_failures - 1))
         spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
         return min(self.cap_s, raw * spread)
 

@@ -129,7 +129,7 @@ def pressure_from_available(mem_available_mb: float | None, mem_total_mb: float 
 
 
 def pressure_from_psi(
-    psi: dict, mem_available_mb: float | None, mem_total_mb: float | None
+    psi: dict[str, dict[str, float]], mem_available_mb: float | None, mem_total_mb: float | None
 ) -> Pressure:
     """Critical if full avg10 >= 10 or available < 5%; warn if some avg10 >= 10 or < 15%."""
     full = psi.get("full", {}).get("avg10", 0.0)

@@ -86,3 +86,32 @@ def biggest_consumer(pids: set[int]) -> bool:
         default=None,
     )
     return biggest is not None and biggest.info["pid"] in pids
+
+
+def other_consumers(exclude: set[int], count: int = 3) -> list[tuple[str, float]]:
+    """The ``count`` largest other processes by memory, as (name, MB), largest first: what
+    else holds the memory a stopped trainer needed (a browser, a video call). Their footprint
+    is read as the guard reads the trainer's (phys_footprint on macOS); RSS picks the
+    candidates, since reading every footprint would cost a call per process."""
+    from loractl.memory import footprint_mb
+
+    candidates = []
+    for proc in psutil.process_iter(["pid", "name", "memory_info"]):
+        info = proc.info
+        if info["pid"] in exclude or info["memory_info"] is None:
+            continue
+        candidates.append((info["memory_info"].rss, info["pid"], info["name"] or "?"))
+    candidates.sort(reverse=True)
+    found = []
+    for _rss, pid, name in candidates[: count * 3]:
+        try:
+            found.append((name, footprint_mb(pid)))
+        except (psutil.Error, ProcessLookupError):
+            continue
+    found.sort(key=lambda item: item[1], reverse=True)
+    return found[:count]
+
+
+def describe_consumers(consumers: list[tuple[str, float]]) -> str:
+    """``Google Chrome 3.1 GB, Zoom 1.2 GB, Slack 0.6 GB``."""
+    return ", ".join(f"{name} {mb / 1024:.1f} GB" for name, mb in consumers)

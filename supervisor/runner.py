@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -88,7 +89,7 @@ class Runner:
 
     # -- starting -------------------------------------------------------------------------
 
-    def stderr_path(self, job_id: str, attempt: int):
+    def stderr_path(self, job_id: str, attempt: int) -> Path:
         return self.layout.job_dir(job_id) / "attempts" / f"{attempt:04d}.stderr"
 
     def fresh_start_requested(self, job_id: str, attempt: int) -> bool:
@@ -126,6 +127,7 @@ class Runner:
             command += ["--keys-dir", str(keys_folder(self.layout.home))]
         if cfg.world_size > 1:
             section = cfg.distributed
+            assert section is not None  # more than one rank only with a distributed section
             port = None if section.get("starting_port") else free_port_range(cfg.world_size)
             command = launch_command(section, command, starting_port=port)
         return command, bool(remote)
@@ -181,7 +183,9 @@ class Runner:
 
     def adoptable(self, job: Job) -> bool:
         """Whether the job's recorded trainer still runs: the same process, not a reuse."""
-        return bool(job.trainer_pid) and is_trainer(job.trainer_pid, job.id, job.trainer_started_at)
+        if not job.trainer_pid:
+            return False
+        return is_trainer(job.trainer_pid, job.id, job.trainer_started_at)
 
     def adopt(self, job: Job) -> Attempt:
         """Take over the live trainer a previous supervisor left running."""
@@ -345,7 +349,7 @@ class Runner:
         if event.kind == "checkpoint":
             self.store.update(attempt.job_id, last_checkpoint_step=event.step)
         elif event.kind in ("oom_retry", "error"):
-            where = {"rank": event.rank} if attempt.distributed else {}
+            where: dict[str, Any] = {"rank": event.rank} if attempt.distributed else {}
             self.store.record(attempt.job_id, f"trainer_{event.kind}", **event.detail, **where)
         self.publisher.publish("trainer_event", event)
 

@@ -189,7 +189,7 @@ class Supervisor:
 
     def run(self, wait_for_lock: bool = False) -> int:
         self.acquire_lock(wait=wait_for_lock)
-        context = zmq.Context.instance()
+        context: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
         control = context.socket(zmq.ROUTER)
         telemetry = context.socket(zmq.ROUTER)
         telemetry.setsockopt(zmq.ROUTER_MANDATORY, 1)

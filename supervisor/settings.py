@@ -7,7 +7,8 @@ service definition can set what a user wants changed without a config file of it
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,15 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        values = {}
+        values: dict[str, Any] = {}
         for name, spec in cls.__dataclass_fields__.items():
             raw = os.environ.get(f"LORACTL_{name.upper()}")
             if raw is None:
                 continue
-            if isinstance(spec.default, bool):
+            default = spec.default
+            assert default is not MISSING, f"setting {name} has no default"
+            if isinstance(default, bool):
                 values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
-                values[name] = type(spec.default)(raw)
+                values[name] = type(default)(raw)
         return cls(**values)

@@ -13,6 +13,7 @@ readers use WAL snapshots, so neither side sees "database is locked" under norma
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import re
@@ -20,7 +21,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -147,7 +148,7 @@ class Job:
     step: int = 0
     # JSON object keys are strings, so rungs are keyed by str(rung) here as on disk.
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
-    crashes: list[dict] = field(default_factory=list)
+    crashes: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0.0
     updated_at: float = 0.0
     seq: int = 0
@@ -280,11 +281,12 @@ def _check_fields(values: dict[str, Any]) -> None:
 
 def _check_outcome(job_id: str, state: JobState, outcome: str | None) -> None:
     """The outcome exists exactly when the job has ended, and agrees with how it ended."""
-    expected = {
+    checks: dict[JobState, Callable[[str | None], bool]] = {
         JobState.COMPLETED: lambda o: o == "success",
         JobState.CANCELLED: lambda o: o == "cancelled",
         JobState.FAILED: lambda o: o is not None and o.startswith("failed:") and len(o) > 7,
-    }.get(state, lambda o: o is None)
+    }
+    expected: Callable[[str | None], bool] = checks.get(state, lambda o: o is None)
     if not expected(outcome):
         raise ValueError(f"job {job_id}: outcome {outcome!r} does not fit state {state}")
 
@@ -389,13 +391,15 @@ class Store:
                     raise StoreFull(self.path) from exc
                 raise
 
-    def _read(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
+    def _read(
+        self, sql: str, params: tuple[Any, ...] | builtins.list[Any] = ()
+    ) -> builtins.list[sqlite3.Row]:
         # One statement is one snapshot in WAL mode, so a concurrent writer cannot tear it.
         with self._lock:
             return self.conn.execute(sql, params).fetchall()
 
     def _check_version(self) -> int:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        version: int = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"{self.path} has schema version {version}; this loractl knows up to "
@@ -588,7 +592,7 @@ class Store:
             raise JobNotFound(f"no job with id or name {ref!r}{short}")
         return self._job(rows[0])
 
-    def list(self, states: set[JobState] | frozenset[JobState] | None = None) -> list[Job]:
+    def list(self, states: set[JobState] | frozenset[JobState] | None = None) -> builtins.list[Job]:
         """Jobs in queue order: priority high to low, then submission order."""
         if states is None:
             rows = self._read("SELECT * FROM jobs ORDER BY priority DESC, seq")
@@ -608,7 +612,7 @@ class Store:
         )
         return self._job(rows[0]) if rows else None
 
-    def active(self) -> list[Job]:
+    def active(self) -> builtins.list[Job]:
         """Jobs the scheduler owns: starting, running or in backoff (:data:`IN_FLIGHT`)."""
         return self.list(IN_FLIGHT)
 
@@ -696,7 +700,7 @@ class Store:
                 step=step if isinstance(step, int) else None,
             )
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
+    def events(self, job_id: str) -> builtins.list[dict[str, Any]]:
         """The job's history, oldest first. Missing job: JobNotFound."""
         with self._lock:
             self._fetch(self.conn, job_id)

@@ -462,7 +462,7 @@ MALFORMED = [
     pytest.param(
         "job.yaml",
         BASE + "ladder: {batch_size: 1}\n",
-        "key 'ladder': expected null or a list of rungs",
+        "key 'ladder': expected null, 'auto', or a list of rungs",
         None,
         id="ladder-not-a-list",
     ),
@@ -797,6 +797,7 @@ def non_default_values(tmp_path: Path) -> dict:
         "train": True,  # the only value loractl accepts
         "test": True,
         "test_batches": -1,
+        "preflight": False,
         "fine_tune_type": "dora",
         "optimizer": "adamw",
         "optimizer_config": {"adamw": {"weight_decay": 0.1, "betas": [0.9, 0.95]}},
@@ -1107,6 +1108,46 @@ def test_explicit_ladder_wins_and_empty_means_none(job_dir):
     copy = cfg.effective_ladder()
     copy[0]["grad_checkpoint"] = False
     assert cfg.ladder[0]["grad_checkpoint"] is True
+
+
+def test_auto_ladder_keeps_the_effective_batch_first_then_shrinks_the_run(job_dir):
+    """`ladder: auto` tries checkpointing and batch-into-accumulation before it changes the
+    sequence length, the layers or the rank, and never halves accumulation alone."""
+    cfg = minimal(
+        job_dir,
+        ladder="auto",
+        batch_size=4,
+        grad_accumulation_steps=1,
+        max_seq_length=512,
+        num_layers=16,
+        lora_parameters={"rank": 8},
+    )
+    assert cfg.effective_ladder() == [
+        {"grad_checkpoint": True},
+        {"batch_size": 2, "grad_accumulation_steps": 2},
+        {"batch_size": 1, "grad_accumulation_steps": 4},
+        {"max_seq_length": 256},
+        {"max_seq_length": 128},
+        {"num_layers": 8},
+        {"lora_parameters": {"rank": 4}},
+    ]
+    assert cfg.to_dict()["ladder"] == "auto"
+    floor = minimal(
+        job_dir,
+        ladder="auto",
+        grad_checkpoint=True,
+        batch_size=1,
+        max_seq_length=64,
+        num_layers=1,
+        lora_parameters={"rank": 1},
+    )
+    assert floor.effective_ladder() == []
+
+
+def test_a_ladder_that_is_neither_a_list_nor_auto_is_refused(job_dir):
+    """Any other string is an error that names what is allowed."""
+    with pytest.raises(ConfigError, match="'auto'"):
+        minimal(job_dir, ladder="sometimes")
 
 
 def test_ladder_keys_are_the_documented_set():

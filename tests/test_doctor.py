@@ -361,8 +361,8 @@ def test_service_notes_reach_the_report(layout):
 
 def test_fake_service_state_matches_the_real_one():
     """The fake has exactly the fields of loractl.launchd's ServiceState, so the tests hold."""
-    manager = pytest.importorskip("loractl.launchd.manager")
-    real = [item.name for item in dataclasses.fields(manager.ServiceState)]
+    interface = pytest.importorskip("loractl.launchd.interface")
+    real = [item.name for item in dataclasses.fields(interface.ServiceState)]
     assert real == [item.name for item in dataclasses.fields(FakeServiceState)]
 
 

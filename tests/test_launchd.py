@@ -34,7 +34,7 @@ from loractl.launchd import (
     parse_launchctl_print,
     service_state,
 )
-from loractl.launchd.manager import _read_unit
+from loractl.launchd.systemd import _read_unit
 from loractl.paths import Layout
 
 GOLDEN = FIXTURES / "launchd"
