@@ -75,6 +75,20 @@ def job_table(jobs: list[dict[str, Any]]) -> str:
     )
 
 
+def _rung_memory(rung: dict[str, Any], unmeasured: str) -> str:
+    """A ladder rung's memory: its measured peak (or ``unmeasured``), its predicted peak when
+    the job's memory model has one, and why a step down skipped it."""
+    peak = rung.get("peak_memory_mb")
+    parts = [f"peak {peak:.0f} MB" if peak else unmeasured]
+    predicted = rung.get("predicted_peak_mb")
+    if predicted:
+        parts.append(f"predicted {predicted:.0f} MB")
+    shown = ", ".join(parts)
+    if rung.get("skipped"):
+        shown += f" (skipped: {rung['skipped']})"
+    return shown
+
+
 def job_details(job: dict[str, Any]) -> str:
     progress = job["progress"]
     note = STATE_NOTES.get(job["state"])
@@ -99,9 +113,8 @@ def job_details(job: dict[str, Any]) -> str:
     if job.get("ladder"):
         lines.append("  ladder:")
         for rung in job["ladder"]:
-            peak = rung["peak_memory_mb"]
             marker = "->" if rung["rung"] == job["rung"] else "  "
-            shown = f"peak {peak:.0f} MB" if peak else "not run"
+            shown = _rung_memory(rung, "not run")
             lines.append(f"   {marker} {rung['rung']}: {rung['change']:<40} {shown}")
     if job.get("crashes"):
         lines.append("  crashes:")
@@ -145,9 +158,8 @@ def history_table(events: list[dict[str, Any]]) -> str:
 def ladder_table(ladder: list[dict[str, Any]], current: int) -> str:
     lines = []
     for rung in ladder:
-        peak = rung.get("peak_memory_mb")
         marker = "->" if rung["rung"] == current else "  "
-        shown = f"peak {peak:.0f} MB" if peak else "not run yet"
+        shown = _rung_memory(rung, "not run yet")
         lines.append(f"{marker} rung {rung['rung']}: {rung['change']:<40} {shown}")
     return "\n".join(lines)
 

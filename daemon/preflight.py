@@ -6,9 +6,10 @@ attempt (fresh or resumed) the trainer finds, among the batches the attempt will
 on, the one with the most tokens as ``make_batch`` pads it (rows x padded length, at this
 rung's batch size and sequence length), runs forward and backward on it with the training
 loss, and runs the largest validation batch through the evaluation loss, whose peak can be
-higher. It reads MLX's peak and the process footprint (the reading the supervisor's guard
-acts on) after each, and an attempt whose peak is over the memory budget stops at once with
-``ExitCode.DOES_NOT_FIT``: a memory stop at step 0 instead of hours in.
+higher. Over each pass it reads MLX's peak and the process footprint's (the meter the
+supervisor's guard reads, at its high-water mark: see ``FootprintPeak``); an attempt whose
+peak is over the memory budget stops at once with ``ExitCode.DOES_NOT_FIT``: a memory stop at
+step 0 instead of hours in.
 
 Nothing the run depends on changes: the gradients are dropped (the optimizer never sees
 them), the model keeps its parameters and its train/eval mode, the data order is a pure
@@ -48,7 +49,7 @@ from loractl.daemon.data import (
     padded_width,
     rank_share,
 )
-from loractl.memory import MB, footprint_mb, total_mb
+from loractl.memory import MB, footprint_mb, memory_limit_mb
 from loractl.signatures import is_memory_exception, is_resource_limit_text
 
 # Without memory_budget_mb a job may use this share of the machine's memory: the supervisor's
@@ -58,10 +59,11 @@ DEFAULT_BUDGET_FRACTION = 0.7
 
 def default_budget_mb(cfg: JobConfig) -> float:
     """The budget of a trainer the supervisor did not give one (a foreground run): the job's
-    memory_budget_mb, else the supervisor's default share of RAM."""
+    memory_budget_mb, else the supervisor's default share of RAM (or of a lower cgroup
+    limit)."""
     if cfg.memory_budget_mb:
         return float(cfg.memory_budget_mb)
-    return total_mb() * DEFAULT_BUDGET_FRACTION
+    return memory_limit_mb() * DEFAULT_BUDGET_FRACTION
 
 
 @dataclass(frozen=True)
@@ -276,8 +278,10 @@ class Preflight:
 
     def summary(self) -> str:
         """One line for the terminal and train.log."""
-        line = (
-            f"pre-flight: longest batch {self.rows}\u00d7{self.width} = {self.tokens} tokens "
+        line = f"pre-flight: longest batch {self.rows}\u00d7{self.width} = {self.tokens} tokens "
+        if self.error:
+            return line + f"ran out of memory; budget {self.budget_mb:.0f} MB"
+        line += (
             f"peaked at {self.train.peak_mb:.0f} MB (MLX {self.train.mlx_peak_mb:.0f} MB, "
             f"footprint {self.train.footprint_mb:.0f} MB)"
         )

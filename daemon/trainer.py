@@ -160,6 +160,7 @@ def run(
     show_progress: bool | None = None,
     keys_dir: str | None = None,
     budget_mb: float | None = None,
+    preflight_only: bool = False,
 ) -> int:
     """Run one attempt of a job and return its exit code. Never raises.
 
@@ -167,6 +168,10 @@ def run(
     an 8-iteration job); ``overrides`` are a ladder rung's, which change how the job runs but
     never its length. ``budget_mb`` is the memory budget the pre-flight holds the attempt to
     (the supervisor's guard's); without it, the job's memory_budget_mb or a share of RAM.
+
+    With ``preflight_only`` (`loractl fit`) it stops after the pre-flight, prints its detail
+    as one JSON line on stdout and returns DONE or DOES_NOT_FIT; the job's own adapter folder
+    is never touched (nor its lock taken): the attempt runs in a temporary one.
     """
     if os.environ.get("LORACTL_FAULT_EARLY_EXIT"):
         # Test hook: die the way a broken install does, before the first heartbeat.
@@ -177,6 +182,11 @@ def run(
         # batch_size must not halve the number of examples the job trains on.
         base = load_config(config_path, settings or None)
         cfg = base.with_overrides(overrides) if overrides else base
+        if preflight_only:
+            import tempfile
+
+            scratch = tempfile.mkdtemp(prefix="loractl-fit-")
+            cfg = cfg.with_overrides({"adapter_path": scratch, "preflight": True})
         world = init_world(cfg)
         keys_problem = _telemetry_keys_problem(telemetry_endpoint, keys_dir)
     except ConfigError as exc:
@@ -222,7 +232,13 @@ def run(
         show_progress=show_progress,
         budget_mb=budget_mb,
     )
-    return session.run()
+    if not preflight_only:
+        return session.run()
+    session.preflight_only = True
+    try:
+        return session.run()
+    finally:
+        shutil.rmtree(adapter_path, ignore_errors=True)
 
 
 def _telemetry_keys_problem(endpoint: str | None, keys_dir: str | None) -> str:
@@ -243,6 +259,9 @@ def _telemetry_keys_problem(endpoint: str | None, keys_dir: str | None) -> str:
 
 class TrainingSession:
     """Everything one attempt needs, wired together; ``run`` maps outcomes to exit codes."""
+
+    # `loractl fit`: stop after the pre-flight, printing its detail on stdout.
+    preflight_only = False
 
     def __init__(
         self,
@@ -288,6 +307,7 @@ class TrainingSession:
         self.collective_watch: CollectiveWatch | None = None
         self.budget_mb = budget_mb if budget_mb else default_budget_mb(cfg)
         self.weights_mb = 0.0
+        self.fixed_mb = 0.0
 
     def start_over_hint(self) -> str:
         """How to discard the checkpoints and train from the start, for whoever runs us."""
@@ -414,6 +434,7 @@ class TrainingSession:
         from loractl.daemon.checkpoint import CheckpointStore
         from loractl.daemon.data import ExampleOrder, load_datasets
         from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
+        from loractl.daemon.preflight import weights_mb
 
         cfg = self.cfg
         callback = self._reporting_callback()
@@ -427,7 +448,12 @@ class TrainingSession:
         # initial values now rather than in the first step draws no random numbers: those
         # were drawn when the layers were made.)
         mx.eval(model.parameters())
-        self.weights_mb = mx.get_active_memory() / MB
+        self.weights_mb = weights_mb()
+        # The same in the pre-flight peak's meter (the larger of MLX's and the process
+        # footprint): the part no rung moves, for the supervisor's memory model.
+        from loractl.memory import footprint_mb
+
+        self.fixed_mb = max(self.weights_mb, footprint_mb(os.getpid()))
         optimizer = self._build_optimizer()
         store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
         if self.fresh and self.rank == 0:
@@ -485,6 +511,8 @@ class TrainingSession:
             stopped = self._preflight(model, datasets, plan, order, state)
             if stopped is not None:
                 return stopped
+        if self.preflight_only:
+            return ExitCode.DONE
         hooks = TrainerHooks(self, model, optimizer, store, plan, order, callback)
         self.progress.phase = "train"
         log.info(
@@ -556,7 +584,10 @@ class TrainingSession:
         log.info("preflight", line=result.summary(), **detail)
         rank = f" (rank {self.rank})" if self.world_size > 1 else ""
         print(f"loractl: {result.summary()}{rank}", file=sys.stderr)
-        self.telemetry.event("preflight", **detail)
+        self.telemetry.event("preflight", **detail, fixed_mb=round(self.fixed_mb, 1))
+        if self.preflight_only and self.rank == 0:
+            line = {"preflight": {**detail, "fixed_mb": round(self.fixed_mb, 1)}}
+            print(json.dumps(line, sort_keys=True), flush=True)
         if result.fits:
             return None
         return self._fail(ExitCode.DOES_NOT_FIT, result.does_not_fit_words(self.world_size))
@@ -848,7 +879,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="the memory budget the pre-flight holds this attempt to, in MB (the supervisor "
-        "passes its guard's); default: the job's memory_budget_mb, else 70%% of RAM",
+        "passes its guard's); default: the job's memory_budget_mb, else 70%% of RAM (or of "
+        "a lower cgroup limit)",
+    )
+    parser.add_argument(
+        "--preflight-only",
+        action="store_true",
+        help="run the pre-flight alone (`loractl fit`): print its detail as one JSON line, "
+        "exit 0 if it fits and 83 if not; nothing is written to the adapter folder",
     )
     args = parser.parse_args(argv)
     return run(
@@ -862,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         rung=args.rung,
         keys_dir=args.keys_dir,
         budget_mb=args.budget_mb,
+        preflight_only=args.preflight_only,
     )
 
 

@@ -44,7 +44,9 @@ from loractl.supervisor.policy import StopReason
 from loractl.supervisor.pressure import Pressure, SystemMemory, cgroup_oom_kill_count
 from loractl.supervisor.processes import (
     biggest_consumer,
+    describe_consumers,
     launched_by,
+    other_consumers,
     process_alive,
     trainers_under,
 )
@@ -115,6 +117,7 @@ class AttemptExit:
     # Set once its crash is stored, so handling the exit again (after a full disk) does not
     # record it twice.
     crash_recorded: bool = False
+    plan_recorded: bool = False  # the rungs a step down skipped, likewise
 
     @property
     def job_id(self) -> str:
@@ -412,7 +415,8 @@ class Attempt:
             runaway = critical or footprint > budget * settings.runaway_factor
             grace = settings.checkpoint_grace_s if runaway else settings.stop_grace_s
             grace = min(grace, settings.stop_grace_s)
-            where = {"rank": rank} if rank is not None else {}
+            where: dict[str, Any] = {"rank": rank} if rank is not None else {}
+            others = describe_consumers(other_consumers(self._local_pids() | {os.getpid()}))
             self.hooks.record(
                 self.job_id,
                 "memory_guard",
@@ -420,6 +424,7 @@ class Attempt:
                 footprint_mb=round(footprint, 1),
                 budget_mb=round(budget, 1),
                 grace_s=grace,
+                others=others,
                 **where,
             )
             log.warning(

@@ -249,6 +249,9 @@ def _guard_words(ev: ExitEvidence) -> str:
     return f"stopped by the memory guard, then {_how(ev)}: {detail}"
 
 
+# The trainer's pre-flight verdict line: "does not fit: peak X MB over the Y MB budget ...".
+_DOES_NOT_FIT = re.compile(r"does not fit: ")
+
 RULES: tuple[Rule, ...] = (
     # A finished run is finished, whatever the supervisor was doing to it at that moment.
     Rule(
@@ -258,6 +261,18 @@ RULES: tuple[Rule, ...] = (
         retry=False,
         step_down=False,
         explain=lambda ev: "exit 0: training finished",
+    ),
+    # The pre-flight measured the attempt's longest batch over the budget before training: a
+    # memory stop at step 0, in the trainer's own words, and nothing lost.
+    Rule(
+        "preflight_over_budget",
+        lambda ev: ev.exit_code == ExitCode.DOES_NOT_FIT,
+        Cause.MEMORY,
+        retry=True,
+        step_down=True,
+        explain=lambda ev: (
+            "exit 83: " + (_last_line(ev.stderr_tail, [_DOES_NOT_FIT]) or "does not fit")
+        ),
     ),
     # The supervisor's own actions are certain knowledge and outrank any guess from the symptoms.
     Rule(

@@ -8,6 +8,7 @@ publisher and the notifier); it never sees a process or a socket, only the facts
 
 from __future__ import annotations
 
+import os
 import socket
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from loractl.supervisor.classify import Cause, ExitEvidence, Verdict, classify, 
 from loractl.supervisor.desktop import Notifier
 from loractl.supervisor.jobqueue import JobQueue
 from loractl.supervisor.ladder import describe_rung
+from loractl.supervisor.ladderplan import SKIP_EVENT, next_rung
+from loractl.supervisor.memorymodel import StepPlan
 from loractl.supervisor.policy import (
     Action,
     Do,
@@ -32,6 +35,7 @@ from loractl.supervisor.policy import (
     StopReason,
     after_exit,
 )
+from loractl.supervisor.processes import describe_consumers, other_consumers
 from loractl.supervisor.store import Job, Store, disk_space_mb
 
 log = structlog.get_logger("loractl.supervisor")
@@ -100,13 +104,20 @@ class ExitHandler:
             space = disk_space_mb(Path(cfg.adapter_path))
             if space is not None:
                 free_mb, disk_path = space[0], str(space[2])
+        plan = self._step_plan(job, ended, cfg) if verdict.step_down else None
         facts = ExitFacts(
             stop_reason=ended.stop_reason,
-            heartbeat_seen=ended.heartbeat_seen,
+            # A pre-flight verdict, or the guard's stop, proves the trainer started: what
+            # follows is the ladder's business, not a trainer that dies on arrival.
+            heartbeat_seen=ended.heartbeat_seen
+            or ended.exit_code == ExitCode.DOES_NOT_FIT
+            or ended.stop_reason == StopReason.MEMORY,
             checkpoint_step=ended.last_checkpoint_step,
             stderr_tail=ended.stderr_tail,
             disk_free_mb=free_mb,
             disk_path=disk_path,
+            next_rung=plan.target if plan else None,
+            next_rung_why=plan.reason if plan and plan.skips else "",
         )
         action = after_exit(job, facts, verdict, cfg, self.policy)
         resumed = ended.user_wish == "resume" and ended.stop_reason == StopReason.USER_PAUSE
@@ -115,6 +126,31 @@ class ExitHandler:
             # was resume, so the job goes on from the checkpoint the stop wrote.
             action = Action(Do.REQUEUE, "resumed by the user while pausing; continues")
         self.carry_out(job, with_user_wish(action, ended.user_wish), cfg)
+
+    def _step_plan(self, job: Job, ended: AttemptExit, cfg: JobConfig) -> StepPlan:
+        """Where this memory stop goes: the job's memory model, fitted on its readings so
+        far, picks the first rung predicted to fit; each rung it passes over is recorded
+        with its prediction and reason (once, even when the exit is handled again)."""
+        plan = next_rung(
+            job,
+            self.store.events(job.id),
+            cfg,
+            ended.spec.budget_mb,
+            policy=self.policy.ladder_policy,
+            margin=self.policy.ladder_margin,
+        )
+        if not ended.plan_recorded:
+            for skip in plan.skips:
+                self.store.record(
+                    job.id,
+                    SKIP_EVENT,
+                    cause=f"skipped rung {skip.rung} ({describe_rung(cfg, skip.rung)})",
+                    rung=skip.rung,
+                    predicted_mb=round(skip.predicted_mb or 0.0, 1),
+                    reason=skip.reason,
+                )
+            ended.plan_recorded = True
+        return plan
 
     def _record_crash(self, job: Job, ended: AttemptExit, verdict: Verdict) -> Job:
         culprit = ended.culprit
@@ -184,12 +220,22 @@ class ExitHandler:
     def _step_down(self, job: Job, action: Action, cfg: JobConfig) -> None:
         assert action.rung is not None
         change = describe_rung(cfg, action.rung)
+        # What else holds the memory tonight: the user can close it and keep the rung.
+        others = describe_consumers(other_consumers({os.getpid()}))
         self.store.record(
-            job.id, "ladder_step", from_rung=job.rung, to_rung=action.rung, change=change
+            job.id,
+            "ladder_step",
+            from_rung=job.rung,
+            to_rung=action.rung,
+            change=change,
+            others=others,
         )
-        log.warning("ladder step", job=job.id, to_rung=action.rung, change=change)
+        log.warning("ladder step", job=job.id, to_rung=action.rung, change=change, others=others)
+        also = f"; also using memory: {others}" if others else ""
         self.notify(
-            job, f"{job.name}: out of memory", f"stepping down to rung {action.rung}: {change}"
+            job,
+            f"{job.name}: out of memory",
+            f"stepping down to rung {action.rung}: {change}{also}",
         )
 
     def fail(self, job: Job, cause: str, reason: str) -> None:

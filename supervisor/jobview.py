@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from loractl.config import ConfigError, JobConfig, load_config
-from loractl.memory import total_mb
-from loractl.supervisor.ladder import describe_rung, effective_config, rung_count
+from loractl.memory import memory_limit_mb
+from loractl.supervisor.ladder import effective_config
+from loractl.supervisor.ladderplan import ladder_view
 from loractl.supervisor.store import Job, Store
 
 # Without memory_budget_mb, a job may use this share of the machine's memory.
@@ -27,7 +28,7 @@ def budget_mb(cfg: JobConfig, default_fraction: float = DEFAULT_BUDGET_FRACTION)
     """The memory budget the guard holds the job to, in MB."""
     if cfg.memory_budget_mb:
         return float(cfg.memory_budget_mb)
-    return total_mb() * default_fraction
+    return memory_limit_mb() * default_fraction
 
 
 def recent_rejections(inbox: Path, limit: int | None) -> list[dict[str, Any]]:
@@ -100,17 +101,11 @@ def describe(
     """Everything `show` prints about ``job``. ``trainer_pid`` and ``ranks`` are the live
     attempt's, which only a running supervisor knows."""
     cfg: JobConfig | None
+    history = store.events(job.id)
     try:
         cfg = load_config(job.config_path)
         effective = effective_config(cfg, job.rung).to_dict()
-        ladder = [
-            {
-                "rung": rung,
-                "change": describe_rung(cfg, rung),
-                "peak_memory_mb": job.peak_memory_mb.get(str(rung)),
-            }
-            for rung in range(rung_count(cfg))
-        ]
+        ladder = ladder_view(job, history, cfg)
     except ConfigError as exc:
         cfg, effective, ladder = None, {"error": str(exc)}, []
     adapter_path = effective.get("adapter_path")
@@ -128,7 +123,7 @@ def describe(
         "job_dir": job.job_dir,
         "budget_mb": round(budget_mb(cfg, default_budget_fraction), 1) if cfg else None,
         "last_checkpoint_step": job.last_checkpoint_step,
-        "history": store.events(job.id),
+        "history": history,
     }
 
 

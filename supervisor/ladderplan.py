@@ -47,7 +47,8 @@ def measurements(
             continue
         if not isinstance(peak, int | float) or peak <= 0:
             continue
-        weights = detail.get("weights_mb")
+        # The fixed part in the peak's own meter when the trainer sent it.
+        weights = detail.get("fixed_mb") or detail.get("weights_mb")
         fixed = float(weights) if isinstance(weights, int | float) and weights > 0 else None
         found.append(Measurement(shapes[rung], float(peak), "preflight", fixed_mb=fixed))
     for key, peak in job.peak_memory_mb.items():

@@ -90,6 +90,10 @@ class ExitFacts:
     stderr_tail: str = ""
     disk_free_mb: float | None = None  # for a disk-full exit: what is left, and where
     disk_path: str = ""
+    # For a memory exit: the rung the memory model chose (skipping rungs that would not
+    # help); None steps down one rung, as the recipe does.
+    next_rung: int | None = None
+    next_rung_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class PolicySettings:
     early_death_limit: int = 3
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
+    ladder_policy: str = "learning"  # or "blind": see supervisor/ladderplan.py
+    ladder_margin: float = 0.10
 
 
 def after_exit(
@@ -159,11 +165,13 @@ def after_exit(
                 fail_cause="memory",
                 early_deaths=early_deaths,
             )
-        rung = job.rung + 1
+        rung = facts.next_rung if facts.next_rung is not None else job.rung + 1
+        rung = min(max(rung, job.rung + 1), rung_count(cfg) - 1)
         change = describe_rung(cfg, rung)
+        because = f"; {facts.next_rung_why}" if facts.next_rung_why else ""
         return Action(
             Do.STEP_DOWN,
-            f"memory: stepping down to rung {rung} ({change})",
+            f"memory: stepping down to rung {rung} ({change}){because}",
             rung=rung,
             retries_on_rung=0,
             early_deaths=early_deaths,
@@ -198,7 +206,7 @@ def ladder_exhausted(job: Any, cfg: JobConfig) -> str:
     lines = ["out of memory on every rung of the ladder:"]
     for rung in range(rung_count(cfg)):
         peak = job.peak_memory_mb.get(str(rung))
-        shown = f"peak {peak:.0f} MB" if peak else "no reading"
+        shown = f"peak {peak:.0f} MB" if peak else "not run (skipped, or never reached)"
         lines.append(f"  rung {rung} ({describe_rung(cfg, rung)}): {shown}")
     lines.append(
         "add a rung (grad_checkpoint: true, fewer num_layers, smaller batch_size) "

@@ -31,6 +31,7 @@ from loractl.supervisor.channels import Publisher, TelemetryChannels
 from loractl.supervisor.desktop import KeepAwake
 from loractl.supervisor.jobview import budget_mb
 from loractl.supervisor.ladder import describe_rung, rung_overrides
+from loractl.supervisor.ladderplan import PREFLIGHT_EVENT
 from loractl.supervisor.policy import StopReason
 from loractl.supervisor.pressure import SystemMemory
 from loractl.supervisor.processes import TRAINER_MODULE, is_trainer, start_time
@@ -119,6 +120,9 @@ class Runner:
             "--overrides",
             json.dumps(rung_overrides(cfg, job.rung)),
         ]
+        # The pre-flight holds the longest batch to the same budget the guard does.
+        budget = budget_mb(cfg, self.settings.default_budget_fraction)
+        command += ["--budget-mb", f"{budget:.0f}"]
         if self.fresh_start_requested(job.id, attempt):
             command.append("--fresh")
         if remote:
@@ -348,6 +352,14 @@ class Runner:
     def _event_recorded(self, attempt: Attempt, event: TrainerEvent) -> None:
         if event.kind == "checkpoint":
             self.store.update(attempt.job_id, last_checkpoint_step=event.step)
+        elif event.kind == PREFLIGHT_EVENT and (event.rank == 0 or not attempt.distributed):
+            # A reading for the job's memory model, on the rung it was taken on.
+            self.store.record(
+                attempt.job_id, PREFLIGHT_EVENT, **{**event.detail, "rung": attempt.spec.rung}
+            )
+            peak = event.detail.get("peak_mb")
+            if isinstance(peak, int | float) and peak > 0:
+                self.store.note_peak(attempt.job_id, attempt.spec.rung, float(peak))
         elif event.kind in ("oom_retry", "error"):
             where: dict[str, Any] = {"rank": event.rank} if attempt.distributed else {}
             self.store.record(attempt.job_id, f"trainer_{event.kind}", **event.detail, **where)

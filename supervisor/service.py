@@ -129,6 +129,8 @@ class Supervisor:
                 early_death_limit=self.settings.early_death_limit,
                 backoff_base_s=self.settings.backoff_base_s,
                 backoff_cap_s=self.settings.backoff_cap_s,
+                ladder_policy=self.settings.ladder_policy,
+                ladder_margin=self.settings.ladder_margin,
             ),
             hostname=self.hostname,
             kill_attempt_of=self.runner.kill_attempt_of,

@@ -53,6 +53,11 @@ class Settings:
     # The address ranks on other Macs reach this supervisor at (default: this machine's
     # address on the route to the job's first remote host).
     telemetry_address: str = ""
+    # How a memory stop steps down: "learning" (the job's memory model picks the first rung
+    # predicted to fit, skipping rungs that would not help) or "blind" (one rung, the recipe).
+    ladder_policy: str = "learning"
+    # The share of the budget a rung's predicted peak must stay under.
+    ladder_margin: float = 0.10
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -50,6 +50,15 @@ def ev(exit_code=None, sig=None, **fields) -> ExitEvidence:
 CASES = [
     ("exit 0", ev(0), "done"),
     ("exit 0 while the guard was stopping it", ev(0, memory_guard_stop=True), "done"),
+    (
+        "pre-flight over budget",
+        ev(
+            ExitCode.DOES_NOT_FIT,
+            stderr_tail="loractl: does not fit: peak 412 MB over the 300 MB budget on the"
+            " longest batch (1024 tokens)\n",
+        ),
+        "preflight_over_budget",
+    ),
     ("hang, then SIGKILL", ev(sig=signal.SIGKILL, hang_detected=True), "hang"),
     (
         "hang, then SIGKILL under pressure",

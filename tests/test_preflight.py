@@ -180,16 +180,21 @@ def test_longest_eval_batch_is_among_the_batches_evaluation_runs():
     assert longest_eval_batch(None, 4, 2, 256, seed=3) is None
 
 
-def test_default_budget_is_the_supervisors(tmp_path):
-    """Without --budget-mb the trainer holds itself to the budget the supervisor would set."""
+def test_default_budget_is_the_supervisors(tmp_path, monkeypatch):
+    """Without --budget-mb the trainer holds itself to the budget the supervisor would set,
+    a cgroup limit included."""
     from loractl.config import parse_config
     from loractl.supervisor.jobview import budget_mb
 
     (tmp_path / "model").mkdir()
     (tmp_path / "data").mkdir()
-    for extra in ({}, {"memory_budget_mb": 3000}):
-        cfg = parse_config({"model": "model", "data": "data", **extra}, tmp_path)
+    plain = parse_config({"model": "model", "data": "data"}, tmp_path)
+    budgeted = parse_config({"model": "model", "data": "data", "memory_budget_mb": 3000}, tmp_path)
+    for cfg in (plain, budgeted):
         assert default_budget_mb(cfg) == pytest.approx(budget_mb(cfg))
+    assert default_budget_mb(budgeted) == 3000
+    monkeypatch.setattr("loractl.memory.cgroup_memory_limit_mb", lambda: 1000.0)
+    assert default_budget_mb(plain) == pytest.approx(budget_mb(plain)) == 700
 
 
 def test_an_allocation_failure_in_the_preflight_is_a_verdict_not_a_crash():
@@ -217,7 +222,7 @@ def test_an_allocation_failure_in_the_preflight_is_a_verdict_not_a_crash():
     result = run_preflight(
         nn.Linear(2, 2), dataset, None, **common, loss=failing(FaultInjector.MESSAGE)
     )
-    assert not result.fits
+    assert not result.fits and "ran out of memory" in result.summary()
     assert result.does_not_fit_words().startswith(
         "does not fit: out of memory on the longest batch (65 tokens) with a 1000000 MB budget"
     )

@@ -310,7 +310,8 @@ def test_deaths_before_the_first_heartbeat_fail_with_the_stderr_tail(
 def test_exhausted_ladder_fails_listing_every_rung_and_its_peak(
     tiny_workspace, tmp_path, supervisor
 ):
-    """With a budget no rung fits, the job fails naming each rung tried and its peak memory."""
+    """With a budget no rung fits, the job fails naming each rung and the peak of each it
+    tried; the memory model may skip rungs between, and every stop comes at step 0."""
     supervisor.start()
     config = make_job(tiny_workspace, tmp_path / "src", iters=400, memory_budget_mb=64)
     job_id = supervisor.submit(config)
@@ -318,9 +319,15 @@ def test_exhausted_ladder_fails_listing_every_rung_and_its_peak(
     assert job["state"] == "failed" and job["outcome"] == "failed:memory"
     rungs = len(job["ladder"])
     assert rungs == 4 and job["rung"] == rungs - 1
-    assert [c["cause"] for c in job["crashes"]] == ["memory"] * rungs
+    tried = [c["rung"] for c in job["crashes"]]
+    assert tried[0] == 0 and tried[-1] == rungs - 1
+    assert {c["cause"] for c in job["crashes"]} == {"memory"}
+    # Stopped by the guard while loading, or by its own pre-flight: either way at step 0.
+    assert {c["rule"] for c in job["crashes"]} <= {"preflight_over_budget", "memory_guard"}
+    assert {c["step"] for c in job["crashes"]} == {0}
     for rung in range(rungs):
         assert f"rung {rung} (" in job["reason"]
+    for rung in tried:
         assert job["peak_memory_mb"][str(rung)] > 64
     assert "peak" in job["reason"]
 

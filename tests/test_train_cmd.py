@@ -170,13 +170,17 @@ def test_every_flag_reaches_the_trainer(tiny_workspace, tmp_path):
         "cleanup_every": 4,
         "low_memory_mb": 1,
         "notify": True,
+        "preflight": False,
     }
     # report_to needs its package installed; the test above covers that flag.
     assert set(flags) | {"report_to"} == {info.name for info in schema_flags()}
     args = ["train", str(config)]
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+        if value is False:
+            args.append("--no-" + name.replace("_", "-"))
+        else:
+            args += [flag] if value is True else [flag, str(value)]
     result = loractl(*args)
     assert result.returncode == 0, result.stderr
     ran = log_events(out, "attempt starting")[0]["config"]
