@@ -740,6 +740,43 @@ def warn(warnings) -> None:
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--budget",
+    metavar="SIZE",
+    default=None,
+    help="Memory budget, e.g. 12GB, 900MB or 900 (MB); default: the job's own.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def fit(config, budget, as_json) -> None:
+    """Will CONFIG fit in memory? Runs its pre-flight alone (nothing is trained) on rung 0,
+    then on the rungs the memory model picks; exits 0 when some rung fits, 1 otherwise."""
+    from loractl.client.fit_cmd import FitError, fit_job, fit_table, resolve_budget
+    from loractl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        fail(str(exc), ExitCode.CONFIG_ERROR, as_json=as_json)
+        return
+    try:
+        limit = resolve_budget(cfg, budget)
+    except ValueError as exc:
+        fail(f"--budget: {exc}", ClientExit.USAGE, as_json=as_json)
+        return
+    try:
+        result = fit_job(config, cfg, limit, say=lambda line: click.echo(line, err=True))
+    except FitError as exc:
+        fail(str(exc), exc.code, as_json=as_json)
+        return
+    if as_json:
+        emit(result, as_json=True)
+    else:
+        click.echo(fit_table(result))
+    sys.exit(ClientExit.OK if result["fits"] is not None else ClientExit.JOB_FAILED)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 def version(as_json) -> None:
     """Print loractl's version and protocol version."""

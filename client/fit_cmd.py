@@ -58,6 +58,11 @@ def parse_size_mb(text: str) -> float:
     return value
 
 
+def resolve_budget(cfg: JobConfig, size: str | None) -> float:
+    """The budget in MB: ``size`` parsed, else the job's own (as the supervisor's guard)."""
+    return parse_size_mb(size) if size is not None else job_budget_mb(cfg)
+
+
 @dataclass
 class Preflight:
     """One rung's pre-flight, as the trainer reported it."""
@@ -134,7 +139,7 @@ def fit_job(
     notes: dict[int, str] = {}
     rung: int | None = 0
     while rung is not None:
-        say(f"pre-flight of rung {rung} ({describe_rung(cfg, rung)})")
+        say(f"loractl: pre-flight of rung {rung} ({describe_rung(cfg, rung)})")
         done[rung] = measure(config, cfg, rung, budget_mb)
         if done[rung].fits:
             break
@@ -190,6 +195,7 @@ def fit_table(result: dict[str, Any]) -> str:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    lines.extend(f"rung {row['rung']} {row['note']}" for row in result["rungs"] if row["note"])
     budget = f"{result['budget_mb']:.0f} MB"
     if result["fits"] is not None:
         found = result["rungs"][result["fits"]]

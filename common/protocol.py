@@ -106,7 +106,7 @@ class Heartbeat(Message):
     job_id: str = ""
     attempt: int = 0
     pid: int = 0
-    phase: str = "starting"  # loading | train | eval | checkpoint | done
+    phase: str = "starting"  # loading | preflight | train | eval | checkpoint | done
     step: int = 0  # optimizer steps taken; the separate progress signal
     examples_seen: int = 0
     total_examples: int = 0

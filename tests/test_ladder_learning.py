@@ -8,19 +8,22 @@ predicted peak was within 15% of what its own pre-flight then measured.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_job
+from conftest import make_job, run_trainer
 from loractl.client.harness import SupervisorProcess, measure_footprint
 from loractl.daemon.tinymodel import prepare
+from loractl.protocol import ExitCode
 
 # The ladder preset's default ladder: accumulation 4->2, seq 256->128, rank 8->4.
 ACCUMULATION_RUNG, SEQ_RUNG = 1, 2
 PREDICTED = re.compile(r"rung (\d+) is predicted to peak at (\d+(?:\.\d+)?) MB")
+DOES_NOT_FIT = re.compile(r"does not fit: peak (\d+(?:\.\d+)?) MB")
 
 
 @pytest.fixture
@@ -37,6 +40,16 @@ def ladder_workspace(tmp_path_factory) -> Path:
     return root
 
 
+def preflight_peak(config: Path, folder: Path) -> float:
+    """Rung 0's pre-flight peak in MB: the real trainer held to a 1 MB budget stops with it."""
+    overrides = json.dumps({"adapter_path": str(folder / "adapters")})
+    done = run_trainer(config, "--fresh", "--budget-mb", "1", "--overrides", overrides)
+    assert done.returncode == ExitCode.DOES_NOT_FIT, done.stderr[-2000:]
+    found = DOES_NOT_FIT.search(done.stderr)
+    assert found, done.stderr[-2000:]
+    return float(found.group(1))
+
+
 def events(job: dict, kind: str) -> list[dict]:
     return [e for e in job["history"] if e["kind"] == kind]
 
@@ -46,10 +59,16 @@ def test_squeezed_ladder_job_skips_the_accumulation_rung_and_trains_on_seq_128(
 ):
     probe = make_job(ladder_workspace, tmp_path / "probe", iters=24, val_batches=1)
     assert "ladder" not in yaml.safe_load(probe.read_text())  # the recipe's default ladder
+    # Measured, not hard-coded: the running footprint of rung 0 and of the seq-128 rung, and
+    # rung 0's pre-flight peak, which is what holds it to the budget before its first step.
     rung0 = measure_footprint(probe, {"max_seq_length": 256})
     seq128 = measure_footprint(probe, {"max_seq_length": 128})
+    rung0_preflight = preflight_peak(probe, tmp_path / "flight")
     assert rung0 > seq128 * 1.1, (rung0, seq128)
-    budget = int((rung0 + seq128) / 2)
+    # Over the seq-128 rung's running peak (it must train to the end under the guard) and
+    # under rung 0's pre-flight peak (which must stop it at step 0): halfway between.
+    assert rung0_preflight > seq128 * 1.04, (rung0_preflight, seq128)
+    budget = int((min(rung0, rung0_preflight) + seq128) / 2)
     config = make_job(
         ladder_workspace,
         tmp_path / "src",
@@ -60,8 +79,6 @@ def test_squeezed_ladder_job_skips_the_accumulation_rung_and_trains_on_seq_128(
     )
     supervisor.start()
     job_id = supervisor.submit(config)
-    # The prediction the step down acted on, as `show` gave it right after the step.
-    stepped = None
     job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=400)
     assert job["state"] == "completed", job["reason"] + supervisor.debug()
 
@@ -107,11 +124,12 @@ def test_squeezed_ladder_job_skips_the_accumulation_rung_and_trains_on_seq_128(
     measured = flights[SEQ_RUNG]["peak_mb"]
     error = abs(predicted - measured) / measured
     peaks = {r: f["peak_mb"] for r, f in flights.items()}
+    running = job["peak_memory_mb"].get(str(SEQ_RUNG))
     print(
-        f"footprints: rung 0 {rung0:.1f} MB, seq-128 {seq128:.1f} MB; budget {budget} MB;"
-        f" pre-flight peaks {peaks};"
+        f"footprints: rung 0 {rung0:.1f} MB, seq-128 {seq128:.1f} MB; rung 0 pre-flight probe"
+        f" {rung0_preflight:.1f} MB; budget {budget} MB; job's pre-flight peaks {peaks};"
         f" rung 1 predicted {skip['predicted_mb']} MB ({skip['reason']});"
-        f" rung 2 predicted {predicted} MB, measured {measured} MB, error {error:.1%}"
+        f" rung 2 predicted {predicted} MB, pre-flight {measured} MB, error {error:.1%};"
+        f" rung 2 running peak {running} MB"
     )
     assert error <= 0.15, (predicted, measured, error)
-    del stepped

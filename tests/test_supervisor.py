@@ -92,7 +92,9 @@ def ladder_workspace(tmp_path_factory) -> Path:
 def test_real_memory_pressure_steps_down_to_the_rung_that_fits(
     ladder_workspace, tmp_path, supervisor
 ):
-    """A budget between seq-256 and seq-128 footprints ends the job on the seq-128 rung."""
+    """A budget between seq-256 and seq-128 footprints ends the job on the seq-128 rung: the
+    guard's own path, mid-run, with the blind ladder and no pre-flight (the learning ladder
+    and the pre-flight are tested in test_ladder_learning.py)."""
     probe = make_job(ladder_workspace, tmp_path / "probe", iters=24, val_batches=1)
     long_seq = measure_footprint(probe, {"max_seq_length": 256})
     short_seq = measure_footprint(probe, {"max_seq_length": 128})
@@ -105,7 +107,9 @@ def test_real_memory_pressure_steps_down_to_the_rung_that_fits(
         memory_budget_mb=budget,
         val_batches=1,
         checkpoint_every=1,
+        preflight=False,
     )
+    supervisor.env["LORACTL_LADDER_POLICY"] = "blind"
     supervisor.start()
     job_id = supervisor.submit(config)
     job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=400)
