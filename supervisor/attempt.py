@@ -411,8 +411,12 @@ class Attempt:
         critical = system.pressure == Pressure.CRITICAL
         settings = self.settings
         budget = self.spec.budget_mb
+        runaway = critical or bool(footprint and footprint > budget * settings.runaway_factor)
+        if footprint and footprint > budget and self.phase == "preflight" and not runaway:
+            # The pre-flight is measuring exactly this peak and stops itself in seconds,
+            # with the reading the memory model needs; only a runaway is stopped first.
+            return
         if footprint and footprint > budget:
-            runaway = critical or footprint > budget * settings.runaway_factor
             grace = settings.checkpoint_grace_s if runaway else settings.stop_grace_s
             grace = min(grace, settings.stop_grace_s)
             where: dict[str, Any] = {"rank": rank} if rank is not None else {}

@@ -71,23 +71,30 @@ def next_rung(
     margin: float = 0.10,
 ) -> StepPlan:
     """Where a memory stop on ``job.rung`` goes next. Under the blind policy: one rung down.
-    Under the learning one: the first rung predicted to fit; when none is predicted to, the
-    cheapest rung left (its pre-flight, seconds long, is the real judge)."""
+    Under the learning one: the first rung predicted to fit, once a pre-flight has measured
+    the job; without one, or when no rung is predicted to fit, one rung down."""
     last = rung_count(cfg) - 1
     if job.rung >= last:
         return StepPlan(job.rung, None, (), "no rung is left")
     if policy == "blind":
         return StepPlan(job.rung, job.rung + 1, (), "one rung down (blind policy)", blind=True)
     shapes = ladder_shapes(cfg)
-    model = MemoryModel.fit(measurements(job, events, shapes))
-    plan = plan_step_down(model, shapes, job.rung, budget_mb, margin=margin)
+    readings = measurements(job, events, shapes)
+    if not any(reading.kind == PREFLIGHT_EVENT for reading in readings):
+        # Only the guard's readings, lower bounds taken mid-run: they cannot tell the fixed
+        # part from the activations, so no rung is skipped on their word.
+        return StepPlan(
+            job.rung, job.rung + 1, (), "no pre-flight reading yet: one rung down", blind=True
+        )
+    plan = plan_step_down(MemoryModel.fit(readings), shapes, job.rung, budget_mb, margin=margin)
     if plan.target is None:
+        # Nothing is predicted to fit: one rung down, as the recipe would, so a model that
+        # is wrong never costs a rung the blind ladder would have tried.
         return StepPlan(
             job.rung,
-            last,
-            tuple(skip for skip in plan.skips if skip.rung != last),
-            f"{plan.reason}; trying the cheapest rung, {last}, whose pre-flight decides",
-            predicted_mb=plan.predicted_mb,
+            job.rung + 1,
+            (),
+            f"{plan.reason}; stepping down one rung",
             stopped_predicted_mb=plan.stopped_predicted_mb,
             limit_mb=plan.limit_mb,
         )

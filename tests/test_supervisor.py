@@ -145,7 +145,10 @@ def test_segfault_is_memory_only_with_memory_evidence(tiny_workspace, tmp_path, 
     job = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=180)
     assert job["state"] == "completed", job["reason"]
     assert [c["cause"] for c in job["crashes"]] == ["memory"], job["crashes"]
-    assert job["rung"] == 1
+    # Down at least one rung; the memory model may pass over the accumulation rung, which
+    # saves nothing, and then says so in the history.
+    skipped = {e["detail"]["rung"] for e in job["history"] if e["kind"] == "rung_skipped"}
+    assert job["rung"] >= 1 and skipped == set(range(1, job["rung"])), (job["rung"], skipped)
 
 
 def test_stopped_trainer_is_detected_as_hung_and_restarted(tiny_workspace, tmp_path, supervisor):

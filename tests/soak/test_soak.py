@@ -692,7 +692,13 @@ def verify(soak: Soak, fault: Fault, jobs: dict[str, dict]) -> str:
     crashes = [c for c in job["crashes"] if c.get("at", 0) >= fault.at - 1]
     expected = EXPECTED_CAUSE[fault.kind]
     if fault.kind == "memory_squeeze":
-        guard = [e for e in job["history"] if e["kind"] == "memory_guard" and e["at"] >= fault.at]
+        # The guard stops it mid-run, or its pre-flight stops it before the first step.
+        guard = [
+            e
+            for e in job["history"]
+            if e["at"] >= fault.at
+            and (e["kind"] == "memory_guard" or e["detail"].get("rule") == "preflight_over_budget")
+        ]
         steps = [e for e in job["history"] if e["kind"] == "ladder_step" and e["at"] >= fault.at]
         if not guard or not steps or not [c for c in crashes if c["cause"] == "memory"]:
             return f"guard {len(guard)}, ladder steps {len(steps)}, crashes {crashes}"
