@@ -413,6 +413,8 @@ class JobState(StrEnum):
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 # A trainer process may exist for the job.
 ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.PAUSING, JobState.CANCELLING})
+# A user's pause or cancel is being carried out: the trainer is checkpointing and exiting.
+STOPPING = frozenset({JobState.PAUSING, JobState.CANCELLING})
 # The scheduler owns the job: a trainer exists or is about to be restarted.
 IN_FLIGHT = ACTIVE | {JobState.BACKOFF}
 # Waiting for, or holding, its turn: the queue has not drained while one of these is left.

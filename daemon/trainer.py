@@ -815,7 +815,7 @@ class TrainingSession:
             )
 
     def _write_adapter_config(self) -> None:
-        from loractl.daemon.checkpoint import atomic_write_bytes
+        from loractl.atomic import atomic_write_bytes
 
         body = json.dumps(self.cfg.mlx_lm_args(), indent=4, sort_keys=True).encode()
         atomic_write_bytes(self.adapter_path / "adapter_config.json", body)

@@ -18,7 +18,7 @@ import structlog
 
 from loractl.checkpoints import completed_in
 from loractl.config import ConfigError, JobConfig, load_config
-from loractl.protocol import TRANSITIONS, CrashEvent, ExitCode, JobState
+from loractl.protocol import ACTIVE, TRANSITIONS, CrashEvent, ExitCode, JobState
 from loractl.supervisor.attempt import AttemptExit
 from loractl.supervisor.channels import Publisher
 from loractl.supervisor.classify import Cause, ExitEvidence, Verdict, classify, signal_name
@@ -69,7 +69,7 @@ class ExitHandler:
 
     def on_exit(self, ended: AttemptExit) -> None:
         job = self.store.get(ended.job_id)
-        if job.state not in (JobState.STARTING, JobState.RUNNING, *STOPPING):
+        if job.state not in ACTIVE:
             # Handled already, up to a write the disk refused (a retry after a full disk):
             # only the loop's own timer may be missing.
             if job.state == JobState.BACKOFF:
@@ -299,10 +299,6 @@ def with_user_wish(action: Action, wish: str | None) -> Action:
         rung=action.rung if action.do == Do.STEP_DOWN else None,
         early_deaths=action.early_deaths,
     )
-
-
-# A user's pause or cancel is being carried out: the attempt is still ending.
-STOPPING = (JobState.PAUSING, JobState.CANCELLING)
 
 
 def evidence_of(ended: AttemptExit) -> ExitEvidence:

@@ -24,6 +24,7 @@ from loractl import __version__
 from loractl.config import ConfigError, load_config
 from loractl.paths import Layout
 from loractl.protocol import (
+    STOPPING,
     TERMINAL,
     CancelRequest,
     CleanRequest,
@@ -105,10 +106,6 @@ def require_state(job: Job, command: str) -> None:
         f"cannot {verb} job {job.id}: it is {STATE_WORDS.get(job.state, job.state)}; "
         f"only a {english_list(states)} job can be {done}"
     )
-
-
-# A pause or cancel being carried out: the attempt is still ending.
-STOPPING = frozenset({JobState.PAUSING, JobState.CANCELLING})
 
 
 def still_exiting(job: Job, command: str) -> InvalidState:

@@ -51,6 +51,7 @@ class JobQueue:
         # When each backed-off job may restart (monotonic); the history keeps the wall clock.
         self.backoff_until: dict[str, float] = {}
         self._adapter_paths: dict[str, Path] = {}
+        self._held: bool | None = None
 
     # -- getting in -------------------------------------------------------------------------
 
@@ -147,17 +148,22 @@ class JobQueue:
 
     @property
     def held(self) -> bool:
-        return bool(self.store.setting(HOLD_SETTING, False))
+        # Read once, then kept: the loop asks every tick, and only this queue writes it.
+        if self._held is None:
+            self._held = bool(self.store.setting(HOLD_SETTING, False))
+        return self._held
 
     def hold(self, paused: list[str]) -> None:
         """Start nothing new until :meth:`release`; remember the jobs the hold paused."""
         earlier = list(self.store.setting(HELD_JOBS_SETTING, []))
         self.store.set_setting(HELD_JOBS_SETTING, [*earlier, *paused])
         self.store.set_setting(HOLD_SETTING, True)
+        self._held = True
 
     def release(self) -> list[str]:
         """Let the queue run again; the jobs the hold paused, for resuming."""
         paused = list(self.store.setting(HELD_JOBS_SETTING, []))
         self.store.set_setting(HELD_JOBS_SETTING, [])
         self.store.set_setting(HOLD_SETTING, False)
+        self._held = False
         return paused
