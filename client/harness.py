@@ -48,6 +48,8 @@ class SupervisorProcess:
         self.env.pop("LORACTL_HOME", None)
         self.proc: subprocess.Popen | None = None
         self.log = home.parent / f"{home.name}-supervisor.log"
+        # Run in the child before it execs (joining a cgroup, say), so all it allocates counts.
+        self.preexec: Callable[[], None] | None = None
 
     def start(self) -> SupervisorProcess:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,7 @@ class SupervisorProcess:
             env=self.env,
             stdout=handle,
             stderr=handle,
+            preexec_fn=self.preexec,
         )
         handle.close()
         wait_for(self._answers, timeout=30, interval=0.05)
@@ -185,3 +188,83 @@ def measure_footprint(config: Path, overrides: dict, steps: int = 3, timeout: fl
     if not peak:
         raise RuntimeError(f"no footprint measured for {config} with {overrides}")
     return peak
+
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+class MemoryCgroup:
+    """A fresh cgroup v1 memory group under the hierarchy's root (root only): the Linux twin of
+    jetsam for tests and benches. ``remove()`` kills whatever is left in it, then removes it."""
+
+    def __init__(self, name: str):
+        self.path = CGROUP_V1 / name
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why no memory cgroup can be made here, or None when one can."""
+        if os.geteuid() != 0:
+            return "needs root to create a memory cgroup"
+        if not (CGROUP_V1 / "memory.limit_in_bytes").exists():
+            return f"no cgroup v1 memory hierarchy at {CGROUP_V1}"
+        return None
+
+    def create(self) -> MemoryCgroup:
+        self.path.mkdir()
+        return self
+
+    def join_function(self) -> Callable[[], None]:
+        """A preexec function that moves the calling (forked) process into this group."""
+        procs = str(self.path / "cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        return join
+
+    def members(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def set_limit(self, limit: int) -> str:
+        """Limit the group to ``limit`` bytes of memory, and of memory plus swap when it can;
+        what was limited, in words."""
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        memsw = self.path / "memory.memsw.limit_in_bytes"
+        if not memsw.exists():
+            return "no memsw file: swap is not limited (swap accounting off)"
+        memsw.write_text(str(limit))
+        return "memory+swap limited too"
+
+    def oom_kills(self) -> int | None:
+        """The kernel's OOM-kill counter for the group (None before Linux 4.13)."""
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return None
+
+    def peak_usage_bytes(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def remove(self) -> None:
+        def emptied() -> bool:
+            for pid in self.members():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not self.members()
+
+        wait_for(emptied, timeout=30, interval=0.1)
+
+        def removed() -> bool:
+            try:
+                self.path.rmdir()
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False
+            return True
+
+        wait_for(removed, timeout=30, interval=0.1)
