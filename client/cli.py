@@ -15,7 +15,17 @@ import click
 from loractl import __version__
 from loractl.client.render import emit, fail
 from loractl.paths import Layout
-from loractl.protocol import PROTOCOL_VERSION, ClientExit, ErrorCode, ExitCode
+from loractl.protocol import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    PROTOCOL_VERSION,
+    ClientExit,
+    ErrorCode,
+)
+from loractl.terminal import printable
+
+# The most lines `logs -n` prints; a larger count is a mistake, not a wish.
+MAX_LOG_LINES = 1_000_000
 
 
 class LazyGroup(click.Group):
@@ -121,7 +131,7 @@ def mark_offline(data: dict, as_json: bool) -> None:
 # The service verbs load launchctl/systemctl code that `status` and `run` never need.
 _SERVICE_VERBS = {
     name: f"loractl.client.service_cmd:{name}"
-    for name in ("install", "uninstall", "start", "restart")
+    for name in ("install", "uninstall", "start", "restart", "repair")
 }
 
 
@@ -231,10 +241,10 @@ def daemon_keys(ctx, as_json) -> None:
     if as_json:
         emit(data, as_json)
     else:
-        click.echo(f"keys: {data['folder']}")
+        click.echo(f"keys: {printable(data['folder'])}")
         click.echo("copy to the same path on every other Mac of a distributed job (mode 0600):")
         for path in data["copy_to_each_mac"]:
-            click.echo(f"  {path}")
+            click.echo(f"  {printable(path)}")
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -285,20 +295,23 @@ def submit(ctx, configs, priority, as_json) -> None:
     from loractl.config import ConfigError, load_config
     from loractl.protocol import SubmitRequest
 
+    within("--priority", priority, PRIORITY_MIN, PRIORITY_MAX, as_json)
     for path in configs:
         try:
             warn(load_config(path).warnings)
         except ConfigError as exc:
-            fail(str(exc), ClientExit.CONFIG_ERROR, as_json)
+            fail(str(exc), exc.exit_code, as_json)
     submitted = [
         call(ctx, SubmitRequest(config_path=str(path.resolve()), priority=priority), as_json)
         for path in configs
     ]
+    for job in submitted:
+        warn(job.get("warnings") or [])
     if as_json:
         emit(submitted[0] if len(submitted) == 1 else {"jobs": submitted}, as_json)
     else:
         for job in submitted:
-            click.echo(f"queued {job['id']} ({job['name']})")
+            click.echo(f"queued {printable(job['id'])} ({printable(job['name'])})")
 
 
 @main.command()
@@ -311,7 +324,9 @@ def show(ctx, job, as_json) -> None:
     from loractl.client.render import job_details
     from loractl.protocol import ShowRequest
 
-    data = call(ctx, ShowRequest(job=job), as_json, offline=True)["job"]
+    reply = call(ctx, ShowRequest(job=job), as_json, offline=True)
+    job_note(reply)
+    data = reply["job"]
     if as_json:
         emit(data, as_json)
     else:
@@ -327,6 +342,13 @@ def one_or_all(job: str | None, every: bool, as_json: bool) -> None:
         )
     if not every and not job:
         fail("name a JOB, or pass --all for every job", ClientExit.USAGE, as_json)
+
+
+def within(option: str, value: int | None, low: int, high: int, as_json: bool) -> None:
+    """Refuse a number outside [low, high] in one line with exit 2 (usage): never a
+    traceback, and never a request the supervisor would have to refuse."""
+    if value is not None and not low <= value <= high:
+        fail(f"{option} must be between {low} and {high} (got {value})", ClientExit.USAGE, as_json)
 
 
 def poll_until(fetch, timeout: float | None, interval: float = 0.25):
@@ -463,10 +485,11 @@ def _job_action(name: str, request_type: str, doc: str):
 
         message = getattr(protocol, request_type)(job=job)
         data = call(ctx, message, as_json)
+        job_note(data)
         if as_json:
             emit(data, as_json)
         else:
-            click.echo(f"{data['id']}: {data.get('state', 'ok')}")
+            click.echo(f"{printable(data['id'])}: {printable(data.get('state', 'ok'))}")
 
     return command
 
@@ -492,12 +515,13 @@ def pause(ctx, job, every, as_json) -> None:
 
     one_or_all(job, every, as_json)
     data = call(ctx, PauseRequest(job=job or "", all=every), as_json)
+    job_note(data)
     if as_json:
         emit(data, as_json)
     elif every:
         click.echo(queue_text(data, held=True))
     else:
-        click.echo(f"{data['id']}: {data.get('state', 'ok')}")
+        click.echo(f"{printable(data['id'])}: {printable(data.get('state', 'ok'))}")
 
 
 @main.command()
@@ -518,12 +542,13 @@ def resume(ctx, job, every, as_json) -> None:
 
     one_or_all(job, every, as_json)
     data = call(ctx, ResumeRequest(job=job or "", all=every), as_json)
+    job_note(data)
     if as_json:
         emit(data, as_json)
     elif every:
         click.echo(queue_text(data, held=False))
     else:
-        click.echo(f"{data['id']}: {data.get('state', 'ok')}")
+        click.echo(f"{printable(data['id'])}: {printable(data.get('state', 'ok'))}")
 
 
 @main.command()
@@ -536,12 +561,15 @@ def remove(ctx, job, as_json) -> None:
     from loractl.protocol import RemoveRequest
 
     data = call(ctx, RemoveRequest(job=job), as_json)
+    job_note(data)
     if as_json:
         emit(data, as_json)
     elif data.get("adapter_path"):
-        click.echo(f"removed {data['id']}; adapters kept in {data['adapter_path']}")
+        click.echo(
+            f"removed {printable(data['id'])}; adapters kept in {printable(data['adapter_path'])}"
+        )
     else:
-        click.echo(f"removed {data['id']}; it wrote no adapters")
+        click.echo(f"removed {printable(data['id'])}; it wrote no adapters")
 
 
 @main.command()
@@ -560,7 +588,11 @@ def retry(ctx, job, from_rung, fresh, as_json) -> None:
     from loractl.protocol import RetryRequest
 
     data = call(ctx, RetryRequest(job=job, from_rung=from_rung, fresh=fresh), as_json)
-    emit(data, as_json) if as_json else click.echo(f"{data['id']}: queued on rung {data['rung']}")
+    job_note(data)
+    if as_json:
+        emit(data, as_json)
+    else:
+        click.echo(f"{printable(data['id'])}: queued on rung {printable(data['rung'])}")
 
 
 @main.command()
@@ -569,11 +601,16 @@ def retry(ctx, job, from_rung, fresh, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def priority(ctx, job, value, as_json) -> None:
-    """Set JOB's queue priority (higher runs first)."""
+    """Set JOB's queue priority (higher runs first), a 32-bit signed number."""
     from loractl.protocol import PriorityRequest
 
+    within("priority", value, PRIORITY_MIN, PRIORITY_MAX, as_json)
     data = call(ctx, PriorityRequest(job=job, priority=value), as_json)
-    emit(data, as_json) if as_json else click.echo(f"{data['id']}: priority {data['priority']}")
+    job_note(data)
+    if as_json:
+        emit(data, as_json)
+    else:
+        click.echo(f"{printable(data['id'])}: priority {printable(data['priority'])}")
 
 
 @main.command()
@@ -587,6 +624,7 @@ def history(ctx, job, as_json) -> None:
     from loractl.protocol import HistoryRequest
 
     data = call(ctx, HistoryRequest(job=job), as_json, offline=True)
+    job_note(data)
     mark_offline(data, as_json)
     emit(data, as_json) if as_json else click.echo(history_table(data["events"]))
 
@@ -602,6 +640,7 @@ def ladder(ctx, job, as_json) -> None:
     from loractl.protocol import LadderRequest
 
     data = call(ctx, LadderRequest(job=job), as_json, offline=True)
+    job_note(data)
     mark_offline(data, as_json)
     emit(data, as_json) if as_json else click.echo(ladder_table(data["ladder"], data["rung"]))
 
@@ -622,7 +661,14 @@ def clean(ctx, adapters, as_json) -> None:
 @click.argument("job", required=False)
 @click.option("--daemon", "of_daemon", is_flag=True, help="The supervisor's own log instead.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-@click.option("--lines", "-n", type=int, default=20, show_default=True)
+@click.option(
+    "--lines",
+    "-n",
+    type=int,
+    default=20,
+    show_default=True,
+    help=f"How many of the last lines to print (0 to {MAX_LOG_LINES:,}).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Raw JSON log records.")
 @click.pass_context
 def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
@@ -634,12 +680,15 @@ def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
 
     if of_daemon == bool(job):
         fail("name a JOB, or pass --daemon for the supervisor's log", ClientExit.USAGE, as_json)
+    within("-n/--lines", lines, 0, MAX_LOG_LINES, as_json)
     if of_daemon:
         from loractl.supervisor.logfile import LOG_NAME
 
         log_path = ctx.obj.logs / LOG_NAME
     else:
-        data = call(ctx, ShowRequest(job=job), as_json, offline=True)["job"]
+        reply = call(ctx, ShowRequest(job=job), as_json, offline=True)
+        job_note(reply)
+        data = reply["job"]
         if data.get("offline"):
             from loractl.client.offline import MARK
 
@@ -653,12 +702,14 @@ def logs(ctx, job, of_daemon, follow, lines, as_json) -> None:
                 as_json,
             )
         log_path = Path(data["adapter_path"]) / "train.log"
+    # A log holds whatever the trainer and its libraries wrote: its lines (and a record's
+    # multi-line values) keep their structure, every other control character is escaped.
     for line in tail_log(log_path, lines, as_json):
-        click.echo(line)
+        click.echo(printable(line, multiline=True))
     if follow:
         try:
             for line in follow_log(log_path, as_json):
-                click.echo(line)
+                click.echo(printable(line, multiline=True))
         except KeyboardInterrupt:
             pass
 
@@ -718,7 +769,7 @@ def config_validate(file, as_json) -> None:
     try:
         cfg = load_config(file)
     except ConfigError as exc:
-        fail(str(exc), ExitCode.CONFIG_ERROR, as_json=as_json)
+        fail(str(exc), exc.exit_code, as_json=as_json)
         return
     if not as_json:
         warn(cfg.warnings)
@@ -736,7 +787,13 @@ def config_validate(file, as_json) -> None:
 def warn(warnings) -> None:
     """Keys mlx_lm.lora would ignore, and the like: said on stderr, never fatal."""
     for warning in warnings:
-        click.echo(f"loractl: warning: {warning}", err=True)
+        click.echo(f"loractl: warning: {printable(warning)}", err=True)
+
+
+def job_note(data: dict) -> None:
+    """What the supervisor warned of in its answer (a JOB name several jobs share, say): on
+    stderr, so that text and JSON output stay what they were."""
+    warn(data.get("warnings") or [])
 
 
 @main.command()
@@ -757,7 +814,7 @@ def fit(config, budget, as_json) -> None:
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        fail(str(exc), ExitCode.CONFIG_ERROR, as_json=as_json)
+        fail(str(exc), exc.exit_code, as_json=as_json)
         return
     try:
         limit = resolve_budget(cfg, budget)

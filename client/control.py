@@ -25,6 +25,7 @@ from loractl.protocol import (
     Request,
     decode,
 )
+from loractl.terminal import shell_join
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -36,7 +37,10 @@ class DaemonNotRunning(RuntimeError):
     not answer in time (busy or hung), False when none is running at all."""
 
     def __init__(self, layout: Layout, running: bool = False, timeout: float | None = None):
-        home = f" --home {layout.home}" if "LORACTL_HOME" not in os.environ else ""
+        # Hints are pasted: the home is quoted for a shell (a space or a `;` in it is data).
+        home = ""
+        if "LORACTL_HOME" not in os.environ:
+            home = " " + shell_join(["--home", str(layout.home)])
         if running:
             message = (
                 f"the loractl supervisor for {layout.home} is running but did not answer "

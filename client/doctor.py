@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from loractl.paths import Layout, runtime_root
+from loractl.terminal import shell_join, shell_quote
 
 GIB = 1024**3
 MB = 1024 * 1024
@@ -207,15 +208,19 @@ def _check_package(ctx: Context, package: str) -> Check:
         return failed(
             package,
             f"{package} is not installed in {sys.prefix}",
-            f"Install it into loractl's environment: `{sys.executable} -m pip install '{spec}'`.",
+            "Install it into loractl's environment: "
+            f"`{shell_join([sys.executable, '-m', 'pip', 'install', spec])}`.",
         )
     requirement = _pinned_requirement(ctx, package)
     if requirement is not None and not requirement.specifier.contains(version, prereleases=True):
         return warn(
             package,
             f"{package} {version}, but loractl is built against {requirement.specifier}",
-            f"Install a supported version: `{sys.executable} -m pip install "
-            f"'{package}{requirement.specifier}'`.",
+            "Install a supported version: `"
+            + shell_join(
+                [sys.executable, "-m", "pip", "install", f"{package}{requirement.specifier}"]
+            )
+            + "`.",
         )
     return ok(package, f"{package} {version}")
 
@@ -322,7 +327,8 @@ def check_service(ctx: Context) -> Check:
     uid = os.getuid()
     if not state.loaded:
         fix = (
-            f"Load it with `launchctl bootstrap gui/{uid} '{state.unit_path}'`."
+            "Load it with "
+            f"`{shell_join(['launchctl', 'bootstrap', f'gui/{uid}', str(state.unit_path)])}`."
             if launchd
             else f"Enable it with `systemctl --user enable --now {state.label}`."
         )
@@ -356,20 +362,20 @@ def _folder_check(name: str, path: Path, private: bool) -> Check:
         return failed(
             name,
             f"{path} is owned by uid {info.st_uid}, not by you (uid {uid})",
-            f"Take it back with `sudo chown -R {uid} '{path}'`, or remove it if you did not "
-            "create it.",
+            f"Take it back with `sudo chown -R {uid} {shell_quote(str(path))}`, or remove it if "
+            "you did not create it.",
         )
     if private and mode & 0o077:
         return failed(
             name,
             f"{path} has mode {mode:04o}; other users could reach loractl's sockets",
-            f"Restrict it with `chmod 700 '{path}'`.",
+            f"Restrict it with `chmod 700 {shell_quote(str(path))}`.",
         )
     if not private and mode & 0o022:
         return failed(
             name,
             f"{path} has mode {mode:04o}; other users can drop jobs or replace checkpoints",
-            f"Restrict it with `chmod go-w '{path}'`.",
+            f"Restrict it with `chmod go-w {shell_quote(str(path))}`.",
         )
     return ok(name, f"{path} owned by you, mode {mode:04o}")
 
@@ -469,9 +475,46 @@ def check_pidfile(ctx: Context) -> Check:
     )
 
 
+def check_store(ctx: Context) -> Check:
+    """The job database: SQLite's quick check, read-only (safe beside a running supervisor),
+    and how old its backup is."""
+    import sqlite3
+    import time
+
+    from loractl.supervisor import storecare
+
+    name = "job database"
+    database = ctx.layout.database
+    if not database.exists():
+        return ok(name, f"{database} not created yet (the supervisor creates it on start)")
+    try:
+        problem = storecare.check(database, readonly=True)
+    except sqlite3.Error as exc:
+        return warn(
+            name,
+            f"cannot read {database}: {exc}",
+            f"Check the owner and mode of {database} and its folder.",
+        )
+    if problem is not None:
+        return failed(
+            name,
+            f"{database} is damaged: {problem}",
+            "Restart the supervisor (`loractl daemon restart`): it moves the file aside and "
+            "rebuilds it from the job folders; or stop it and run `loractl daemon repair`.",
+        )
+    backup = storecare.backup_path(ctx.layout)
+    try:
+        age_h = (time.time() - backup.stat().st_mtime) / 3600
+    except OSError:
+        return ok(name, f"{database} passes SQLite's quick check; no backup yet")
+    return ok(name, f"{database} passes SQLite's quick check; backup {age_h:.0f} h old")
+
+
 def check_inbox(ctx: Context) -> Check:
     inbox = ctx.layout.inbox
-    fix = f"Remove {inbox} and recreate it as a folder you own: `mkdir -p '{inbox}'`."
+    fix = (
+        f"Remove {inbox} and recreate it as a folder you own: `mkdir -p {shell_quote(str(inbox))}`."
+    )
     if inbox.is_symlink() and not inbox.exists():
         return failed("inbox", f"{inbox} is a symlink to missing {os.readlink(inbox)}", fix)
     if not inbox.exists():
@@ -557,6 +600,7 @@ CHECKS: list[Callable[[Context], Check]] = [
     check_disk_home,
     check_disk_adapters,
     check_pidfile,
+    check_store,
     check_inbox,
     check_power_source,
     check_low_power_mode,

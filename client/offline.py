@@ -55,6 +55,7 @@ def answer(layout: Layout, message: Request) -> dict[str, Any]:
         raise
     except (sqlite3.Error, RuntimeError, ValueError) as exc:
         raise Unreadable(f"cannot read {layout.database}: {exc}") from None
+    warnings: list[str] = []  # a JOB name that several jobs share, said with the answer
     try:
         with store:
             if isinstance(message, ListRequest):
@@ -65,15 +66,17 @@ def answer(layout: Layout, message: Request) -> dict[str, Any]:
                 if message.rejected:
                     data["rejected"] = jobview.recent_rejections(layout.inbox, limit=None)
             elif isinstance(message, HistoryRequest):
-                job = store.resolve(message.job)
+                job, warnings = jobview.resolve(store, message.job)
                 data = {"id": job.id, "events": store.events(job.id)}
             else:
-                job = store.resolve(message.job)
+                job, warnings = jobview.resolve(store, message.job)
                 described = {**jobview.describe(job, store), "offline": True}
                 if isinstance(message, ShowRequest):
                     data = {"job": described}
                 else:
                     data = {"id": job.id, "rung": job.rung, "ladder": described["ladder"]}
+            if warnings:
+                data["warnings"] = warnings
     except JobNotFound:
         raise
     except sqlite3.Error as exc:

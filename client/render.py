@@ -1,4 +1,9 @@
-"""Rendering for the CLI, kept apart from the commands: JSON for machines, text for people."""
+"""Rendering for the CLI, kept apart from the commands: JSON for machines, text for people.
+
+Every value from a job, a path or a log goes through :func:`loractl.terminal.printable`
+before it is written as text (JSON escapes control characters itself), and nothing is ever
+printed as ``None``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,16 @@ from typing import Any
 
 import click
 
+from loractl.terminal import printable
+
+# What text output shows for a value that is not known (never "None").
+UNKNOWN = "-"
+
+
+def shown(value: Any, multiline: bool = False) -> str:
+    """A value as text for a person: escaped, and "-" for nothing."""
+    return UNKNOWN if value is None else printable(value, multiline=multiline)
+
 
 def _text(value: Any, indent: int = 0) -> list[str]:
     pad = "  " * indent
@@ -15,10 +30,10 @@ def _text(value: Any, indent: int = 0) -> list[str]:
         lines = []
         for key, item in value.items():
             if isinstance(item, dict | list) and item:
-                lines.append(f"{pad}{key}:")
+                lines.append(f"{pad}{shown(key)}:")
                 lines.extend(_text(item, indent + 1))
             else:
-                lines.append(f"{pad}{key}: {item}")
+                lines.append(f"{pad}{shown(key)}: {shown(item, multiline=True)}")
         return lines
     if isinstance(value, list):
         lines = []
@@ -28,9 +43,9 @@ def _text(value: Any, indent: int = 0) -> list[str]:
                 lines.append(f"{pad}- {inner[0].strip()}")
                 lines.extend(inner[1:])
             else:
-                lines.append(f"{pad}- {item}")
+                lines.append(f"{pad}- {shown(item, multiline=True)}")
         return lines
-    return [f"{pad}{value}"]
+    return [f"{pad}{shown(value, multiline=True)}"]
 
 
 def emit(data: dict[str, Any], as_json: bool) -> None:
@@ -45,7 +60,7 @@ def fail(message: str, code: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": False, "error": int(code), "reason": message}))
     else:
-        click.echo(f"loractl: {message}", err=True)
+        click.echo(f"loractl: {printable(message, multiline=True)}", err=True)
     sys.exit(int(code))
 
 
@@ -65,10 +80,9 @@ def job_table(jobs: list[dict[str, Any]]) -> str:
         progress = job["progress"]
         total = progress.get("total_examples") or 0
         done = progress.get("examples_seen") or 0
-        shown = f"{100 * done / total:.0f}%" if total else "-"
-        rows.append(
-            (job["id"], job["name"], job["state"], str(job["rung"]), shown, str(job["priority"]))
-        )
+        done_share = f"{100 * done / total:.0f}%" if total else UNKNOWN
+        cells = (job["id"], job["name"], job["state"], job["rung"], done_share, job["priority"])
+        rows.append(tuple(shown(cell) for cell in cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
@@ -83,53 +97,70 @@ def _rung_memory(rung: dict[str, Any], unmeasured: str) -> str:
     predicted = rung.get("predicted_peak_mb")
     if predicted:
         parts.append(f"predicted {predicted:.0f} MB")
-    shown = ", ".join(parts)
+    text = ", ".join(parts)
     if rung.get("skipped"):
-        shown += f" (skipped: {rung['skipped']})"
-    return shown
+        text += f" (skipped: {printable(rung['skipped'])})"
+    return text
 
 
 def job_details(job: dict[str, Any]) -> str:
     progress = job["progress"]
     note = STATE_NOTES.get(job["state"])
     lines = [
-        f"job {job['id']} ({job['name']}): {job['state']}"
-        + (f", {job['outcome']}" if job.get("outcome") else "")
+        f"job {shown(job['id'])} ({shown(job['name'])}): {shown(job['state'])}"
+        + (f", {shown(job['outcome'])}" if job.get("outcome") else "")
         + (f" ({note})" if note else ""),
-        f"  progress: {progress['examples_seen']}/{progress['total_examples']} examples, "
-        f"step {progress['step']}, attempts {job['attempts']}",
-        f"  rung: {job['rung']}",
+        f"  progress: {shown(progress['examples_seen'])}/{shown(progress['total_examples'])} "
+        f"examples, step {shown(progress['step'])}, attempts {shown(job['attempts'])}",
+        f"  rung: {shown(job['rung'])}",
     ]
     if job.get("trainer_pid"):
-        lines.append(f"  trainer pid: {job['trainer_pid']}")
+        lines.append(f"  trainer pid: {shown(job['trainer_pid'])}")
     if job.get("ranks"):
         lines.append("  ranks:")
         for rank in job["ranks"]:
-            footprint = f"{rank['footprint_mb']:.0f} MB" if rank.get("footprint_mb") else "-"
+            footprint = f"{rank['footprint_mb']:.0f} MB" if rank.get("footprint_mb") else UNKNOWN
             lines.append(
-                f"    {rank['rank']}: {rank['host']} pid {rank['pid']}, step {rank['step']}, "
-                f"{footprint}"
+                f"    {shown(rank['rank'])}: {shown(rank['host'])} pid {shown(rank['pid'])}, "
+                f"step {shown(rank['step'])}, {footprint}"
             )
     if job.get("ladder"):
         lines.append("  ladder:")
         for rung in job["ladder"]:
             marker = "->" if rung["rung"] == job["rung"] else "  "
-            shown = _rung_memory(rung, "not run")
-            lines.append(f"   {marker} {rung['rung']}: {rung['change']:<40} {shown}")
+            memory = _rung_memory(rung, "not run")
+            lines.append(f"   {marker} {shown(rung['rung'])}: {shown(rung['change']):<40} {memory}")
     if job.get("crashes"):
         lines.append("  crashes:")
         for crash in job["crashes"]:
-            where = f" rank {crash.get('rank', 0)}" if job.get("ranks") else ""
+            where = f" rank {shown(crash.get('rank', 0))}" if job.get("ranks") else ""
             lines.append(
-                f"    step {crash['step']} rung {crash['rung']}{where}: {crash['cause']} "
-                f"({crash['explanation']})"
+                f"    step {shown(crash['step'])} rung {shown(crash['rung'])}{where}: "
+                f"{shown(crash['cause'])} ({shown(crash['explanation'])})"
             )
+    for event in job.get("history") or []:
+        if event.get("kind") == "started_over":
+            # Every checkpoint was damaged: a resume that silently began again would mislead.
+            lines.append(f"  note: {shown(event.get('cause'))}")
     if job.get("reason"):
-        lines.append("  reason: " + job["reason"].replace("\n", "\n    "))
-    lines.append(f"  adapters: {job['adapter_path']}")
+        lines.append("  reason: " + shown(job["reason"], multiline=True).replace("\n", "\n    "))
+    lines.append(f"  adapters: {adapters_line(job)}")
     if job.get("use_with"):
-        lines.append(f"  use with: {job['use_with']}")
+        # Already quoted for a shell and free of control characters (jobview.use_with):
+        # printed as `show --json` has it, so either can be pasted.
+        lines.append(f"  use with: {shown(job['use_with'])}")
     return "\n".join(lines)
+
+
+def adapters_line(job: dict[str, Any]) -> str:
+    """Where the job's adapters go; when its config no longer loads, why that is unknown."""
+    if job.get("adapter_path"):
+        return shown(job["adapter_path"])
+    error = (job.get("effective_config") or {}).get("error")
+    if error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unknown error"
+        return f"unknown: its config does not load ({shown(first)})"
+    return "unknown"
 
 
 def history_table(events: list[dict[str, Any]]) -> str:
@@ -147,10 +178,12 @@ def history_table(events: list[dict[str, Any]]) -> str:
                 else f"new -> {event['to_state']}"
             )
         detail = event.get("detail") or {}
-        extra = ", ".join(f"{k}={v}" for k, v in detail.items() if k not in ("crashes",))
+        extra = ", ".join(
+            f"{shown(k)}={shown(v)}" for k, v in detail.items() if k not in ("crashes",)
+        )
         lines.append(
-            f"{when}  {event['kind']:<14} {move:<24} rung {event.get('rung')} "
-            f"step {event.get('step')}  {event.get('cause') or ''} {extra}".rstrip()
+            f"{when}  {shown(event['kind']):<14} {shown(move):<24} rung {shown(event.get('rung'))} "
+            f"step {shown(event.get('step'))}  {shown(event.get('cause') or '')} {extra}".rstrip()
         )
     return "\n".join(lines) or "no events"
 
@@ -159,25 +192,31 @@ def ladder_table(ladder: list[dict[str, Any]], current: int) -> str:
     lines = []
     for rung in ladder:
         marker = "->" if rung["rung"] == current else "  "
-        shown = _rung_memory(rung, "not run yet")
-        lines.append(f"{marker} rung {rung['rung']}: {rung['change']:<40} {shown}")
+        memory = _rung_memory(rung, "not run yet")
+        lines.append(f"{marker} rung {shown(rung['rung'])}: {shown(rung['change']):<40} {memory}")
     return "\n".join(lines)
 
 
 def status_text(status: dict[str, Any]) -> str:
     """`loractl status`: the supervisor, the queue, the inbox and what it turned away."""
     counts = status.get("jobs") or {}
-    queue = ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "no jobs"
+    queue = (
+        ", ".join(f"{shown(count)} {shown(state)}" for state, count in sorted(counts.items()))
+        or "no jobs"
+    )
     lines = [
-        f"supervisor {status['version']} (pid {status['pid']}), up {status['uptime_s']:.0f} s, "
-        f"memory pressure {status.get('pressure', '?')}",
-        f"  home:    {status['home']}",
-        f"  inbox:   {status.get('inbox', '?')}  (drop .yaml/.toml/.json job configs here)",
-        f"  logs:    {status.get('logs', '?')}",
+        f"supervisor {shown(status['version'])} (pid {shown(status['pid'])}), "
+        f"up {status['uptime_s']:.0f} s, memory pressure {shown(status.get('pressure', '?'))}",
+        f"  home:    {shown(status['home'])}",
+        f"  inbox:   {shown(status.get('inbox', '?'))}  (drop .yaml/.toml/.json job configs here)",
+        f"  logs:    {shown(status.get('logs', '?'))}",
         f"  jobs:    {queue}",
     ]
     if status.get("running"):
-        lines.append(f"  running: {status['running']} (trainer pid {status['trainer_pid']})")
+        lines.append(
+            f"  running: {shown(status['running'])} "
+            f"(trainer pid {shown(status.get('trainer_pid'))})"
+        )
     if status.get("queue_held"):
         lines.append("  queue:   held by `pause --all`; `loractl resume --all` releases it")
     rejected = status.get("rejected") or []
@@ -193,8 +232,8 @@ def rejection_lines(rejected: list[dict[str, Any]], indent: str = "") -> list[st
     lines = []
     for item in rejected:
         when = datetime.datetime.fromtimestamp(item["at"]).strftime("%Y-%m-%d %H:%M")
-        reason = item["reason"].replace("\n", "\n" + indent + "    ")
-        lines.append(f"{indent}{when}  {item['name']}: {reason}")
+        reason = shown(item["reason"], multiline=True).replace("\n", "\n" + indent + "    ")
+        lines.append(f"{indent}{when}  {shown(item['name'])}: {reason}")
     return lines
 
 
@@ -204,7 +243,7 @@ def service_text(service: dict[str, Any] | None, supervisor: dict[str, Any] | No
     if service is not None:
         if not service.get("installed"):
             lines.append(
-                f"service ({service.get('target')}): not installed; "
+                f"service ({shown(service.get('target'))}): not installed; "
                 "`loractl daemon install` makes it start at login and restart after a crash"
             )
         else:
@@ -215,14 +254,14 @@ def service_text(service: dict[str, Any] | None, supervisor: dict[str, Any] | No
             )
             extra = []
             if service.get("pid"):
-                extra.append(f"pid {service['pid']}")
+                extra.append(f"pid {shown(service['pid'])}")
             if service.get("last_exit") is not None:
-                extra.append(f"last exit {service['last_exit']}")
-            shown = f" ({', '.join(extra)})" if extra else ""
-            lines.append(f"service ({service.get('target')}): {state}{shown}")
-            lines.append(f"  definition: {service.get('unit_path')}")
+                extra.append(f"last exit {shown(service['last_exit'])}")
+            details = f" ({', '.join(extra)})" if extra else ""
+            lines.append(f"service ({shown(service.get('target'))}): {state}{details}")
+            lines.append(f"  definition: {shown(service.get('unit_path'))}")
         if service.get("detail"):
-            lines.append(f"  {service['detail']}")
+            lines.append(f"  {shown(service['detail'], multiline=True)}")
     if supervisor is None:
         lines.append("supervisor: not answering")
     else:
@@ -232,7 +271,7 @@ def service_text(service: dict[str, Any] | None, supervisor: dict[str, Any] | No
 
 def _ids(items: list[Any]) -> str:
     return ", ".join(
-        str(item.get("id", item)) if isinstance(item, dict) else str(item) for item in items
+        shown(item.get("id", item)) if isinstance(item, dict) else shown(item) for item in items
     )
 
 
@@ -268,9 +307,9 @@ def drained_text(jobs: list[dict[str, Any]]) -> str:
         return "nothing to wait for: no job is pending"
     lines = []
     for job in jobs:
-        line = f"{job['id']} ({job['name']}): {job['state']}"
+        line = f"{shown(job['id'])} ({shown(job['name'])}): {shown(job['state'])}"
         if job.get("reason") and job["state"] != "completed":
-            line += f": {job['reason'].splitlines()[0]}"
+            line += f": {shown(job['reason'].splitlines()[0])}"
         lines.append(line)
     done = sum(job["state"] == "completed" for job in jobs)
     if done == len(jobs):

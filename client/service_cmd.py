@@ -168,6 +168,89 @@ def restart(ctx, target, label, as_json) -> None:
 
 
 def register(group: click.Group) -> None:
-    """Add install, uninstall, start and restart to the CLI's ``daemon`` group."""
-    for command in (install, uninstall, start, restart):
+    """Add install, uninstall, start, restart and repair to the CLI's ``daemon`` group."""
+    for command in (install, uninstall, start, restart, repair):
         group.add_command(command)
+
+
+def repair_store(layout: Layout, runner: CommandRunner | None = None) -> dict[str, Any]:
+    """`loractl daemon repair`: what the supervisor does at start when its job database is
+    damaged, by hand. A damaged database is moved aside and rebuilt from the job folders
+    (and the backup); a sound one only gets back the job folders it lost. Refused while a
+    supervisor runs: it holds the database open and would write over the rebuild."""
+    import fcntl
+    import os
+
+    from loractl.supervisor import storecare
+
+    if not layout.home.is_dir():
+        raise ServiceError(f"nothing to repair: there is no loractl home at {layout.home}")
+    created = not layout.pidfile.exists()
+    fd = os.open(layout.pidfile, os.O_RDWR | os.O_CREAT, 0o600)
+    previous = os.umask(0o077)  # the rebuilt database is the user's alone, as the daemon's
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = layout.pidfile.read_text(errors="replace").strip() or "?"
+            raise ServiceError(
+                f"the supervisor (pid {pid}) is running; it repairs the database itself as it "
+                "starts: run `loractl daemon restart`, or `loractl daemon stop` and then "
+                "`loractl daemon repair`"
+            ) from None
+        try:
+            problem = storecare.check(layout.database, full=True)
+        except Exception as exc:  # not damage: a permission, say; nothing is moved
+            raise ServiceError(f"cannot check {layout.database}: {exc}") from None
+        if problem is None:
+            from loractl.supervisor.store import Store
+
+            with Store(layout.database) as store:
+                found = storecare.restore_lost_jobs(store, layout, read_the_backup=True)
+            moved, backup_used = None, False
+        else:
+            try:
+                done = storecare.rebuild(layout, problem)
+            except storecare.StoreUnrecoverable as exc:
+                raise ServiceError(str(exc)) from None
+            found, moved, backup_used = done.recovered, done.moved_to, done.backup_used
+    finally:
+        os.umask(previous)
+        if created:
+            layout.pidfile.unlink(missing_ok=True)
+        os.close(fd)
+    return {
+        "database": str(layout.database),
+        "damaged": problem,
+        "moved_to": str(moved) if moved else None,
+        "backup_used": backup_used,
+        "recovered": [
+            {"id": job.job_id, "name": job.name, "state": str(job.state), "how": job.how}
+            for job in found
+        ],
+    }
+
+
+@click.command("repair")
+@json_option
+@click.pass_context
+def repair(ctx, as_json) -> None:
+    """Check the job database; if damaged, move it aside and rebuild it from the job
+    folders (the supervisor must be stopped). Jobs come back completed, or paused to resume."""
+    result = _run(ctx, as_json, repair_store)
+    if as_json:
+        emit(result, as_json)
+        return
+    if result["damaged"]:
+        click.echo(f"{result['database']} was damaged: {result['damaged']}")
+        click.echo(f"  moved aside to {result['moved_to']}")
+        source = "the backup and the job folders" if result["backup_used"] else "the job folders"
+        click.echo(f"  rebuilt from {source}")
+    else:
+        click.echo(f"{result['database']} is sound")
+    for job in result["recovered"]:
+        click.echo(f"  {job['id']} {job['name']}: {job['state']} ({job['how']})")
+    if not result["recovered"]:
+        click.echo("  no job was missing" if not result["damaged"] else "  no job folders")
+    if any(job["state"] == "paused" for job in result["recovered"]):
+        click.echo("resume the paused jobs with `loractl resume JOB` once the supervisor runs")

@@ -3,7 +3,9 @@
 Three layers, so the view can be tested without a daemon or a terminal: ``WatchState`` folds
 events and control replies into a plain snapshot dict (no I/O), ``render`` turns a snapshot
 into a rich renderable (no I/O), and ``run_watch`` does the sockets, the polling and the
-terminal. Nothing here imports mlx.
+terminal. Every text from the supervisor (names, paths, reasons, crash explanations) is
+escaped by :func:`loractl.terminal.printable` and handed to rich as plain ``Text``, never as
+markup. Nothing here imports mlx.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.text import Text
 
 from loractl.paths import Layout
 from loractl.protocol import ACTIVE, IN_FLIGHT, MAX_MESSAGE_BYTES, TERMINAL, ClientExit, ErrorCode
+from loractl.terminal import printable
 
 # The supervisor publishes events as they happen, but a SUB socket silently drops what it
 # missed (slow joiner, reconnects), so the control channel is asked again this often.
@@ -89,7 +92,7 @@ def nothing_to_watch(status: dict[str, Any], follow: bool = False) -> str | None
     if queued and not held:
         return None
     message = "nothing is running"
-    shown = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n)
+    shown = ", ".join(f"{n} {printable(state)}" for state, n in sorted(counts.items()) if n)
     if shown:
         message += f" ({shown})"
     if held:
@@ -148,7 +151,10 @@ def render(snapshot: dict[str, Any]) -> RenderableType:
     if job is None:
         return Panel(_idle(snapshot), title="loractl watch", subtitle=footer, expand=True)
     title = Text.assemble(
-        "job ", (job.get("id", "?"), "bold"), f" ({job.get('name', '?')})  ", _state_line(snapshot)
+        "job ",
+        (printable(job.get("id", "?")), "bold"),
+        f" ({printable(job.get('name', '?'))})  ",
+        _state_line(snapshot),
     )
     return Panel(_job_table(snapshot), title=title, subtitle=footer, expand=True)
 
@@ -156,10 +162,10 @@ def render(snapshot: dict[str, Any]) -> RenderableType:
 def _state_line(snapshot: dict[str, Any]) -> Text:
     job = snapshot["job"]
     state = job.get("state", "?")
-    text = Text(state, style=_state_style(state))
+    text = Text(printable(state), style=_state_style(state))
     beat = snapshot.get("heartbeat")
     if beat and state in ACTIVE and beat.get("phase"):
-        text.append(f" ({beat['phase']})")
+        text.append(f" ({printable(beat['phase'])})")
     return text
 
 
@@ -167,7 +173,9 @@ def _idle(snapshot: dict[str, Any]) -> RenderableType:
     lines: list[RenderableType] = [Text("idle: no job is running", style="bold")]
     queue = snapshot.get("queue") or {}
     if queue:
-        counts = ", ".join(f"{count} {state}" for state, count in sorted(queue.items()))
+        counts = ", ".join(
+            f"{printable(count)} {printable(state)}" for state, count in sorted(queue.items())
+        )
         lines.append(Text(f"jobs: {counts}"))
     if snapshot.get("pressure"):
         lines.append(Text.assemble("system ", _pressure_text(snapshot["pressure"])))
@@ -175,12 +183,12 @@ def _idle(snapshot: dict[str, Any]) -> RenderableType:
     if last:
         lines.append(
             Text.assemble(
-                f"last job {last.get('id')} ({last.get('name')}): ",
-                (last.get("state", "?"), _state_style(last.get("state", ""))),
+                f"last job {printable(last.get('id'))} ({printable(last.get('name'))}): ",
+                (printable(last.get("state", "?")), _state_style(last.get("state", ""))),
             )
         )
     if snapshot.get("message"):
-        lines.append(Text(snapshot["message"], style="yellow"))
+        lines.append(Text(printable(snapshot["message"]), style="yellow"))
     return Group(*lines)
 
 
@@ -199,9 +207,9 @@ def _job_table(snapshot: dict[str, Any]) -> Table:
     rung = job.get("rung", 0)
     ladder = job.get("ladder") or []
     change = next((r.get("change") for r in ladder if r.get("rung") == rung), None)
-    rung_text = Text(str(rung))
+    rung_text = Text(printable(rung))
     if change:
-        rung_text.append(f": {change}", style="cyan" if rung else "")
+        rung_text.append(f": {printable(change)}", style="cyan" if rung else "")
     below = len(ladder) - 1 - rung
     if below > 0:
         rung_text.append(f"  ({below} cheaper rung{'s' if below > 1 else ''} left)", style="dim")
@@ -249,19 +257,21 @@ def _job_table(snapshot: dict[str, Any]) -> Table:
         for crash in crashes[-MAX_CRASHES_SHOWN:]:
             if lines:
                 lines.append("\n")
-            lines.append(f"step {crash.get('step')} rung {crash.get('rung')}: ")
-            lines.append(str(crash.get("cause")), style="red")
+            lines.append(
+                f"step {printable(crash.get('step'))} rung {printable(crash.get('rung'))}: "
+            )
+            lines.append(printable(crash.get("cause")), style="red")
             if crash.get("explanation"):
-                lines.append(f" - {crash['explanation']}")
+                lines.append(f" - {printable(crash['explanation'])}")
         hidden = len(crashes) - MAX_CRASHES_SHOWN
         label = f"crashes ({len(crashes)})" if hidden > 0 else "crashes"
         grid.add_row(label, lines)
     if job.get("state") in TERMINAL and job.get("reason"):
-        grid.add_row("reason", Text(job["reason"].splitlines()[0]))
+        grid.add_row("reason", Text(printable(job["reason"].splitlines()[0])))
     if job.get("state") == "completed" and job.get("adapter_path"):
-        grid.add_row("adapters", job["adapter_path"])
+        grid.add_row("adapters", Text(printable(job["adapter_path"])))
     if snapshot.get("message"):
-        grid.add_row("", Text(snapshot["message"], style="yellow"))
+        grid.add_row("", Text(printable(snapshot["message"]), style="yellow"))
     return grid
 
 
@@ -536,18 +546,24 @@ def run_watch(
         try:
             status = _poll(layout, state)
         except DaemonNotRunning as exc:
-            errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
+            errors.print(
+                f"loractl: {printable(exc)}", soft_wrap=True, markup=False, highlight=False
+            )
             return int(ClientExit.DAEMON_NOT_RUNNING)
         except RequestFailed as exc:
-            errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
+            errors.print(
+                f"loractl: {printable(exc)}", soft_wrap=True, markup=False, highlight=False
+            )
             if exc.code == ErrorCode.NOT_FOUND:
                 return int(ClientExit.NOT_FOUND)
             return int(ClientExit.REFUSED)
         except RuntimeError as exc:
-            errors.print(f"loractl: {exc}", soft_wrap=True, markup=False, highlight=False)
+            errors.print(
+                f"loractl: {printable(exc)}", soft_wrap=True, markup=False, highlight=False
+            )
             return int(ClientExit.REFUSED)
         if message := idle(status):
-            console.print(message, soft_wrap=True, markup=False, highlight=False)
+            console.print(printable(message), soft_wrap=True, markup=False, highlight=False)
             return int(ClientExit.OK)
         if state.waiting and state.job is None:
             state.message = "waiting for the next queued job to start"
@@ -598,7 +614,13 @@ PLAIN_HEARTBEAT_EVERY_S = 5.0
 
 
 def event_line(topic: str, data: dict[str, Any]) -> str | None:
-    """One event as one plain line, for logs and pipes; None for events not worth a line."""
+    """One event as one plain line, for logs and pipes; None for events not worth a line.
+    Escaped: a name, path or reason can never write a control character to the terminal."""
+    line = _event_text(topic, data)
+    return None if line is None else printable(line)
+
+
+def _event_text(topic: str, data: dict[str, Any]) -> str | None:
     job = data.get("job_id") or "?"
     if topic == "heartbeat":
         total = data.get("total_examples") or 0
@@ -622,6 +644,8 @@ def event_line(topic: str, data: dict[str, Any]) -> str | None:
             return f"{job} checkpoint at step {data.get('step')}"
         if kind == "eval" and detail.get("val_loss") is not None:
             return f"{job} step {data.get('step')} val_loss {detail['val_loss']:.4f}"
+        if kind == "loading":
+            return f"{job} loading: {detail.get('stage') or 'the model and data'}"
         return f"{job} {kind} at step {data.get('step')}"
     if topic == "rejected":
         return f"inbox rejected {data.get('name')}: {data.get('reason')}"
@@ -674,7 +698,7 @@ def run_watch_lines(
                 flush=True,
             )
         else:
-            print(message, file=out, flush=True)
+            print(printable(message), file=out, flush=True)
         return int(ClientExit.OK)
 
     sock = None
@@ -698,10 +722,10 @@ def run_watch_lines(
                 job_id, state = job["id"], job["state"]
                 say("job", {"job_id": job_id, "state": state, "reason": job.get("reason")})
         except DaemonNotRunning as exc:
-            print(f"loractl: {exc}", file=sys.stderr)
+            print(f"loractl: {printable(exc)}", file=sys.stderr)
             return int(ClientExit.DAEMON_NOT_RUNNING)
         except RequestFailed as exc:
-            print(f"loractl: {exc}", file=sys.stderr)
+            print(f"loractl: {printable(exc)}", file=sys.stderr)
             return int(ClientExit.NOT_FOUND if exc.code == ErrorCode.NOT_FOUND else 5)
         last_beat = 0.0
         next_poll = time.monotonic() + REPOLL_S

@@ -38,10 +38,13 @@ __all__ = [
     "LADDER_KEYS",
     "MAX_CONFIG_BYTES",
     "ConfigError",
+    "DataFileError",
     "FieldInfo",
     "JobConfig",
     "LoraParameters",
     "deep_merge",
+    "adapter_path_problem",
+    "data_file_problem",
     "default_ladder",
     "iter_fields",
     "load_config",
@@ -63,7 +66,10 @@ class ConfigError(ValueError):
 
     ``key`` is the offending key ("batch_size", "lora_parameters.alpha", "ladder[2].rank") or
     None when the problem is the file itself; ``source`` names where the config came from.
+    ``exit_code`` is what a command refusing it exits with (EX_CONFIG).
     """
+
+    exit_code = 78
 
     def __init__(
         self,
@@ -96,6 +102,24 @@ def _rebuild_error(
     message: str, key: str | None, source: str, line: int | None, column: int | None
 ) -> ConfigError:
     return ConfigError(message, key=key, source=source, line=line, column=column)
+
+
+class DataFileError(ConfigError):
+    """A config whose data files cannot be read as data (a device, a FIFO, a socket): bad
+    data, exit 65 (EX_DATAERR), not a bad config; retrying cannot help."""
+
+    exit_code = 65
+
+    def __reduce__(
+        self,
+    ) -> tuple[Callable[..., ConfigError], tuple[str, str | None, str, int | None, int | None]]:
+        return (_rebuild_data_error, (self.message, self.key, self.source, self.line, self.column))
+
+
+def _rebuild_data_error(
+    message: str, key: str | None, source: str, line: int | None, column: int | None
+) -> DataFileError:
+    return DataFileError(message, key=key, source=source, line=line, column=column)
 
 
 def _show(value: Any) -> str:
@@ -351,14 +375,16 @@ def _existing_path(value: Any, key: str, ctx: _Ctx, expected: str) -> str:
         raise ctx.bad(key, expected, value)
     local = _resolve(value, ctx.base_dir)
     if not os.path.isfile(local):
+        if os.path.exists(local):
+            raise ctx.error(f"key '{key}': {local!r} is {_file_kind(local)}, not a file", key)
         raise ctx.error(f"key '{key}': file {local!r} does not exist", key)
     return local
 
 
 def _file_kind(path: str) -> str:
-    import stat
-
     mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
     if stat.S_ISCHR(mode):
         return "a character device"
     if stat.S_ISBLK(mode):
@@ -368,6 +394,103 @@ def _file_kind(path: str) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a file"
+
+
+# The files of a local data folder, as mlx-lm's load_local_dataset names them.
+DATA_SPLITS = ("train", "valid", "test")
+
+
+def data_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a data file, or None (a regular file, or nothing).
+
+    Symlinks are followed: one to /dev/zero would be read for ever, a FIFO blocks the reader
+    until someone writes, a socket cannot be opened at all. The message names what the path
+    is, and what a link points at: "…/train.jsonl is a character device (/dev/zero), not a
+    regular file".
+    """
+    path = os.fspath(path)
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
+    target = ""
+    if stat.S_ISLNK(link.st_mode):
+        target = os.path.realpath(path)
+        if not os.path.exists(path):
+            return (
+                f"{path} is a symlink to {os.readlink(path)} that cannot be followed "
+                "(dangling or a loop)"
+            )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    shown = f" ({target})" if target else ""
+    return f"{path} is {_file_kind(path)}{shown}, not a regular file"
+
+
+def _check_data_files(cfg: JobConfig, ctx: _Ctx) -> None:
+    """A local data folder's train/valid/test.jsonl, those present, must be regular files."""
+    if cfg.hf_dataset is not None or cfg.data is None or not os.path.isabs(cfg.data):
+        return
+    for split in DATA_SPLITS:
+        problem = data_file_problem(os.path.join(cfg.data, f"{split}.jsonl"))
+        if problem:
+            raise DataFileError(
+                f"key 'data': {problem}; training data must be regular JSONL files",
+                key="data",
+                source=ctx.source,
+            )
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def adapter_path_problem(
+    adapter_path: str | os.PathLike[str],
+    home: str | os.PathLike[str],
+    other_adapter_paths: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> str | None:
+    """Why a job may not write its adapters at ``adapter_path``, or None.
+
+    For an adapter_path the user chose (the queue's own default, ``<home>/jobs/<id>/adapters``,
+    is not checked here): not inside loractl's home, whose inbox, job folders and database
+    the supervisor moves, replaces and deletes; and neither inside nor above another job's
+    adapter folder (``other_adapter_paths``: job -> its folder), whose checkpoints and
+    adapters one job would then overwrite, delete or "resume" as the other's. Paths compare
+    after resolving symlinks. An equal path is the queue's own check (it allows reuse once
+    the other job has ended), so it is not refused here.
+    """
+    wanted = os.path.realpath(adapter_path)
+    home_real = os.path.realpath(home)
+    if _is_within(wanted, home_real):
+        return (
+            f"adapter_path {os.fspath(adapter_path)} is inside loractl's home {home_real}, "
+            "whose inbox, job folders and database the supervisor moves and deletes; choose a "
+            "folder outside it, or leave adapter_path unset to get <home>/jobs/<id>/adapters"
+        )
+    for job, other in (other_adapter_paths or {}).items():
+        theirs = os.path.realpath(other)
+        if wanted == theirs:
+            continue
+        if _is_within(wanted, theirs):
+            return (
+                f"adapter_path {os.fspath(adapter_path)} is inside job {job}'s adapter folder "
+                f"{theirs}; its checkpoints would be mixed with this job's. Choose a folder of "
+                "its own"
+            )
+        if _is_within(theirs, wanted):
+            return (
+                f"adapter_path {os.fspath(adapter_path)} holds job {job}'s adapter folder "
+                f"{theirs}; this job's checkpoints and adapters would be mixed with that "
+                "job's. Choose a folder of its own"
+            )
+    return None
 
 
 # Never somewhere the system lives: checkpoints, logs and a lock file would land there.
@@ -777,6 +900,15 @@ def _distributed(value: Any, key: str, ctx: _Ctx) -> dict[str, Any] | None:
 
 # --- the schema ---------------------------------------------------------------------------
 
+# A data record (one JSONL line) longer than this is refused; reading stops there, so a
+# 3 GB line or a device costs 64 MB at most, not all of the Mac's memory.
+DEFAULT_MAX_RECORD_MB = 64
+MAX_RECORD_MB_LIMIT = 4096
+# Tokens in one micro-batch on one rank (batch_size / ranks x max_seq_length). Every token's
+# activations are alive at once in the backward pass; past 2^20 (about a megabyte of
+# activations per token even on a small model: a terabyte) no Mac holds the batch.
+MAX_MICRO_BATCH_TOKENS = 2**20
+
 
 _MLX, _ID, _LADDER = "mlx", "identity", "ladder"
 # Relative, so it lands beside the config like any path the user wrote.
@@ -980,6 +1112,16 @@ class JobConfig:
         None, "Run on several processes through mlx.launch: backend, hosts, hostfile,"
         " processes (mlx.launch's -n), env, starting_port; null: one process.", _distributed,
         "mapping?",
+    )  # fmt: skip
+    max_processes_per_host: int | None = _f(
+        None, "Most ranks 'distributed' may start on one host; null: this machine's CPU cores."
+        " Each rank is a whole trainer with its own copy of the model, so more ranks than"
+        " cores only contend.", _int(1, optional=True), "int?",
+    )  # fmt: skip
+    max_record_mb: int = _f(
+        DEFAULT_MAX_RECORD_MB, "Longest line (one record) of a data file, in MB; a longer one is"
+        " bad data named by file and line, read no further than this.",
+        _int(1, MAX_RECORD_MB_LIMIT), "int",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -1299,6 +1441,8 @@ def parse_config(
 
     cfg = JobConfig(**values)
     _check_world(cfg, ctx)
+    _check_micro_batch(cfg, ctx)
+    _check_data_files(cfg, ctx)
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
         raise ctx.error(
             f"key 'heartbeat_timeout': must be greater than heartbeat_interval"
@@ -1308,6 +1452,45 @@ def parse_config(
     cfg._base_dir = base
     cfg.warnings = warnings
     return cfg
+
+
+def _ranks_per_host(section: Mapping[str, Any]) -> dict[str, int]:
+    """How many ranks ``distributed`` starts on each host."""
+    if section.get("hostfile"):
+        names = [str(h.get("ssh")) for h in _dist.hostfile_hosts(section["hostfile"])]
+        per = 1
+    else:
+        names = list(section.get("hosts") or [_dist.DEFAULT_HOST])
+        per = int(section.get("processes") or 1)
+    return {name: names.count(name) * per for name in dict.fromkeys(names)}
+
+
+# Ranks on another Mac are held to this (its cores are not known here): an M-series Ultra
+# has 32 cores, so more than 64 ranks on one host is a typo.
+MAX_REMOTE_RANKS_PER_HOST = 64
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _is_this_machine(host: str) -> bool:
+    import socket
+
+    return host in _LOOPBACK or host == socket.gethostname()
+
+
+def _check_micro_batch(cfg: JobConfig, ctx: _Ctx) -> None:
+    """A micro-batch no Mac can hold is a typo, not a job: refuse it at submit."""
+    per_rank = -(-cfg.batch_size // max(cfg.world_size, 1))
+    tokens = per_rank * cfg.max_seq_length
+    if tokens > MAX_MICRO_BATCH_TOKENS:
+        ranks = f" / {cfg.world_size} ranks" if cfg.world_size > 1 else ""
+        raise ctx.error(
+            f"key 'batch_size': {cfg.batch_size}{ranks} x max_seq_length {cfg.max_seq_length}"
+            f" is {tokens} tokens in one micro-batch, over the {MAX_MICRO_BATCH_TOKENS} that"
+            " any Mac's memory can hold (every token's activations are alive at once);"
+            " lower batch_size or max_seq_length, and use grad_accumulation_steps for a"
+            " larger effective batch",
+            "batch_size",
+        )
 
 
 def _check_world(cfg: JobConfig, ctx: _Ctx) -> None:
@@ -1327,6 +1510,24 @@ def _check_world(cfg: JobConfig, ctx: _Ctx) -> None:
                 f"key 'ladder[{index}].batch_size': {rung['batch_size']} is not divisible by"
                 f" the {world} ranks of 'distributed'",
                 f"ladder[{index}].batch_size",
+            )
+    assert cfg.distributed is not None  # a world of several ranks comes from this section
+    cores = os.cpu_count() or 1
+    for host, ranks in _ranks_per_host(cfg.distributed).items():
+        if cfg.max_processes_per_host:
+            limit = cfg.max_processes_per_host
+            why = f"over max_processes_per_host ({limit})"
+        elif _is_this_machine(host):
+            limit, why = cores, f"but this machine has {cores} CPU cores"
+        else:
+            limit = max(cores, MAX_REMOTE_RANKS_PER_HOST)
+            why = f"over {limit} (no Mac has that many CPU cores)"
+        if ranks > limit:
+            raise ctx.error(
+                f"key 'distributed.processes': {ranks} ranks on host {host}, {why}; each rank"
+                " is a whole trainer with its own copy of the model, so more ranks than cores"
+                " only contend (max_processes_per_host raises the limit)",
+                "distributed.processes",
             )
 
 

@@ -289,6 +289,21 @@ class ClientExit(IntEnum):
 
 # -- control requests: one dataclass per request, one handler each in the supervisor --------
 
+# A job's priority is a 32-bit signed number: it is stored, sorted and compared as one, and
+# anything wider is a typo (SQLite's INTEGER would overflow at 64 bits in any case).
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
+
+
+def check_priority(priority: int | None) -> None:
+    """Refuse a priority outside the 32-bit signed range (INVALID_ARGUMENT)."""
+    if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ProtocolError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"priority {priority} is out of range: it must be between {PRIORITY_MIN} and "
+            f"{PRIORITY_MAX}",
+        )
+
 
 @dataclass
 class Request(Message):
@@ -312,6 +327,9 @@ class SubmitRequest(Request):
     TYPE: ClassVar[str] = "submit"
     config_path: str = ""
     priority: int | None = None
+
+    def __post_init__(self) -> None:
+        check_priority(self.priority)
 
 
 @dataclass
@@ -373,6 +391,9 @@ class RetryRequest(JobRequest):
 class PriorityRequest(JobRequest):
     TYPE: ClassVar[str] = "priority"
     priority: int = 0
+
+    def __post_init__(self) -> None:
+        check_priority(self.priority)
 
 
 @dataclass

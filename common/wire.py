@@ -76,7 +76,7 @@ def receive(
                 frame = sock.recv(copy=False)
         if kept is None:
             if total >= _TRIM_AFTER_BYTES:
-                _release_memory()
+                release_memory()
             on_drop(
                 ProtocolError(
                     ErrorCode.TOO_LARGE,
@@ -109,7 +109,7 @@ def drain(
         yield frames, message
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Ask the C allocator to return freed memory to the system.
 
     libzmq's I/O thread allocated the dropped frames; glibc keeps small freed chunks in that

@@ -18,19 +18,25 @@ example repeated, none skipped (see ``ExampleOrder``).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.datasets import create_dataset
 
-from loractl.config import JobConfig
+from loractl.config import JobConfig, data_file_problem
 
 # mlx-lm pads each batch to one plus a multiple of this, so compiled shapes repeat.
 PAD_MULTIPLE = 32
+MB = 1024 * 1024
+# Lines read (samples tokenized) between two signs of life while loading.
+PROGRESS_EVERY = 2000
 
 
 class DataError(ValueError):
@@ -65,47 +71,101 @@ def json_error_words(exc: json.JSONDecodeError) -> str:
     return f"{exc.msg}{joiner}column {exc.colno}"
 
 
-def read_jsonl(path: Path, cfg: JobConfig) -> list[dict]:
-    """Parse a JSONL file, checking that every line is a sample of the first line's format."""
-    samples: list[dict] = []
-    expected: str | None = None
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def open_data_file(path: Path) -> BinaryIO:
+    """Open a data file for reading, refusing anything but a regular file.
+
+    A FIFO would block the open (and the trainer, in "loading") until someone writes; a
+    device such as /dev/zero never ends. The file is opened without blocking and its type
+    checked on the open descriptor, so one swapped for a FIFO after the check is refused too.
+    """
+    problem = data_file_problem(path)
+    if problem:
+        raise DataError(f"{problem}; training data must be regular JSONL files")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
     try:
-        handle = path.open("r", encoding="utf-8")
+        fd = os.open(path, flags)
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from None
-    with handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    sample = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path}:{number}: invalid JSON: {json_error_words(exc)}"
-                    ) from None
-                if not isinstance(sample, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object per line")
-                fmt = _format_of(sample, cfg)
-                if fmt is None:
-                    wanted = " or ".join(
-                        repr(getattr(cfg, key)) for keys in FORMAT_KEYS.values() for key in keys
-                    )
-                    raise DataError(
-                        f"{path}:{number}: sample has none of the keys {wanted} "
-                        f"(found {sorted(sample)[:6]})"
-                    )
-                if expected is None:
-                    expected = fmt
-                elif fmt != expected:
-                    raise DataError(
-                        f"{path}:{number}: sample is in {fmt} format but the file's first "
-                        f"sample is in {expected} format"
-                    )
-                _check_fields(path, number, sample, fmt, cfg)
-                samples.append(sample)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((words for test, words in _KINDS if test(mode)), "not a file")
+        raise DataError(
+            f"{path} is {kind}, not a regular file; training data must be regular JSONL files"
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def bounded_lines(handle: BinaryIO, path: Path, limit_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) for each line, never holding more than ``limit_bytes`` + 1 of one:
+    a longer record is refused by file and line, before it can take the Mac's memory."""
+    number = 0
+    while True:
+        line = handle.readline(limit_bytes + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > limit_bytes and not (len(line) == limit_bytes + 1 and line[-1:] == b"\n"):
+            raise DataError(
+                f"{path}:{number}: record is over {limit_bytes // MB} MB (max_record_mb); one "
+                "JSONL line is one sample. Split it, or raise max_record_mb if it is one"
+            )
+        yield number, line
+
+
+def read_jsonl(
+    path: Path, cfg: JobConfig, progress: Callable[[], None] | None = None
+) -> list[dict]:
+    """Parse a JSONL file, checking that every line is a sample of the first line's format.
+
+    ``progress`` is called every few thousand lines: the trainer's sign of life while loading.
+    """
+    samples: list[dict] = []
+    expected: str | None = None
+    with open_data_file(path) as handle:
+        for number, raw in bounded_lines(handle, path, cfg.max_record_mb * MB):
+            if progress is not None and number % PROGRESS_EVERY == 0:
+                progress()
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({exc.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON: {json_error_words(exc)}") from None
+            if not isinstance(sample, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line")
+            fmt = _format_of(sample, cfg)
+            if fmt is None:
+                wanted = " or ".join(
+                    repr(getattr(cfg, key)) for keys in FORMAT_KEYS.values() for key in keys
+                )
+                raise DataError(
+                    f"{path}:{number}: sample has none of the keys {wanted} "
+                    f"(found {sorted(sample)[:6]})"
+                )
+            if expected is None:
+                expected = fmt
+            elif fmt != expected:
+                raise DataError(
+                    f"{path}:{number}: sample is in {fmt} format but the file's first "
+                    f"sample is in {expected} format"
+                )
+            _check_fields(path, number, sample, fmt, cfg)
+            samples.append(sample)
     return samples
 
 
@@ -147,10 +207,15 @@ class TokenizedDataset:
         return int(self.lengths[index])
 
 
-def tokenize(raw, where: Callable[[int], str]) -> TokenizedDataset:
-    """Run an mlx-lm dataset's own ``process`` over every sample; ``where(i)`` names sample i."""
+def tokenize(
+    raw, where: Callable[[int], str], progress: Callable[[], None] | None = None
+) -> TokenizedDataset:
+    """Run an mlx-lm dataset's own ``process`` over every sample; ``where(i)`` names sample i.
+    ``progress`` is called every few thousand samples (a sign of life while loading)."""
     samples = []
     for index in range(len(raw)):
+        if progress is not None and index % PROGRESS_EVERY == PROGRESS_EVERY - 1:
+            progress()
         try:
             tokens, offset = raw.process(raw[index])
         except Exception as exc:  # the tokenizer or a chat template may raise anything
@@ -177,10 +242,22 @@ def uses_hub_data(cfg: JobConfig) -> bool:
     return cfg.hf_dataset is not None or not Path(cfg.data).is_absolute()
 
 
-def load_datasets(cfg: JobConfig, tokenizer, *, hub_online: bool = True) -> Datasets:
-    """Load and tokenize train/valid (and test when ``cfg.test``) from a folder or the Hub."""
+def load_datasets(
+    cfg: JobConfig,
+    tokenizer,
+    *,
+    hub_online: bool = True,
+    progress: Callable[[], None] | None = None,
+) -> Datasets:
+    """Load and tokenize train/valid (and test when ``cfg.test``) from a folder or the Hub.
+
+    ``progress`` is called as lines are read and samples tokenized: how the supervisor tells
+    a long load from a stuck one.
+    """
     datasets = (
-        _load_hub(cfg, tokenizer, hub_online) if uses_hub_data(cfg) else _load_local(cfg, tokenizer)
+        _load_hub(cfg, tokenizer, hub_online, progress)
+        if uses_hub_data(cfg)
+        else _load_local(cfg, tokenizer, progress)
     )
     if len(datasets.train) < cfg.batch_size:
         raise DataError(
@@ -190,7 +267,7 @@ def load_datasets(cfg: JobConfig, tokenizer, *, hub_online: bool = True) -> Data
     return datasets
 
 
-def _load_local(cfg: JobConfig, tokenizer) -> Datasets:
+def _load_local(cfg: JobConfig, tokenizer, progress: Callable[[], None] | None) -> Datasets:
     folder = Path(cfg.data)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist (expected train.jsonl in it)")
@@ -199,10 +276,10 @@ def _load_local(cfg: JobConfig, tokenizer) -> Datasets:
     splits_needed = ("train", "valid", "test") if cfg.test else ("train", "valid")
     for split in ("train", "valid", "test"):
         path = folder / f"{split}.jsonl"
-        if split not in splits_needed or not path.exists():
+        if split not in splits_needed or not os.path.lexists(path):
             splits[split] = None
             continue
-        samples = read_jsonl(path, cfg)
+        samples = read_jsonl(path, cfg, progress)
         if not samples:
             splits[split] = None
             continue
@@ -210,7 +287,7 @@ def _load_local(cfg: JobConfig, tokenizer) -> Datasets:
             raw = create_dataset(samples, tokenizer, options)
         except ValueError as exc:
             raise DataError(f"{path}: {exc}") from None
-        splits[split] = tokenize(raw, lambda index, path=path: f"{path}:{index + 1}")
+        splits[split] = tokenize(raw, lambda index, path=path: f"{path}:{index + 1}", progress)
     if splits["train"] is None:
         raise DataError(f"{folder / 'train.jsonl'}: missing or empty; a training set is needed")
     if cfg.test and splits["test"] is None:
@@ -225,7 +302,9 @@ def hub_dataset_names(cfg: JobConfig) -> list[str]:
     return [entry["path"] for entry in entries]
 
 
-def _load_hub(cfg: JobConfig, tokenizer, hub_online: bool) -> Datasets:
+def _load_hub(
+    cfg: JobConfig, tokenizer, hub_online: bool, progress: Callable[[], None] | None
+) -> Datasets:
     """mlx-lm's own ``load_dataset``: ``data: org/name`` or the ``hf_dataset`` entries."""
     try:
         import datasets as hf_datasets
@@ -256,7 +335,11 @@ def _load_hub(cfg: JobConfig, tokenizer, hub_online: bool) -> Datasets:
         if split == "test" and not cfg.test:
             part = []
         splits[split] = (
-            tokenize(part, lambda index, split=split: f"{names} ({split} split) sample {index}")
+            tokenize(
+                part,
+                lambda index, split=split: f"{names} ({split} split) sample {index}",
+                progress,
+            )
             if len(part)
             else None
         )

@@ -29,6 +29,8 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any
 
 import structlog
 
-from loractl.config import ConfigError, JobConfig, load_config
+from loractl.config import ConfigError, DataFileError, JobConfig, load_config
 from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
 from loractl.daemon.hooks import TrainerHooks
 from loractl.distributed import RANK_LOG_PATTERN
@@ -51,6 +53,17 @@ LOG_FILE = "train.log"
 
 class ModelError(ValueError):
     """The model cannot be loaded or does not fit the config: a config problem (exit 78)."""
+
+
+class StoppedBeforeTraining(Exception):  # noqa: N818  (a way out, like StopIteration)
+    """A stop asked for while loading or in the pre-flight: nothing has been trained in this
+    attempt, so there is nothing to checkpoint and no reason to wait for the next step."""
+
+
+# The history's word for a run whose every checkpoint was damaged (see ``_resume``).
+STARTED_OVER_EVENT = "started_over"
+# Trainer events that say "still loading" are sent at most this often.
+LOADING_EVENT_EVERY_S = 5.0
 
 
 def resource_limit_words(exc: BaseException) -> str:
@@ -189,6 +202,10 @@ def run(
             cfg = cfg.with_overrides({"adapter_path": scratch, "preflight": True})
         world = init_world(cfg)
         keys_problem = _telemetry_keys_problem(telemetry_endpoint, keys_dir)
+    except DataFileError as exc:
+        # A data file swapped for a FIFO or a device after submit: bad data, not bad config.
+        print(f"loractl: data error: {exc}", file=sys.stderr)
+        return ExitCode.DATA_ERROR
     except ConfigError as exc:
         print(f"loractl: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
@@ -308,6 +325,13 @@ class TrainingSession:
         self.budget_mb = budget_mb if budget_mb else default_budget_mb(cfg)
         self.weights_mb = 0.0
         self.fixed_mb = 0.0
+        # While True, a stop request ends the attempt at once (StoppedBeforeTraining): it
+        # is loading or in the pre-flight, with nothing to checkpoint. A FIFO or a dead mount
+        # can block it there for ever, and a cancel should not wait out the grace for that.
+        self._stop_at_once = False
+        self._loading_lock = threading.Lock()
+        self._loading_what = ""
+        self._loading_sent = 0.0
 
     def start_over_hint(self) -> str:
         """How to discard the checkpoints and train from the start, for whoever runs us."""
@@ -323,6 +347,9 @@ class TrainingSession:
         log.info("attempt starting", pid=os.getpid(), config=self.cfg.to_dict(), rung=self.rung)
         try:
             return self._run()
+        except StoppedBeforeTraining:
+            self._stop_at_once = False
+            return self._stopped_before_training()
         except ConfigError as exc:
             return self._fail(ExitCode.CONFIG_ERROR, f"config error: {exc}")
         except ModelError as exc:
@@ -389,6 +416,11 @@ class TrainingSession:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             self.requests.stop.set()
+            if self._stop_at_once:
+                # Raised where the main thread is, a blocking open() or read() included
+                # (PEP 475 retries a call only when the handler returns normally).
+                self._stop_at_once = False
+                raise StoppedBeforeTraining()
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
@@ -401,6 +433,32 @@ class TrainingSession:
         if self.collective_watch is not None:
             self.collective_watch.touch()
 
+    def loading_progress(self, what: str | None = None) -> None:
+        """A sign of life before training (``what``: the stage it reached, or None: more of
+        the same), sent as a "loading" trainer event at most every few seconds. The
+        supervisor counts it as progress; without it a trainer stuck while loading is a hang.
+        Called from the main thread and from ``LoadWatch``'s."""
+        now = time.monotonic()
+        with self._loading_lock:
+            if what is not None:
+                self._loading_what = what
+            if now - self._loading_sent < LOADING_EVENT_EVERY_S and what is None:
+                return
+            self._loading_sent = now
+            stage = self._loading_what
+        self.telemetry.event("loading", stage=stage, phase=self.progress.phase)
+
+    def _stopped_before_training(self) -> int:
+        """The stop came while loading or in the pre-flight: exit 82 at once."""
+        log.info("stopped before training", phase=self.progress.phase)
+        self.telemetry.event("stopped", step=self.progress.step, before_training=True)
+        print(
+            f"loractl: stopped while {self._loading_what or self.progress.phase}, before "
+            "training; the checkpoints are as they were. Run the same command again to resume",
+            file=sys.stderr,
+        )
+        return ExitCode.STOPPED
+
     # -- the attempt -----------------------------------------------------------------------
 
     def _run(self) -> int:
@@ -409,6 +467,9 @@ class TrainingSession:
 
         cfg = self.cfg
         self.progress.phase = "loading"
+        self._stop_at_once = True
+        if self.requests.stop.is_set():
+            raise StoppedBeforeTraining()  # the signal came before the handler could raise
         hub_online = True
         model_from_hub = not Path(cfg.model).is_absolute()
         if model_from_hub or uses_hub_data(cfg):
@@ -433,13 +494,20 @@ class TrainingSession:
         from loractl.checkpoints import CHECKPOINT_DIR
         from loractl.daemon.checkpoint import CheckpointStore
         from loractl.daemon.data import ExampleOrder, load_datasets
+        from loractl.daemon.loadwatch import LoadWatch, hub_cache_folder
         from loractl.daemon.loop import LoopPlan, LoopState, OutOfMemory, train
         from loractl.daemon.preflight import weights_mb
 
         cfg = self.cfg
         callback = self._reporting_callback()
-        model, tokenizer = self._load_model()
-        datasets = load_datasets(cfg, tokenizer, hub_online=hub_online)
+        self.loading_progress("loading the model")
+        with LoadWatch(self.loading_progress, download=hub_cache_folder(cfg.model)):
+            model, tokenizer = self._load_model()
+        self.loading_progress("reading and tokenizing the data")
+        datasets = load_datasets(
+            cfg, tokenizer, hub_online=hub_online, progress=self.loading_progress
+        )
+        self.loading_progress("evaluating the weights")
         # Seed before the LoRA layers are made: their initial A matrices are random.
         mx.random.seed(cfg.seed)
         self._apply_adapters(model)
@@ -454,6 +522,7 @@ class TrainingSession:
         from loractl.memory import footprint_mb
 
         self.fixed_mb = max(self.weights_mb, footprint_mb(os.getpid()))
+        self.loading_progress("resuming from the checkpoints")
         optimizer = self._build_optimizer()
         store = CheckpointStore(self.adapter_path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
         if self.fresh and self.rank == 0:
@@ -473,6 +542,8 @@ class TrainingSession:
             return self._already_complete(state, total)
         if state.step == 0 and cfg.resume_adapter_file:
             model.load_weights(cfg.resume_adapter_file, strict=False)
+        # From here on the attempt writes to the adapter folder: a stop waits for a step.
+        self._stop_at_once = False
         if self.rank == 0:
             self._write_adapter_config()
         # The model, data and transformers' import leave ~100k long-lived objects; freezing
@@ -508,7 +579,12 @@ class TrainingSession:
 
             grad_checkpoint(model.layers[0])
         if cfg.preflight:
-            stopped = self._preflight(model, datasets, plan, order, state)
+            # The pre-flight trains nothing and writes nothing: a stop may end it at once.
+            self._stop_at_once = not self.requests.stop.is_set()
+            try:
+                stopped = self._preflight(model, datasets, plan, order, state)
+            finally:
+                self._stop_at_once = False
             if stopped is not None:
                 return stopped
         if self.preflight_only:
@@ -731,6 +807,8 @@ class TrainingSession:
             log.warning("checkpoint skipped", reason=reason)
             print(f"loractl: skipping damaged checkpoint: {reason}", file=sys.stderr)
         if checkpoint is None:
+            if skipped:
+                self._say_started_over(skipped)
             return None
         saved = checkpoint.state
         if saved.get("config_hash") != self.cfg.identity_hash():
@@ -781,6 +859,16 @@ class TrainingSession:
         )
         self._say_changes(previous, notes)
         return state, saved
+
+    def _say_started_over(self, skipped: list[str]) -> None:
+        """Every checkpoint was damaged: the run starts again from step 0. Said on stderr, in
+        train.log and to the supervisor (for the job's history and `show`), never silently."""
+        reason = f"all {len(skipped)} checkpoints failed their checksums; starting over from step 0"
+        log.warning("started over", reason=reason, skipped=skipped)
+        print(f"loractl: {reason}", file=sys.stderr)
+        self.telemetry.event(
+            STARTED_OVER_EVENT, reason=reason, checkpoints=len(skipped), first=skipped[0][:300]
+        )
 
     def _say_changes(self, previous: dict[str, Any], notes: list[str]) -> None:
         """Tell the terminal, not only train.log, what this attempt runs differently."""

@@ -57,8 +57,12 @@ log = structlog.get_logger("loractl.supervisor")
 
 STDERR_TAIL_BYTES = 8192
 
-# The phases in which a trainer is expected to make steady progress.
+# The phases in which a trainer is expected to make steady progress, step after step.
 PROGRESS_PHASES = ("train", "eval")
+# The phases a trainer must leave, or show a sign of life in ("loading" trainer events),
+# within the stall timeout: a FIFO as a data file or a dead mount blocks it in "loading" for
+# ever while its heartbeat thread goes on. "done" is the exit itself, watched by reaping.
+PHASES_NOT_WATCHED = ("starting", "done")
 
 
 class AttemptHooks(Protocol):
@@ -118,6 +122,8 @@ class AttemptExit:
     # record it twice.
     crash_recorded: bool = False
     plan_recorded: bool = False  # the rungs a step down skipped, likewise
+    examples_seen: int = 0
+    total_examples: int = 0
 
     @property
     def job_id(self) -> str:
@@ -197,10 +203,14 @@ class Attempt:
         self.last_progress = now
         self.step = step
         self.examples_seen = 0
+        self.total_examples = 0
         self.last_checkpoint_step = last_checkpoint_step
         self.max_step_seconds = 0.0
         self.max_eval_seconds = 0.0
+        self.max_checkpoint_seconds = 0.0
         self.phase = "starting"
+        # What a loading trainer said it was doing last ("reading and tokenizing the data").
+        self.loading_stage = ""
         self.footprints: deque[float] = deque(maxlen=50)
         self.peak_mb = 0.0
         self.pressure_seen = str(Pressure.NORMAL)
@@ -335,11 +345,14 @@ class Attempt:
                 rank.footprint_mb = beat.footprint_mb
             # The job is as far as its slowest rank, and alive once every rank has spoken.
             step = min(r.step for r in self.ranks.values())
-        if step != self.step:
+        if step != self.step or (beat.phase != self.phase and not self.distributed):
+            # A new step, or a new phase (loading -> preflight -> train): it moved on. (Ranks
+            # may sit in different phases at once; for them only steps and events count.)
             self.step = step
             self.last_progress = now
         self.phase = beat.phase
         self.examples_seen = beat.examples_seen
+        self.total_examples = beat.total_examples
         if beat.step_seconds:
             self.max_step_seconds = max(self.max_step_seconds, beat.step_seconds)
         if beat.eval_seconds:
@@ -350,9 +363,16 @@ class Attempt:
             self.last_checkpoint_step = beat.last_checkpoint_step
 
     def on_trainer_event(self, event: TrainerEvent) -> None:
+        # Events come from the trainer's work, never from its heartbeat thread: each is
+        # progress (a "loading" event is a sign of life from a long load or tokenization).
+        self.last_progress = time.monotonic()
+        if event.kind == "loading" and isinstance(event.detail.get("stage"), str):
+            self.loading_stage = event.detail["stage"][:200]
         if event.kind == "checkpoint":
             self.last_checkpoint_step = event.step
-            self.last_progress = time.monotonic()
+            seconds = event.detail.get("seconds")
+            if isinstance(seconds, int | float) and seconds > self.max_checkpoint_seconds:
+                self.max_checkpoint_seconds = float(seconds)
         if event.kind not in ("done", "stopped", "error"):
             return
         announced = {"done": int(ExitCode.DONE), "stopped": int(ExitCode.STOPPED)}.get(
@@ -521,17 +541,28 @@ class Attempt:
             self.hang(f"no heartbeat for {silent:.1f} s")
             return
         if self._stalled(now):
-            self.hang(f"no progress for {now - self.last_progress:.0f} s")
+            self.hang(self._stall_words(now))
+
+    def stall_timeout(self) -> float:
+        """How long the trainer may show no progress: at least ``stall_min_s``, and far
+        longer than its slowest step, evaluation and checkpoint so far."""
+        slowest = self.max_step_seconds + self.max_eval_seconds + self.max_checkpoint_seconds
+        return max(self.settings.stall_min_s, self.settings.stall_factor * slowest)
 
     def _stalled(self, now: float) -> bool:
-        """Training, yet no new step for far longer than the slowest step and eval so far."""
-        if self.phase not in PROGRESS_PHASES or self.step < 0:
+        """No new step, phase or sign of life for longer than the stall timeout, in any phase
+        from loading to the last step."""
+        if self.phase in PHASES_NOT_WATCHED:
             return False
-        stall = max(
-            self.settings.stall_min_s,
-            self.settings.stall_factor * (self.max_step_seconds + self.max_eval_seconds),
-        )
-        return now - self.last_progress > stall
+        if self.phase in PROGRESS_PHASES and self.step < 0:
+            return False
+        return now - self.last_progress > self.stall_timeout()
+
+    def _stall_words(self, now: float) -> str:
+        where = f" in {self.phase}" if self.phase not in PROGRESS_PHASES else ""
+        if self.phase == "loading" and self.loading_stage:
+            where += f" ({self.loading_stage})"
+        return f"no progress for {now - self.last_progress:.0f} s{where}"
 
     def _check_ranks(self, now: float) -> None:
         """A distributed job is alive while every rank heartbeats and the slowest advances."""
@@ -553,7 +584,7 @@ class Attempt:
                 return
         if self._stalled(now):
             self.culprit = min(self.ranks.values(), key=lambda r: r.step).rank
-            self.hang(f"no progress for {now - self.last_progress:.0f} s")
+            self.hang(self._stall_words(now))
 
     def _watch_ranks(self, now: float) -> None:
         """Notice a local rank's end from the process table: a SIGKILLed rank says nothing,
@@ -732,6 +763,8 @@ class Attempt:
             stderr_tail=tail,
             culprit=self.ranks.get(self.culprit) if self.culprit is not None else None,
             ranks=self.describe_ranks(),
+            examples_seen=self.examples_seen,
+            total_examples=self.total_examples,
         )
 
     def _ranks_linger(self) -> bool:

@@ -15,6 +15,8 @@ import sys
 
 import structlog
 
+from loractl.terminal import printable
+
 log = structlog.get_logger("loractl.supervisor.desktop")
 
 # AppleScript gets the title and text as arguments, never pasted into the script, so a job
@@ -111,6 +113,9 @@ class Notifier:
     def send(self, title: str, message: str) -> None:
         if not self.enabled or not self.command:
             return
+        # A job name or path in the text must not drive a terminal (a user's notify command
+        # may well print it) or the notification itself: its control characters are escaped.
+        title, message = printable(title), printable(message, multiline=True)
         log.info("notification", title=title, message=message)
         self.processes.start([*self.command, title, message])
 

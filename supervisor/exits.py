@@ -93,8 +93,15 @@ class ExitHandler:
         )
         if ended.spec.distributed:
             self.last_ranks[job.id] = list(ended.ranks)
+        # The attempt's last figures, kept even when the heartbeats' own writes were refused
+        # (a full disk): a job never goes back to "0/0 examples, step 0".
         job = self.store.update(
-            job.id, trainer_pid=None, last_checkpoint_step=ended.last_checkpoint_step
+            job.id,
+            trainer_pid=None,
+            last_checkpoint_step=ended.last_checkpoint_step,
+            step=max(job.step, ended.step),
+            examples_seen=max(job.examples_seen, ended.examples_seen),
+            total_examples=ended.total_examples or job.total_examples,
         )
         if verdict.cause not in (Cause.DONE, Cause.STOPPED):
             job = self._record_crash(job, ended, verdict)

@@ -28,6 +28,7 @@ full in the error text.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -53,7 +54,14 @@ from watchdog.observers import Observer
 
 # _default_name is the rule load_config applies to a file's stem; reusing it (rather than a
 # copy) keeps an inbox job named exactly as `loractl submit` of the same file would be.
-from loractl.config import MAX_CONFIG_BYTES, ConfigError, JobConfig, _default_name, load_config
+from loractl.config import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    JobConfig,
+    _default_name,
+    load_config,
+)
+from loractl.supervisor.jobqueue import sets_key
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
@@ -114,6 +122,23 @@ _Signature = tuple[int, int, int, int, *tuple[object, ...]]
 class _Seen:
     signature: _Signature
     since: float
+
+
+@dataclass
+class _Stuck:
+    """A file or claim that could not be finished (a full disk, a read-only folder): tried
+    again when it changes, or when ``retry_at`` comes (the delay doubling up to a cap), so
+    a claim left by a failed write is queued or rejected once there is space, never left
+    hidden until a restart."""
+
+    signature: _Signature | None
+    retry_at: float
+    delay: float
+    reason: str
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _ignored(name: str) -> bool:
@@ -213,6 +238,8 @@ class Inbox:
         settle_s: float = 0.5,
         rescan_s: float = 2.0,
         budget_s: float = 0.25,
+        retry_s: float = 2.0,
+        retry_cap_s: float = 60.0,
     ) -> None:
         self.inbox = Path(inbox).absolute()
         self.rejected = self.inbox / REJECTED
@@ -229,9 +256,13 @@ class Inbox:
         self._lock = threading.Lock()
         self._touched: set[str] = set()  # shared with watchdog's thread, under _lock
         self._seen: dict[str, _Seen | None] = {}
-        # Files that could not even be moved to rejected/: retried only once they change, so
-        # a read-only folder does not become an error every half second.
-        self._stuck: dict[str, _Signature | None] = {}
+        # Files and claims that could not be finished (not even moved to rejected/): retried
+        # when they change or their backoff ends, so a read-only folder does not become an
+        # error every half second, and a full disk holds a file only until there is space.
+        self._stuck: dict[str, _Stuck] = {}
+        self.retry_s = retry_s
+        self.retry_cap_s = retry_cap_s
+        self._now = 0.0
         self._scan_due = True
         self._next_scan = 0.0
         self._observer: BaseObserver | None = None
@@ -263,16 +294,27 @@ class Inbox:
 
     @property
     def pending_count(self) -> int:
-        """Files seen but not yet taken (still settling, or left for the next poll)."""
+        """Files seen but not yet taken (still settling, left for the next poll, or waiting
+        to be retried after a failure such as a full disk)."""
         with self._lock:
             touched = {name for name in self._touched if not _ignored(name)}
-        return len(touched | set(self._seen))
+        return len(touched | set(self._seen) | set(self._stuck))
+
+    def waiting(self) -> list[tuple[str, str]]:
+        """(file name, why) of each file held for a retry: what `status` can show, so that
+        a claim waiting for disk space is never invisible."""
+        out = []
+        for name, stuck in sorted(self._stuck.items()):
+            match = _CLAIM.fullmatch(name)
+            out.append((_shown(match.group(2) if match else name), stuck.reason))
+        return out
 
     # -- the loop's side ---------------------------------------------------------------------
 
     def poll(self, now: float | None = None) -> list[Accepted | Rejected]:
         """Take every file that is ready; return what happened. Never raises an Exception."""
         now = time.monotonic() if now is None else now
+        self._now = now
         results: list[Accepted | Rejected] = []
         try:
             with self._lock:
@@ -283,7 +325,7 @@ class Inbox:
                     # mtime can be as coarse as a second (HFS+).
                     self._seen[name] = None
             claims: list[tuple[str, str, str]] = []
-            if self._scan_due or now >= self._next_scan:
+            if self._scan_due or now >= self._next_scan or self._retry_due(now):
                 claims = self._scan(now)
             for claim_name, job_id, name in claims:
                 self._keep(results, self._finish_leftover(claim_name, job_id, name))
@@ -315,6 +357,25 @@ class Inbox:
             self._wake()
         except Exception:
             log.exception("inbox_wake_failed")
+
+    def _retry_due(self, now: float) -> bool:
+        return any(stuck.retry_at <= now for stuck in self._stuck.values())
+
+    def _held(self, name: str, signature: _Signature | None) -> bool:
+        """Whether a stuck file is still waiting: unchanged, and its retry not yet due."""
+        stuck = self._stuck.get(name)
+        if stuck is None:
+            return False
+        return stuck.signature == signature and self._now < stuck.retry_at
+
+    def _hold(self, path: Path, reason: str) -> None:
+        """Keep ``path`` for a retry after a failure, backing off while it keeps failing."""
+        previous = self._stuck.get(path.name)
+        delay = min(previous.delay * 2, self.retry_cap_s) if previous else self.retry_s
+        self._stuck[path.name] = _Stuck(_signature(path), self._now + delay, delay, reason)
+        if previous is None:
+            log.warning("inbox_file_held", file=_shown(path.name), reason=reason, retry_s=delay)
+        self._call_wake()
 
     def _scan(self, now: float) -> list[tuple[str, str, str]]:
         """List the folder: new names start settling; returns leftover claims to finish."""
@@ -354,10 +415,11 @@ class Inbox:
                 del self._seen[name]
                 continue
             if name in self._stuck:
-                if self._stuck[name] == sig:
+                if self._held(name, sig):
                     del self._seen[name]
                     continue
-                del self._stuck[name]
+                if self._stuck[name].signature != sig:
+                    del self._stuck[name]  # changed: a new file, tried afresh
             if seen is None or seen.signature != sig:
                 self._seen[name] = _Seen(sig, now)
                 if self.settle_s > 0:
@@ -393,7 +455,7 @@ class Inbox:
         self, claim_name: str, job_id: str, name: str
     ) -> Accepted | Rejected | None:
         claimed = self.inbox / claim_name
-        if claim_name in self._stuck and self._stuck[claim_name] == _signature(claimed):
+        if self._held(claim_name, _signature(claimed)):
             return None
         try:
             if self._is_known(job_id):
@@ -439,7 +501,7 @@ class Inbox:
             cfg = load_config(claimed)
         except ConfigError as error:
             return self._reject(claimed, name, _describe(error, name))
-        if cfg.name == _default_name(claimed.stem):
+        if not sets_key(claimed, "name"):
             cfg.name = _default_name(Path(name).stem)
         try:
             self._enqueue(job_id, claimed, cfg)
@@ -447,11 +509,17 @@ class Inbox:
             # The job may have been stored before the failure; then it is queued, and
             # rejecting the file as well would make it look lost.
             if not self._known_quietly(job_id):
+                if _is_disk_full(error):
+                    # A valid config is not rejected for want of space: the claim waits, and
+                    # is queued once there is room (see _Stuck).
+                    self._hold(claimed, f"waiting for disk space to queue it: {error}")
+                    return None
                 if isinstance(error, ConfigError):
                     return self._reject(claimed, name, _describe(error, name))
                 reason = f"{_shown(name)}: could not queue the job: {error}"
                 return self._reject(claimed, name, reason)
             log.warning("inbox_enqueue_raised_after_storing", job_id=job_id, error=str(error))
+        self._stuck.pop(claimed.name, None)
         self._drop_claim(claimed)
         return Accepted(job_id=job_id, name=cfg.name, source=_shown(name))
 
@@ -518,9 +586,9 @@ class Inbox:
         try:
             reason = f"{_shown(name)}: internal error: {type(error).__name__}: {error}"
             return self._reject(path, name, reason)
-        except Exception:
+        except Exception as failure:
             log.exception("inbox_reject_failed", file=_shown(name))
-            self._stuck[path.name] = _signature(path)
+            self._hold(path, f"could not be rejected: {failure}")
             return None
 
     def _reject(self, path: Path, name: str, reason: str) -> Rejected | None:

@@ -4,6 +4,10 @@ A job enters as a normalized copy of its config in a job folder of its own, then
 store. The next job to run is a backed-off job whose delay is over (it had its turn and keeps
 it), else the first queued one by priority. ``pause --all`` holds the whole queue, across
 restarts, until ``resume --all``.
+
+A job's name is unique: a name another job already has (two files named ``rf.yaml``, or
+``-rf.yaml`` and ``rf.yaml``) gets a suffix, ``rf-2``, so that a command naming a job never
+has to guess which one is meant; the submitter is told the name it got.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from loractl.config import ConfigError, JobConfig, load_config
+from loractl.config import ConfigError, JobConfig, adapter_path_problem, load_config
 from loractl.paths import Layout
 from loractl.protocol import TERMINAL, JobState
 from loractl.supervisor.store import Job, JobNotFound, Store, new_job_id
@@ -25,6 +29,29 @@ from loractl.supervisor.store import Job, JobNotFound, Store, new_job_id
 # The store setting that holds the queue, and the jobs `pause --all` paused.
 HOLD_SETTING = "queue_held"
 HELD_JOBS_SETTING = "paused_by_hold"
+# The longest job name the config allows; a suffix shortens the base to keep within it.
+MAX_NAME_CHARS = 64
+
+
+def unique_name(wanted: str, taken: set[str]) -> str:
+    """``wanted``, or ``wanted-N`` with the smallest N from 2 that no job has yet."""
+    if wanted not in taken:
+        return wanted
+    number = 2
+    while True:
+        suffix = f"-{number}"
+        name = wanted[: MAX_NAME_CHARS - len(suffix)] + suffix
+        if name not in taken:
+            return name
+        number += 1
+
+
+def renamed(wanted: str, job: Job) -> str:
+    """The warning a submitter gets when its job's name was taken."""
+    return (
+        f"another job is already named {wanted!r}: this one is named {job.name!r} "
+        f"(id {job.id}); use either to name it"
+    )
 
 
 def sets_key(path: Path, key: str) -> bool:
@@ -77,37 +104,61 @@ class JobQueue:
         if folder.exists():
             shutil.rmtree(folder)  # left by a crash before the row was written: no job yet
         data = cfg.to_dict()
-        if not sets_key(source, "adapter_path"):
+        if sets_key(source, "adapter_path"):
+            self._check_adapter_path_chosen(data["adapter_path"], source)
+        else:
             data["adapter_path"] = str(folder / "adapters")
         self._check_adapter_folder_free(Path(data["adapter_path"]), source)
+        name = unique_name(cfg.name, {job.name for job in self.store.list()})
+        if name != cfg.name:
+            data["name"] = name  # the stored copy names the job as the store does
         staging.mkdir(parents=True)
         (staging / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         os.replace(staging, folder)
-        return self.store.add_job(
+        job = self.store.add_job(
             job_id=job_id,
-            name=cfg.name,
+            name=name,
             config_path=str(folder / "config.yaml"),
             job_dir=str(folder),
             priority=cfg.priority if priority is None else priority,
         )
+        if name != cfg.name:
+            # Said in its history too: a job from the inbox has no submitter to tell.
+            self.store.record(job.id, "renamed", cause="name taken", wanted=cfg.name, name=name)
+        return job
 
     def enqueue_claimed(self, job_id: str, claimed: Path, cfg: JobConfig) -> None:
         """The inbox's way in: idempotent per job id, so a crash mid-intake never doubles."""
         if not self.known(job_id):
             self.enqueue(claimed, cfg, job_id=job_id)
 
+    def _adapter_path_of(self, job: Job) -> Path | None:
+        if job.id not in self._adapter_paths:  # a job's stored config never moves it
+            try:
+                self._adapter_paths[job.id] = Path(load_config(job.config_path).adapter_path)
+            except (ConfigError, OSError):
+                return None
+        return self._adapter_paths[job.id]
+
+    def _check_adapter_path_chosen(self, adapter_path: str, source: Path) -> None:
+        """Refuse an adapter_path the user chose inside loractl's home, or inside or above
+        any other job's adapter folder (see ``adapter_path_problem``)."""
+        others = {}
+        for job in self.store.list():
+            path = self._adapter_path_of(job)
+            if path is not None:
+                others[job.id] = path
+        problem = adapter_path_problem(adapter_path, self.layout.home, others)
+        if problem:
+            raise ConfigError(problem, key="adapter_path", source=str(source))
+
     def _check_adapter_folder_free(self, adapter_path: Path, source: Path) -> None:
         """Refuse a job whose adapter folder belongs to a job that has not ended: the second
         would train on (or "complete" with) the first's checkpoints."""
         wanted = adapter_path.resolve()
         for job in self.store.list(set(JobState) - TERMINAL):
-            if job.id not in self._adapter_paths:  # a job's stored config never moves it
-                try:
-                    path = Path(load_config(job.config_path).adapter_path).resolve()
-                except (ConfigError, OSError):
-                    continue
-                self._adapter_paths[job.id] = path
-            if self._adapter_paths[job.id] == wanted:
+            path = self._adapter_path_of(job)
+            if path is not None and path.resolve() == wanted:
                 raise ConfigError(
                     f"adapter_path {wanted} is already used by job {job.id} ({job.name}, "
                     f"{job.state}); give this job its own adapter_path",

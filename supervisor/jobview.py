@@ -7,18 +7,20 @@ when the supervisor is not running. Nothing here imports mlx.
 
 from __future__ import annotations
 
+import json
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from loractl.checkpoints import CHECKPOINT_DIR, STATE_FILE, CheckpointReader, state_checksum
 from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import memory_limit_mb
 from loractl.supervisor.ladder import effective_config
 from loractl.supervisor.ladderplan import ladder_view
 from loractl.supervisor.store import Job, Store
+from loractl.terminal import shell_join
 
 # Without memory_budget_mb, a job may use this share of the machine's memory.
 DEFAULT_BUDGET_FRACTION = 0.7
@@ -57,7 +59,8 @@ def recent_rejections(inbox: Path, limit: int | None) -> list[dict[str, Any]]:
 def use_with(model: str | None, adapter_path: str | None) -> str | None:
     """How to try the adapters, once there are any, with a command that exists: the bare
     name when it is on PATH, else the one installed beside this interpreter. Quoted for a
-    shell: a path is pasted, never interpreted."""
+    shell (``shell_join``): a path is pasted, never interpreted, and no control character in
+    it reaches the terminal; `show` prints this very string."""
     if not model or not adapter_path:
         return None
     if not (Path(adapter_path) / "adapters.safetensors").is_file():
@@ -69,7 +72,24 @@ def use_with(model: str | None, adapter_path: str | None) -> str | None:
             [str(beside)] if beside.is_file() else [sys.executable, "-m", "mlx_lm", "generate"]
         )
     argv = [*command, "--model", model, "--adapter-path", adapter_path, "--prompt", "Hello"]
-    return shlex.join(argv)
+    return shell_join(argv)
+
+
+def resolve(store: Store, ref: str) -> tuple[Job, list[str]]:
+    """The job ``ref`` means (:meth:`Store.resolve`: an id, else the newest job of that
+    name, else a unique id prefix), and a warning for the user when ``ref`` is a name that
+    other jobs share too, naming them: the command acts on the newest, and says so."""
+    job = store.resolve(ref)
+    if job.id == ref or job.name != ref:
+        return job, []
+    others = [other.id for other in store.list() if other.name == ref and other.id != job.id]
+    if not others:
+        return job, []
+    return job, [
+        f"{len(others) + 1} jobs are named {ref!r}: this is the newest, {job.id} "
+        f"({job.state}); the others are {', '.join(others)}; name a job by its id to pick "
+        "another"
+    ]
 
 
 def summary(job: Job) -> dict[str, Any]:
@@ -87,6 +107,53 @@ def summary(job: Job) -> dict[str, Any]:
             "total_examples": job.total_examples,
             "step": job.step,
         },
+    }
+
+
+def checkpoint_progress(adapter_path: str) -> dict[str, int] | None:
+    """The progress the newest checkpoint's ``state.json`` records (its own checksum holds),
+    or None. Only that small file is read: `show` is polled by `watch` every few seconds."""
+    reader = CheckpointReader(Path(adapter_path) / CHECKPOINT_DIR)
+    name = reader.latest_name()
+    if name is None:
+        return None
+    try:
+        state = json.loads((reader.root / name / STATE_FILE).read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    claimed = state.pop("self_sha256", None)
+    try:
+        figures = {key: int(state.get(key) or 0) for key in ("step", "examples_seen")}
+        figures["total_examples"] = int(state.get("total_examples") or 0)
+    except (TypeError, ValueError):
+        return None
+    return figures if claimed == state_checksum(state) else None
+
+
+def last_known_progress(job: Job, adapter_path: str | None) -> dict[str, Any]:
+    """The job's progress as far as anything recorded it: the store's figures, or its newest
+    checkpoint's when those are further on (progress the store could not take, on a full
+    disk say, is still on the adapter disk). ``from_checkpoint`` says which."""
+    stored: dict[str, Any] = {
+        "examples_seen": job.examples_seen,
+        "total_examples": job.total_examples,
+        "step": job.step,
+    }
+    if not adapter_path or job.attempt == 0:  # a job that never ran has no progress of its own
+        return stored
+    checkpoint = checkpoint_progress(adapter_path)
+    if checkpoint is None or (checkpoint["examples_seen"], checkpoint["step"]) <= (
+        job.examples_seen,
+        job.step,
+    ):
+        return stored
+    return {
+        "examples_seen": checkpoint["examples_seen"],
+        "total_examples": checkpoint["total_examples"] or job.total_examples,
+        "step": checkpoint["step"],
+        "from_checkpoint": True,
     }
 
 
@@ -111,6 +178,7 @@ def describe(
     adapter_path = effective.get("adapter_path")
     return {
         **summary(job),
+        "progress": last_known_progress(job, adapter_path),
         "reason": job.reason,
         "effective_config": effective,
         "trainer_pid": trainer_pid,

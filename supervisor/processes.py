@@ -8,6 +8,9 @@ module for the job in question.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import psutil
 
 # The trainer's module: how the supervisor starts it, and how its command line is known.
@@ -115,3 +118,61 @@ def other_consumers(exclude: set[int], count: int = 3) -> list[tuple[str, float]
 def describe_consumers(consumers: list[tuple[str, float]]) -> str:
     """``Google Chrome 3.1 GB, Zoom 1.2 GB, Slack 0.6 GB``."""
     return ", ".join(f"{name} {mb / 1024:.1f} GB" for name, mb in consumers)
+
+
+@dataclass(frozen=True)
+class LiveTrainer:
+    """A trainer (or the launcher of a distributed one) found in the process table."""
+
+    pid: int
+    started_at: float
+    job_id: str
+    attempt: int
+    rung: int
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    try:
+        return argv[argv.index(name) + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def _number(text: str | None) -> int:
+    try:
+        return int(text) if text is not None else 0
+    except ValueError:
+        return 0
+
+
+def live_trainers(jobs_folder: Path) -> dict[str, LiveTrainer]:
+    """The live trainers of this home, by job id: processes running the trainer module on a
+    config inside ``jobs_folder``. For a distributed job it is the launcher (the process the
+    supervisor started and records), not its ranks."""
+    found: dict[int, LiveTrainer] = {}
+    parents: dict[int, int] = {}
+    prefix = str(jobs_folder) + "/"
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "status", "create_time"]):
+        info = proc.info
+        argv = info["cmdline"] or []
+        if TRAINER_MODULE not in argv or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        job_id = _option(argv, "--job-id")
+        after = argv.index(TRAINER_MODULE) + 1
+        config = argv[after] if after < len(argv) else ""
+        if not job_id or not config.startswith(prefix) or Path(config).parent.name != job_id:
+            continue
+        found[info["pid"]] = LiveTrainer(
+            pid=info["pid"],
+            started_at=float(info["create_time"]),
+            job_id=job_id,
+            attempt=_number(_option(argv, "--attempt")),
+            rung=_number(_option(argv, "--rung")),
+        )
+        parents[info["pid"]] = info["ppid"]
+    trainers: dict[str, LiveTrainer] = {}
+    for pid, trainer in sorted(found.items()):
+        if parents[pid] in found:
+            continue  # a rank under its launcher, or a trainer's own fork
+        trainers.setdefault(trainer.job_id, trainer)
+    return trainers

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from loractl.config import JobConfig, load_config
+from loractl.config import ConfigError, JobConfig, load_config
 from loractl.distributed import free_port_range, launch_command, remote_hosts
 from loractl.paths import Layout
 from loractl.protocol import Heartbeat as HeartbeatMessage
@@ -34,9 +34,16 @@ from loractl.supervisor.ladder import describe_rung, rung_overrides
 from loractl.supervisor.ladderplan import PREFLIGHT_EVENT
 from loractl.supervisor.policy import StopReason
 from loractl.supervisor.pressure import SystemMemory
-from loractl.supervisor.processes import TRAINER_MODULE, is_trainer, start_time
+from loractl.supervisor.processes import (
+    TRAINER_MODULE,
+    LiveTrainer,
+    is_trainer,
+    live_trainers,
+    start_time,
+)
 from loractl.supervisor.settings import Settings
 from loractl.supervisor.store import Job, Store
+from loractl.supervisor.storecare import finished_run, restore_lost_jobs
 
 log = structlog.get_logger("loractl.supervisor")
 
@@ -76,6 +83,8 @@ class Runner:
         # Until recovery has run, a trainer of ours talking is not a stray but unadopted.
         self.recovered = False
         self.dropped_frames = 0
+        # Trainers of jobs the store did not know, already settled (adopted or stopped).
+        self._unknown_settled: set[int] = set()
 
     # -- AttemptHooks -------------------------------------------------------------------
 
@@ -184,6 +193,82 @@ class Runner:
             ranks=cfg.world_size,
         )
         return attempt
+
+    def start(self, job: Job, cfg: JobConfig) -> Attempt | None:
+        """Start the job's next attempt, unless that would run it twice: a live trainer of
+        the job (left by a supervisor whose store then lost it) is adopted instead, and a
+        job whose adapter folder already holds its finished run is completed, not rerun.
+        Both can happen only after the store was rolled back or rebuilt."""
+        trainer = live_trainers(self.layout.jobs).get(job.id)
+        if trainer is not None:
+            log.warning("a trainer of this job already runs; adopting it", job=job.id)
+            return self.adopt_live(job, trainer, "its trainer was already running")
+        if self.complete_if_finished(job, cfg):
+            return None
+        return self.spawn(job, cfg)
+
+    def complete_if_finished(self, job: Job, cfg: JobConfig) -> bool:
+        """Complete a job that is not running but whose adapter folder holds its finished
+        run (its "done" lost with a rolled-back store): it must not run again."""
+        if self.fresh_start_requested(job.id, job.attempt + 1) or not finished_run(cfg):
+            return False
+        log.warning("the job's finished run is in its adapter folder", job=job.id)
+        self.store.record(job.id, "completion_found", before_start=True)
+        self.store.transition(
+            job.id,
+            JobState.STARTING,
+            "its adapter folder already holds its finished run; not run again",
+            trainer_pid=None,
+        )
+        self.store.transition(
+            job.id,
+            JobState.COMPLETED,
+            "completed: the finished run was found in its adapter folder",
+            outcome="success",
+            reason="",
+        )
+        self.publisher.publish_state(job.id)
+        return True
+
+    def settle_finished(self, jobs: list[Job]) -> None:
+        """After an unclean stop: complete the waiting jobs whose runs had finished."""
+        for job in jobs:
+            try:
+                self.complete_if_finished(job, load_config(job.config_path))
+            except ConfigError:
+                continue  # the start fails it with the reason
+
+    def adopt_live(self, job: Job, trainer: LiveTrainer, why: str) -> Attempt:
+        """Adopt a live trainer of ``job`` that the store does not record as its trainer."""
+        job = self.store.transition(
+            job.id,
+            JobState.STARTING,
+            f"{why} (pid {trainer.pid}); adopted, not started twice",
+            trainer_pid=trainer.pid,
+            trainer_started_at=trainer.started_at,
+            attempt=trainer.attempt or job.attempt,
+            rung=trainer.rung,
+        )
+        return self.adopt(job)
+
+    def stop_second(self, job: Job) -> None:
+        """A rolled-back store can leave two jobs running: one is adopted, the other's
+        trainer stops at its next checkpoint and the job waits its turn (if it is still
+        exiting then, the start adopts it rather than run it twice)."""
+        assert job.trainer_pid is not None
+        log.warning("a second live trainer; stopping it", job=job.id, pid=job.trainer_pid)
+        self.channels.send(job.trainer_pid, "stop")
+        try:
+            os.kill(job.trainer_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.store.transition(
+            job.id,
+            JobState.QUEUED,
+            "supervisor restarted; another job's trainer was adopted, this one was stopped "
+            "at its checkpoint",
+            trainer_pid=None,
+        )
 
     def adoptable(self, job: Job) -> bool:
         """Whether the job's recorded trainer still runs: the same process, not a reuse."""
@@ -360,6 +445,9 @@ class Runner:
             peak = event.detail.get("peak_mb")
             if isinstance(peak, int | float) and peak > 0:
                 self.store.note_peak(attempt.job_id, attempt.spec.rung, float(peak))
+        elif event.kind == "started_over":
+            # Every checkpoint failed its checksums: the history must not say "continues".
+            self.store.record(attempt.job_id, "started_over", cause=event.detail.get("reason", ""))
         elif event.kind in ("oom_retry", "error"):
             where: dict[str, Any] = {"rank": event.rank} if attempt.distributed else {}
             self.store.record(attempt.job_id, f"trainer_{event.kind}", **event.detail, **where)
@@ -375,13 +463,54 @@ class Runner:
             return
         if not self.recovered:
             return
-        if not self.is_known_job(job_id) or not is_trainer(pid, job_id):
+        if not is_trainer(pid, job_id):
             self.dropped_frames += 1  # a stranger, or a lie about the pid: never signal it
+            return
+        if not self.is_known_job(job_id):
+            self._unknown_trainer(job_id, pid)
             return
         log.warning("stray trainer of one of our jobs; stopping it", pid=pid, job=job_id)
         self.store.record(job_id, "stray_trainer_stopped", pid=pid)
         self.channels.send(pid, "stop")
         try:
             os.kill(pid, signal.SIGTERM)  # checkpoints and exits, like any stop
+        except ProcessLookupError:
+            pass
+
+    def _unknown_trainer(self, job_id: str, pid: int) -> None:
+        """A trainer of this home whose job the store does not know (a store rolled back or
+        rebuilt under it): its job comes back from its folder and the trainer is adopted;
+        when no job can be rebuilt, or another attempt runs, it is stopped at its next
+        checkpoint. Either way it never trains beside another unwatched."""
+        if pid in self._unknown_settled:
+            self.dropped_frames += 1
+            return
+        self._unknown_settled.add(pid)
+        trainer = live_trainers(self.layout.jobs).get(job_id)
+        if trainer is not None and self.attempt is None:
+            found = restore_lost_jobs(
+                self.store,
+                self.layout,
+                trainers={job_id: trainer},
+                only={job_id},
+                read_the_backup=True,
+            )
+            if found and found[0].state == JobState.RUNNING:
+                self.adopt(self.store.get(job_id))
+                return
+        if trainer is not None:
+            # Another attempt runs: the job comes back paused, for a later resume.
+            restore_lost_jobs(self.store, self.layout, trainers={}, only={job_id})
+        log.warning(
+            "trainer of an unknown job; stopping it at its next checkpoint",
+            pid=pid,
+            job=job_id,
+            rebuilt=self.is_known_job(job_id),
+        )
+        if self.is_known_job(job_id):
+            self.store.record(job_id, "stray_trainer_stopped", pid=pid)
+        self.channels.send(pid, "stop")
+        try:
+            os.kill(trainer.pid if trainer else pid, signal.SIGTERM)
         except ProcessLookupError:
             pass

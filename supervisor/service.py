@@ -25,6 +25,7 @@ Nothing here imports mlx.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import signal
 import socket
@@ -38,9 +39,10 @@ import structlog
 import zmq
 
 from loractl import __version__
-from loractl.config import ConfigError, load_config
+from loractl.config import ConfigError, DataFileError, load_config
 from loractl.paths import Layout, UnsafeFolder
-from loractl.protocol import ExitCode, JobState, ProtocolError
+from loractl.protocol import JobState, ProtocolError
+from loractl.supervisor import storecare
 from loractl.supervisor.attempt import AttemptExit
 from loractl.supervisor.channels import MAX_FRAME_BYTES, Publisher, TelemetryChannels
 from loractl.supervisor.desktop import KeepAwake, Notifier, SideProcesses
@@ -50,7 +52,8 @@ from loractl.supervisor.jobqueue import JobQueue
 from loractl.supervisor.policy import PolicySettings, StopReason
 from loractl.supervisor.runner import Runner
 from loractl.supervisor.settings import Settings
-from loractl.supervisor.store import Job, Store, StoreFull, disk_space_mb
+from loractl.supervisor.signals import Signals, Terminal, answer_signals
+from loractl.supervisor.store import Job, Store, StoreCorrupt, StoreFull, disk_space_mb
 from loractl.supervisor.system import SystemMemoryReader
 from loractl.wire import receive
 
@@ -60,6 +63,14 @@ log = structlog.get_logger("loractl.supervisor")
 STOPPED_BY_USER = {JobState.PAUSING: JobState.PAUSED, JobState.CANCELLING: JobState.CANCELLED}
 # How a job left mid-stop is stopped again when its trainer is adopted.
 RESTOPPED = {JobState.PAUSING: "pause", JobState.CANCELLING: "cancel"}
+# Control requests read and answered per turn of the loop: a flood of clients must not keep
+# it from reaping, its timers and recording progress.
+CONTROL_BATCH = 64
+# run()'s answer when the store was found damaged while running: main() starts the
+# supervisor afresh in this process, which repairs the store and adopts the trainer.
+RESTART_TO_REPAIR = -1
+# How the damage the running supervisor saw reaches the one that repairs it.
+DAMAGE_ENV = "LORACTL_STORE_DAMAGED"
 
 
 class AlreadyRunning(RuntimeError):
@@ -90,6 +101,17 @@ class Supervisor:
         self._next_disk_check = 0.0
         self.pending_exit: AttemptExit | None = None
         self._lock_fd: int | None = None
+        # Started by launchd or systemd (which pass --wait-for-lock), not from a terminal.
+        self.under_service = False
+        self.signals = Signals()
+        self.terminal = Terminal()
+        # The previous supervisor of this home left its pidfile behind: it did not stop
+        # cleanly, so the store gets the full integrity check.
+        self.unclean_stop = False
+        self.store_damaged: StoreCorrupt | None = None
+        self.repair: storecare.Repair | None = None
+        self._next_backup = time.monotonic() + storecare.backup_interval_s()
+        self.requests_served = 0
 
     def wire(
         self,
@@ -183,6 +205,7 @@ class Supervisor:
         if wait:
             self.layout.ensure()  # the supervisor we waited for took its socket folder away
         try:
+            self.unclean_stop = bool(os.pread(fd, 64, 0).strip())
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as exc:  # a full disk: the lock is what counts, the pid is a courtesy
@@ -190,7 +213,21 @@ class Supervisor:
         self._lock_fd = fd
 
     def run(self, wait_for_lock: bool = False) -> int:
+        self.under_service = wait_for_lock
         self.acquire_lock(wait=wait_for_lock)
+        # Before the store is opened: a damaged one is moved aside and rebuilt (or this
+        # raises StoreUnrecoverable, which main() reports in one line).
+        self.repair = storecare.ensure_sound(
+            self.layout, full=self.unclean_stop, forced=os.environ.pop(DAMAGE_ENV, "")
+        )
+        if self.repair is not None:
+            log.error(
+                "the job database was damaged; rebuilt it",
+                problem=self.repair.problem,
+                moved_to=str(self.repair.moved_to),
+                backup_used=self.repair.backup_used,
+                recovered=self.repair.summary(),
+            )
         context: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
         control = context.socket(zmq.ROUTER)
         telemetry = context.socket(zmq.ROUTER)
@@ -213,17 +250,28 @@ class Supervisor:
         # Installing a handler is what makes SIGCHLD reach the wake-up fd; the loop reaps on
         # every wake.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.signals.install()
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(telemetry, zmq.POLLIN)
         poller.register(wake_read, zmq.POLLIN)
         self.wire(Store(self.layout.database), telemetry, events, poller)
+        self.store.on_corrupt = self.on_store_corrupt
         log.info(
             "supervisor started",
             version=__version__,
             pid=os.getpid(),
             home=str(self.layout.home),
             inbox=str(self.layout.inbox),
+            clean_start=not self.unclean_stop,
+            under_service=self.under_service,
+        )
+        # A clean start's store is the one worth keeping a copy of; after a crash it may
+        # have lost its last commits, and the backup taken before them knows more.
+        self._next_backup = (
+            0.0
+            if self.repair is None and not self.unclean_stop
+            else (time.monotonic() + storecare.backup_interval_s())
         )
         self.inbox = self._make_inbox(wake_write)
         try:
@@ -236,10 +284,13 @@ class Supervisor:
                         wake_read.recv(4096)
                     except BlockingIOError:
                         pass
+                self._survive("answering signals", answer_signals, self)
                 self._survive("reading telemetry", self.drain_telemetry, ready)
+                # Reaping and timers first; then at most one batch of requests, the rest
+                # wait for the next turn (the poller finds them at once).
+                self._survive("the loop's periodic work", self.tick)
                 if control in ready:
                     self._survive("serving requests", self.drain_control)
-                self._survive("the loop's periodic work", self.tick)
         finally:
             self.keep_awake.release()
             self.inbox.stop()
@@ -255,6 +306,9 @@ class Supervisor:
             self.layout.pidfile.unlink(missing_ok=True)
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
+        if self.store_damaged is not None:
+            log.error("restarting to repair the job database", problem=self.store_damaged.detail)
+            return RESTART_TO_REPAIR
         log.info("supervisor stopped")
         return 0
 
@@ -293,7 +347,14 @@ class Supervisor:
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
 
+    def on_store_corrupt(self, exc: StoreCorrupt) -> None:
+        """The store was found damaged while running: stop serving (the trainer runs on)
+        and start again, repairing it; the trainer is then adopted."""
+        self.store_damaged = self.store_damaged or exc
+
     def _finished_shutdown(self) -> bool:
+        if self.store_damaged is not None:
+            return True
         if not self.shutdown_requested:
             return False
         if self.runner.attempt is None:
@@ -305,12 +366,17 @@ class Supervisor:
 
     def recover(self) -> None:
         """Resolve every job a previous supervisor left active: adopt its trainer or resume.
-        Safe to run again after a write failed midway (a full disk)."""
+        Job folders the store lost (rolled back, or rebuilt) come back first, adopting
+        their live trainers. Safe to run again after a write failed midway (a full disk)."""
+        for found in storecare.restore_lost_jobs(self.store, self.layout, read_the_backup=True):
+            log.warning("job recovered", job=found.job_id, state=str(found.state), how=found.how)
         for job in self.store.active():
             if job.state == JobState.BACKOFF:
                 self.queue.rearm_backoff(job)
             elif self.runner.running(job.id):
                 continue  # adopted, and recorded, on an earlier try
+            elif self.runner.attempt is not None and self.runner.adoptable(job):
+                self.runner.stop_second(job)
             elif self.runner.adoptable(job):
                 attempt = self.runner.adopt(job)
                 if job.state in RESTOPPED:  # the stop it was carrying out goes on
@@ -332,6 +398,8 @@ class Supervisor:
                     "supervisor restarted; trainer gone, resuming from checkpoint",
                     trainer_pid=None,
                 )
+        if self.unclean_stop or self.repair is not None:  # the store may have been rolled back
+            self.runner.settle_finished(self.store.list({JobState.QUEUED, JobState.BACKOFF}))
         self.runner.recovered = True
 
     # -- the loop's periodic work -----------------------------------------------------------
@@ -373,6 +441,7 @@ class Supervisor:
 
     def tick(self) -> None:
         now = time.monotonic()
+        self.handlers.relief.settle(now)
         if self._disk_still_full(now):
             # Reads and requests are still served; nothing else writes until there is room,
             # but an ended trainer is reaped and its exit kept for then.
@@ -387,6 +456,8 @@ class Supervisor:
         if self.pending_exit is None:
             self._survive("watching the trainer", self._watch_attempt, now)
         self.side_processes.reap()
+        if now >= self._next_backup:
+            self._survive("backing up the store", self.back_up, now)
         for result in self.inbox.poll():
             self._report_intake(result)
         if self.shutdown_requested or self.settings.hold_queue or not self.runner.recovered:
@@ -395,6 +466,14 @@ class Supervisor:
             job = self.queue.next_job(now)
             if job is not None:
                 self.start(job)
+
+    def back_up(self, now: float) -> None:
+        """Refresh the store's backup copy (at a clean start, then daily); a failure is
+        tried again in an hour."""
+        self._next_backup = now + 3600.0
+        self.store.backup_to(storecare.backup_path(self.layout))
+        self._next_backup = now + storecare.backup_interval_s()
+        log.info("store backed up", path=str(storecare.backup_path(self.layout)))
 
     def _watch_attempt(self, now: float) -> None:
         ended = self.runner.poll(now)
@@ -420,10 +499,12 @@ class Supervisor:
         try:
             cfg = load_config(job.config_path)
         except ConfigError as exc:
-            self.exits.fail(job, "config_error", f"config no longer loads: {exc}")
+            bad_data = isinstance(exc, DataFileError)  # a data file turned device or FIFO
+            what = "its data can no longer be read" if bad_data else "config no longer loads"
+            self.exits.fail(job, "data_error" if bad_data else "config_error", f"{what}: {exc}")
             return
         try:
-            self.runner.spawn(job, cfg)
+            self.runner.start(job, cfg)
         except StoreFull as exc:
             # The job stays queued; a trainer we could not record must not run unwatched.
             self.runner.kill_attempt_of(job.id)
@@ -461,7 +542,9 @@ class Supervisor:
 
     def drain_control(self) -> None:
         # Frame by frame: a flood of frames is dropped unread, never echoed as an envelope.
-        for frames in receive(self.control, self._drop_frame):
+        # One batch per turn: what is left waits for the next (after reaping and timers).
+        for frames in itertools.islice(receive(self.control, self._drop_frame), CONTROL_BATCH):
+            self.requests_served += 1
             envelope, payload = frames[:-1], frames[-1]
             reply = self.dispatch(payload)  # still answers malformed or wrong-version requests
             try:
@@ -479,7 +562,8 @@ class Supervisor:
 def main(home: str | None = None, wait_for_lock: bool = False) -> int:
     """The supervisor's entry point. Exit codes suit a keep-alive service manager: 0 only for
     a requested stop (SIGTERM, ``loractl daemon stop``), 3 when another supervisor holds the
-    home and ``wait_for_lock`` is off, anything else is a crash worth a restart."""
+    home and ``wait_for_lock`` is off, 78 (see ``storecare.unfixable_exit``) for what only the user
+    can fix, anything else is a crash worth a restart."""
     from loractl.supervisor.logfile import configure_logging
 
     # Everything we create (database, job configs, logs, checkpoints' folders) is the
@@ -491,10 +575,10 @@ def main(home: str | None = None, wait_for_lock: bool = False) -> int:
         supervisor.layout.ensure()
     except UnsafeFolder as exc:
         print(f"loractl: {exc}", file=sys.stderr)
-        return int(ExitCode.CONFIG_ERROR)
+        return storecare.unfixable_exit(wait_for_lock)
     configure_logging(supervisor.layout.logs)
     try:
-        return supervisor.run(wait_for_lock=wait_for_lock)
+        code = supervisor.run(wait_for_lock=wait_for_lock)
     except AlreadyRunning as exc:
         print(f"loractl: {exc}", file=sys.stderr)
         return 3
@@ -502,4 +586,14 @@ def main(home: str | None = None, wait_for_lock: bool = False) -> int:
         # Someone else's (or an open) folder where our sockets or state would go: binding
         # there would let them answer for us. Only the user can fix it.
         log.error("refusing to start", reason=str(exc))
-        return int(ExitCode.CONFIG_ERROR)
+        return storecare.unfixable_exit(wait_for_lock)
+    except storecare.StoreUnrecoverable as exc:
+        log.error("refusing to start", reason=str(exc))
+        print(f"loractl: {exc}", file=sys.stderr)
+        return storecare.unfixable_exit(wait_for_lock)
+    if code == RESTART_TO_REPAIR:
+        damaged = supervisor.store_damaged
+        storecare.restart_to_repair(
+            supervisor.layout.home, wait_for_lock, damaged.detail if damaged else "", DAMAGE_ENV
+        )
+    return code

@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import errno
 import json
+import os
 import re
 import secrets
 import sqlite3
@@ -37,6 +38,8 @@ SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 
 _MIN_PREFIX = 4
+# The setting a backup copy holds: when it was taken (epoch seconds).
+BACKUP_TAKEN_AT = "backup_taken_at"
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -109,6 +112,39 @@ def disk_space_mb(folder: Path) -> tuple[float, float, Path] | None:
 def _free_mb(path: Path) -> float | None:
     space = disk_space_mb(path.parent)
     return space[0] if space else None
+
+
+# SQLITE_CORRUPT and SQLITE_NOTADB: the file's pages (or its header) are not SQLite's.
+_CORRUPT_CODES = (11, 26)
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database file is damaged (not busy, not missing, not full)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _CORRUPT_CODES:
+        return True
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def repair_advice(path: Path) -> str:
+    """What to do about a damaged job database, in one sentence."""
+    return (
+        f"restart the supervisor (`loractl daemon restart`, or `loractl daemon run`): it moves "
+        f"{path.name} aside and rebuilds it from the job folders; or, with the supervisor "
+        "stopped, run `loractl daemon repair`"
+    )
+
+
+class StoreCorrupt(RuntimeError):
+    """The database file is damaged (SQLite says malformed, or not a database)."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(f"the job database {path} is damaged ({detail}); {repair_advice(path)}")
+        self.path = path
+        self.detail = detail
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -308,6 +344,8 @@ class Store:
         self.readonly = readonly
         self._lock = threading.RLock()
         self._durable: bool | None = None
+        # Told once a read or write finds the file damaged (the supervisor repairs it then).
+        self.on_corrupt: Callable[[StoreCorrupt], None] | None = None
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no job database at {self.path}")
@@ -386,17 +424,35 @@ class Store:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-            except (sqlite3.OperationalError, OSError) as exc:
+            except (sqlite3.DatabaseError, OSError) as exc:
                 if _is_disk_full(exc):
                     raise StoreFull(self.path) from exc
+                self._raise_if_corrupt(exc)
+                raise
+
+    def _raise_if_corrupt(self, exc: BaseException) -> None:
+        if is_corrupt(exc):
+            corrupt = StoreCorrupt(self.path, str(exc))
+            if self.on_corrupt is not None:
+                self.on_corrupt(corrupt)
+            raise corrupt from exc
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads, under the lock; a damaged file raises StoreCorrupt."""
+        with self._lock:
+            try:
+                yield self.conn
+            except sqlite3.DatabaseError as exc:
+                self._raise_if_corrupt(exc)
                 raise
 
     def _read(
         self, sql: str, params: tuple[Any, ...] | builtins.list[Any] = ()
     ) -> builtins.list[sqlite3.Row]:
         # One statement is one snapshot in WAL mode, so a concurrent writer cannot tear it.
-        with self._lock:
-            return self.conn.execute(sql, params).fetchall()
+        with self._reading() as conn:
+            return conn.execute(sql, params).fetchall()
 
     def _check_version(self) -> int:
         version: int = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -558,8 +614,8 @@ class Store:
 
     def get(self, job_id: str) -> Job:
         """The job with exactly this id, or :class:`JobNotFound`."""
-        with self._lock:
-            return self._fetch(self.conn, job_id)
+        with self._reading() as conn:
+            return self._fetch(conn, job_id)
 
     def resolve(self, ref: str) -> Job:
         """The job a user means by ``ref``: an exact id, else the newest job with that exact
@@ -702,8 +758,8 @@ class Store:
 
     def events(self, job_id: str) -> builtins.list[dict[str, Any]]:
         """The job's history, oldest first. Missing job: JobNotFound."""
-        with self._lock:
-            self._fetch(self.conn, job_id)
+        with self._reading() as conn:
+            self._fetch(conn, job_id)
             rows = self._read("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
         return [
             {
@@ -797,3 +853,102 @@ class Store:
             # (an old sqlite3 shell) must not leave orphaned history behind.
             conn.execute("DELETE FROM events WHERE job_id = ?", (job.id,))
             conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def ids(self) -> set[str]:
+        """Every job id the store holds."""
+        return {row["id"] for row in self._read("SELECT id FROM jobs")}
+
+    def settings_items(self) -> dict[str, Any]:
+        return {
+            row["key"]: json.loads(row["value"])
+            for row in self._read("SELECT key, value FROM settings")
+        }
+
+    def restore_job(
+        self,
+        job: Job,
+        history: builtins.list[dict[str, Any]],
+        cause: str,
+        from_state: JobState | None,
+    ) -> Job:
+        """Put back a job the store lost (rebuilt from its folder, or from the backup), with
+        the history it had and one transition that says how it came back. The state is set,
+        not reached: there is no row to move from. Raises JobExists if the id is taken."""
+        _check_outcome(job.id, job.state, job.outcome)
+        values = {name: getattr(job, name) for name in _COLUMNS if name != "seq"}
+        values["state"] = str(job.state)
+        for name in _JSON_FIELDS:
+            values[name] = _json(values[name])
+        names = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        try:
+            with self._write(durable=True) as conn:
+                cursor = conn.execute(
+                    f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(values.values())
+                )
+                job.seq = cursor.lastrowid or 0
+                for event in history:
+                    conn.execute(
+                        "INSERT INTO events (job_id, at, kind, from_state, to_state, cause,"
+                        " rung, step, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            job.id,
+                            event["at"],
+                            event["kind"],
+                            event["from_state"],
+                            event["to_state"],
+                            event["cause"],
+                            event["rung"],
+                            event["step"],
+                            _json(event["detail"]),
+                        ),
+                    )
+                self._event(
+                    conn,
+                    job,
+                    "transition",
+                    at=time.time(),
+                    cause=cause,
+                    from_state=from_state,
+                    to_state=job.state,
+                    detail={"recovered": True},
+                )
+        except sqlite3.IntegrityError as exc:
+            raise JobExists(f"job id {job.id!r} already exists") from exc
+        return job
+
+    def backup_to(self, destination: Path) -> None:
+        """A consistent copy of the whole store at ``destination``, made with SQLite's online
+        backup (the WAL's commits included), written beside it and renamed into place, so a
+        crash leaves the previous backup whole. The copy records when it was taken."""
+        staging = destination.with_name(destination.name + ".tmp")
+        staging.unlink(missing_ok=True)
+        copy = sqlite3.connect(staging, isolation_level=None)
+        try:
+            with self._reading() as conn:
+                conn.backup(copy)
+            # A file of its own: no -wal beside it to lose or forget.
+            copy.execute("PRAGMA journal_mode = DELETE")
+            copy.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (BACKUP_TAKEN_AT, _json(time.time())),
+            )
+        except BaseException:
+            copy.close()
+            staging.unlink(missing_ok=True)
+            raise
+        copy.close()
+        fd = os.open(staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staging, destination)
+        folder = os.open(destination.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

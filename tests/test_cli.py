@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,30 @@ def test_demo_prepare_builds_the_workspace_in_a_child(tmp_path):
     assert sorted(paths) == ["config", "data", "model"]
     assert all(Path(p).exists() for p in paths.values())
     assert load_config(paths["config"]).name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("priority", "j1", "99999999999999999999"),
+        ("priority", "j1", "--", "-2147483649"),
+        ("submit", "--priority", "2147483648", "job.yaml"),
+        ("logs", "j1", "-n", "-5"),
+        ("logs", "j1", "-n", "99999999999999999999"),
+    ],
+)
+def test_an_absurd_number_is_refused_in_one_line_with_exit_2(tmp_path, args):
+    """A priority outside 32 bits or a negative or huge -n: one line on stderr, exit 2, no
+    traceback (and nothing sent to a supervisor)."""
+    env = {k: v for k, v in os.environ.items() if k != "LORACTL_HOME"}
+    result = subprocess.run(
+        [sys.executable, "-m", "loractl.client.cli", "--home", str(tmp_path / "home"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("loractl: ") and "must be between" in result.stderr

@@ -860,6 +860,8 @@ def non_default_values(tmp_path: Path) -> dict:
             "env": {"MLX_METAL_FAST_SYNCH": "1"},
             "starting_port": 40000,
         },
+        "max_processes_per_host": 4,
+        "max_record_mb": 16,
     }
 
 
@@ -1308,3 +1310,11 @@ def test_data_that_is_a_device_says_what_it_is(job_dir):
     """data: /dev/zero is named for what it is (a character device), not "does not exist"."""
     with pytest.raises(ConfigError, match="is a character device, not a folder holding train"):
         load_config(write(job_dir, "job.yaml", "model: model\ndata: /dev/zero\n"))
+
+
+def test_a_hostfile_that_is_a_device_is_named_as_one(job_dir):
+    """hostfile: /dev/zero is "a character device", not "does not exist"."""
+    with pytest.raises(ConfigError, match="'/dev/zero' is a character device, not a file"):
+        parse_config(
+            {"model": "model", "data": "data", "distributed": {"hostfile": "/dev/zero"}}, job_dir
+        )

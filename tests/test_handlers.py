@@ -157,3 +157,101 @@ def test_a_priority_that_changes_nothing_records_nothing(handlers, tiny_workspac
     assert len(ctx.store.events(job_id)) == before
     assert ask(handlers, PriorityRequest(job=job_id, priority=2)).ok
     assert len(ctx.store.events(job_id)) == before + 1
+
+
+def test_holding_a_held_queue_or_releasing_a_free_one_writes_nothing(
+    handlers, tiny_workspace, tmp_path
+):
+    """`pause --all` twice and `resume --all` with no hold answer as before and write no
+    setting: a flood of them costs the store nothing."""
+    ctx = handlers.ctx
+    queued_job(handlers, tiny_workspace, tmp_path / "a")
+    writes: list[str] = []
+    original = ctx.store.set_setting
+    ctx.store.set_setting = lambda key, value: (writes.append(key), original(key, value))[1]
+    reply = ask(handlers, ResumeRequest(all=True))
+    assert reply.ok and reply.data == {"held": False, "was_held": False, "resumed": []}
+    assert writes == []
+    assert ask(handlers, PauseRequest(all=True)).data["already_held"] is False
+    count = len(writes)
+    reply = ask(handlers, PauseRequest(all=True))
+    assert reply.ok and reply.data["already_held"] is True and reply.data["held"] is True
+    assert len(writes) == count and ctx.queue.held
+
+
+def test_a_priority_outside_32_bits_is_refused_with_the_range_not_a_traceback(
+    handlers, tiny_workspace, tmp_path
+):
+    """A 20-digit priority (from any client) is INVALID_ARGUMENT naming the range; the job
+    and its history are untouched and the refusal is not counted as a dropped frame."""
+    ctx = handlers.ctx
+    job_id = queued_job(handlers, tiny_workspace, tmp_path / "a")
+    before = len(ctx.store.events(job_id))
+    dropped: list[int] = []
+    for value in (99999999999999999999, 2**31, -(2**31) - 1):
+        frame = (
+            f'{{"type":"priority","id":"p1","v":1,"job":"{job_id}","priority":{value}}}'
+        ).encode()
+        reply = dispatch(handlers, frame, on_malformed=lambda: dropped.append(1))
+        assert reply.error == ErrorCode.INVALID_ARGUMENT, reply
+        assert "between -2147483648 and 2147483647" in reply.reason
+    assert dropped == []
+    assert ctx.store.get(job_id).priority == 0 and len(ctx.store.events(job_id)) == before
+    assert ask(handlers, PriorityRequest(job=job_id, priority=2**31 - 1)).ok
+
+
+def test_a_duplicate_name_gets_a_suffix_and_a_shared_name_warns(handlers, tiny_workspace, tmp_path):
+    """A second job with a taken name is stored as name-2 (said in the submit reply and its
+    history); a JOB reference that several stored jobs share acts on the newest and says so."""
+    from loractl.protocol import ShowRequest, SubmitRequest
+
+    ctx = handlers.ctx
+    first = make_job(tiny_workspace, tmp_path / "a", name="rf")
+    second = make_job(tiny_workspace, tmp_path / "b", name="rf")
+    one = ask(handlers, SubmitRequest(config_path=str(first)))
+    two = ask(handlers, SubmitRequest(config_path=str(second)))
+    assert one.data["name"] == "rf" and "warnings" not in one.data
+    assert two.data["name"] == "rf-2"
+    assert two.data["warnings"] == [
+        f"another job is already named 'rf': this one is named 'rf-2' (id {two.data['id']}); "
+        "use either to name it"
+    ]
+    assert [e["kind"] for e in ctx.store.events(two.data["id"])][-1] == "renamed"
+    assert load_config(ctx.store.get(two.data["id"]).config_path).name == "rf-2"
+    assert ask(handlers, ShowRequest(job="rf-2")).data["job"]["id"] == two.data["id"]
+    # A store from before names were unique: both rows named "rf".
+    ctx.store.add_job(job_id="old-rf", name="rf", config_path=first, job_dir=tmp_path / "a")
+    reply = ask(handlers, PriorityRequest(job="rf", priority=5))
+    assert reply.ok and reply.data["id"] == "old-rf"
+    (warning,) = reply.data["warnings"]
+    assert warning.startswith("2 jobs are named 'rf': this is the newest, old-rf (queued)")
+    assert one.data["id"] in warning and "name a job by its id" in warning
+    assert "warnings" not in ask(handlers, PriorityRequest(job=one.data["id"], priority=1)).data
+
+
+def test_an_adapter_path_in_the_home_or_nested_in_another_jobs_is_refused(
+    handlers, tiny_workspace, tmp_path
+):
+    """adapter_path inside loractl's home (its inbox, say), inside another job's adapter
+    folder, or above it, is refused at submit with the reason; nothing is queued."""
+    from loractl.protocol import SubmitRequest
+
+    ctx = handlers.ctx
+    first = make_job(tiny_workspace, tmp_path / "a", adapter_path=str(tmp_path / "runs" / "a"))
+    assert ask(handlers, SubmitRequest(config_path=str(first))).ok
+    cases = {
+        "home": (ctx.layout.inbox, "is inside loractl's home"),
+        "inside": (tmp_path / "runs" / "a" / "checkpoints", "is inside job"),
+        "above": (tmp_path / "runs", "holds job"),
+    }
+    for name, (adapter_path, words) in cases.items():
+        config = make_job(tiny_workspace, tmp_path / name, adapter_path=str(adapter_path))
+        reply = ask(handlers, SubmitRequest(config_path=str(config)))
+        assert not reply.ok and reply.error == ErrorCode.INVALID_ARGUMENT, (name, reply)
+        assert words in reply.reason and "adapter_path" in reply.reason, (name, reply.reason)
+    assert len(ctx.store.list()) == 1
+    # Unset, the queue's own folder inside the home is fine.
+    unset = make_job(tiny_workspace, tmp_path / "unset")
+    data = unset.read_text().splitlines()
+    unset.write_text("\n".join(line for line in data if not line.startswith("adapter_path")))
+    assert ask(handlers, SubmitRequest(config_path=str(unset))).ok

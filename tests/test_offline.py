@@ -144,3 +144,46 @@ def test_after_a_real_supervisor_is_killed_its_jobs_are_still_listed(tiny_worksp
     job = json.loads(loractl(sup.home, "show", job_id, "--json").stdout)
     assert job["state"] == "completed" and job["offline"] is True
     assert job["use_with"] and "mlx_lm" in job["use_with"]
+
+
+def test_show_of_a_job_whose_config_fails_never_prints_none(stored_home):
+    """A job whose stored config no longer loads shows why its adapters are unknown, and
+    no line of `show` (or `wait`-style text) reads "None"."""
+    home, _ = stored_home
+    config = Layout.at(home).job_dir("j1") / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "model": str(home / "moved-away")}))
+    result = loractl(home, "show", "j1")
+    assert result.returncode == 0, result.stderr
+    assert "None" not in result.stdout
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("  adapters: ")]
+    assert line.startswith("  adapters: unknown: its config does not load (")
+    assert "moved-away" in line
+
+
+def test_show_gives_the_newest_checkpoints_progress_when_the_store_lost_it(stored_home):
+    """Progress the store never took (a full disk) is read back from the job's newest
+    checkpoint: `show` reports the last known figures, not 0/0 examples at step 0."""
+    from loractl.checkpoints import state_checksum
+
+    home, adapters = stored_home
+    with Store(Layout.at(home).database) as store:
+        store.update("j1", step=0, examples_seen=0, total_examples=0)
+    checkpoint = Path(adapters) / "checkpoints" / "step-00000025"
+    checkpoint.mkdir(parents=True)
+    state = {"step": 25, "examples_seen": 100, "total_examples": 400, "files": {}}
+    state["self_sha256"] = state_checksum(state)
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    (checkpoint.parent / "latest").write_text("step-00000025\n")
+    shown = json.loads(loractl(home, "show", "j1", "--json").stdout)
+    assert shown["progress"] == {
+        "examples_seen": 100,
+        "total_examples": 400,
+        "step": 25,
+        "from_checkpoint": True,
+    }
+    assert "progress: 100/400 examples, step 25" in loractl(home, "show", "j1").stdout
+    state["step"] = 26  # a torn state.json: its checksum fails, and the store's figures stand
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    shown = json.loads(loractl(home, "show", "j1", "--json").stdout)
+    assert shown["progress"] == {"examples_seen": 0, "total_examples": 0, "step": 0}

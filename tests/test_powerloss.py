@@ -3,6 +3,11 @@ times at random points of their checkpoint and database writes. After each kill,
 restart, the store and the checkpoint folder must be consistent; at the end the job completes
 bitwise equal to an uninterrupted run.
 
+A disk that loses writes is played too: after some cuts the WAL, or the database file
+itself, is cut short (a rolled-back or a damaged store). The supervisor then rebuilds what it
+lost from the job folders; a job that comes back paused is resumed, as its user would. After
+every cut, no job has two trainers and the job that had completed never runs again.
+
 SIGKILL leaves the page cache alone, so this proves the write protocols (staging, fsync,
 rename, pointer swap, one transaction per transition) against a crash at any instruction,
 not against a disk that loses unsynced writes.
@@ -30,7 +35,7 @@ from loractl.checkpoints import CheckpointReader, verify
 from loractl.client.control import request
 from loractl.client.harness import FAST, trainers_of
 from loractl.paths import Layout
-from loractl.protocol import ShowRequest, StatusRequest, SubmitRequest
+from loractl.protocol import ResumeRequest, ShowRequest, StatusRequest, SubmitRequest
 from loractl.supervisor.store import JobState, Store
 
 CYCLES = 50
@@ -50,6 +55,9 @@ JOB = {
 # cannot have ended, since nothing but our kills ever stopped it.
 MODES = ("start-up", "checkpoint write", "after a checkpoint")
 RESUMABLE = {JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.BACKOFF}
+# The share of cuts after which the WAL, or the database file, loses its tail as well.
+TRUNCATED_WAL = 0.15
+TRUNCATED_DATABASE = 0.06
 
 
 def digest(path: Path) -> str:
@@ -129,6 +137,32 @@ def latest_pointer(checkpoints: Path) -> str | None:
         return None
 
 
+def one_trainer_per_job(home: Path) -> None:
+    """No job has two trainers (nor the finished job any)."""
+    jobs = [proc.cmdline()[proc.cmdline().index("--job-id") + 1] for proc in trainers_of(home)]
+    assert len(jobs) == len(set(jobs)), jobs
+
+
+def cut_short(victim: Path, rng: random.Random) -> None:
+    """What a disk that drops unsynced writes leaves: the file's tail is gone."""
+    size = victim.stat().st_size
+    with victim.open("r+b") as handle:
+        handle.truncate(rng.randrange(0, max(size, 1)))
+
+
+def settle_after_restart(rig: Rig, job_id: str, done_id: str) -> None:
+    """After a restart: the job is still listed (never lost), and if it came back paused from
+    a rebuild it is resumed; the finished job is completed and never ran again."""
+    wait_for(rig.answers, 30, interval=0.05)
+    job = request(rig.layout, ShowRequest(job=job_id)).data["job"]
+    if job["state"] == "paused":
+        request(rig.layout, ResumeRequest(job=job_id))
+    done = request(rig.layout, ShowRequest(job=done_id)).data["job"]
+    assert done["state"] == "completed", done
+    attempts = os.listdir(rig.layout.job_dir(done_id) / "attempts")
+    assert attempts == ["0001.stderr"], attempts
+
+
 def check_after_cut(rig: Rig, job_id: str, checkpoints: Path, floor: int) -> int:
     """The store and the checkpoints as a restart would find them; returns the step that a
     resume would start from."""
@@ -136,7 +170,7 @@ def check_after_cut(rig: Rig, job_id: str, checkpoints: Path, floor: int) -> int
     with Store(rig.layout.database, readonly=True) as store:
         job = store.get(job_id)
         events = store.events(job_id)
-        assert len(store.list()) == 1
+        assert len(store.list()) == 2
     assert job.state in RESUMABLE, job
     assert job.outcome is None, job
     # A transition writes the row and its event in one transaction: they always agree.
@@ -144,11 +178,17 @@ def check_after_cut(rig: Rig, job_id: str, checkpoints: Path, floor: int) -> int
     assert transitions[-1]["to_state"] == str(job.state), (transitions[-1], job)
     with closing(sqlite3.connect(rig.layout.database)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    step = check_checkpoints(checkpoints, floor)
+    # The database learns of a checkpoint from the trainer after it is on disk, never before.
+    assert (job.last_checkpoint_step or -1) <= step, (job.last_checkpoint_step, step)
+    return step
 
+
+def check_checkpoints(checkpoints: Path, floor: int) -> int:
+    """The checkpoints as a restart would find them; the step a resume would start from."""
     picked, skipped = CheckpointReader(checkpoints).newest_valid()
     if picked is None:
         assert floor < 0 and not skipped, skipped
-        assert job.last_checkpoint_step is None, job
         return -1
     # Folders appear under their final name only once complete, and the pointer moves only
     # after that: nothing newer than what a resume picks may be torn, nor a staging folder.
@@ -156,8 +196,6 @@ def check_after_cut(rig: Rig, job_id: str, checkpoints: Path, floor: int) -> int
     assert picked.path.parent == checkpoints and picked.path.name.startswith("step-")
     verify(picked.path)
     assert picked.step >= floor, (picked.step, floor)
-    # The database learns of a checkpoint from the trainer after it is on disk, never before.
-    assert (job.last_checkpoint_step or -1) <= picked.step, (job.last_checkpoint_step, picked)
     return picked.step
 
 
@@ -183,6 +221,16 @@ def test_fifty_power_cuts_in_checkpoint_and_database_writes_leave_everything_con
     rig.launch()
     try:
         wait_for(rig.answers, 30, interval=0.05)
+        # A job that completes first: no cut, rollback or rebuild may ever run it again.
+        short = make_job(tiny_workspace, tmp_path / "done", iters=4, steps_per_eval=1000)
+        done_id = request(rig.layout, SubmitRequest(config_path=str(short))).data["id"]
+        wait_for(
+            lambda: (
+                request(rig.layout, ShowRequest(job=done_id)).data["job"]["state"] == "completed"
+            ),
+            120,
+            interval=0.1,
+        )
         job_id = request(rig.layout, SubmitRequest(config_path=str(config))).data["id"]
         step = -1
         modes: Counter = Counter()
@@ -205,14 +253,27 @@ def test_fifty_power_cuts_in_checkpoint_and_database_writes_leave_everything_con
                 before = latest_pointer(checkpoints)
                 wait_for(lambda b=before: latest_pointer(checkpoints) not in (b, None), 60, 0.002)
                 time.sleep(rng.uniform(0, 0.03))
+            one_trainer_per_job(rig.home)
             rig.power_cut(rng)
             if staging_folders(checkpoints) - stale:
                 left["a half-written checkpoint"] += 1
             folders = sorted(p.name for p in checkpoints.glob("step-*"))
             if folders and latest_pointer(checkpoints) != folders[-1]:
                 left["a checkpoint the pointer did not name yet"] += 1
-            step = check_after_cut(rig, job_id, checkpoints, step)
+            draw = rng.random()
+            wal = rig.layout.database.with_name("loractl.db-wal")
+            if draw < TRUNCATED_WAL and wal.exists():
+                # A rolled-back store: only the checkpoints can be held to the rules.
+                cut_short(wal, rng)
+                left["a truncated WAL"] += 1
+                step = check_checkpoints(checkpoints, step)
+            else:
+                step = check_after_cut(rig, job_id, checkpoints, step)
+                if draw < TRUNCATED_WAL + TRUNCATED_DATABASE:
+                    cut_short(rig.layout.database, rng)
+                    left["a truncated database"] += 1
             rig.launch()
+            settle_after_restart(rig, job_id, done_id)
         cycles_took = time.monotonic() - began
         assert step < ITERS - 1, "the job finished before the last power cut; raise ITERS"
         wait_for(rig.answers, 30, interval=0.05)

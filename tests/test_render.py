@@ -82,3 +82,12 @@ def test_ladder_command_prints_the_skip_too():
     lines = ladder_table(LADDER, current=2).splitlines()
     assert lines[1].endswith(f"not run yet, predicted 521 MB (skipped: {SKIP})")
     assert lines[2].startswith("-> rung 2:")
+
+
+def test_show_says_when_every_checkpoint_was_damaged_and_the_run_started_over():
+    """A `started_over` history event is printed in `show`, so a resume that began again from
+    step 0 is never taken for one that continued."""
+    reason = "all 3 checkpoints failed their checksums; starting over from step 0"
+    shown = job_details({**job(), "history": [{"kind": "started_over", "cause": reason}]})
+    assert f"  note: {reason}" in shown.splitlines()
+    assert "note:" not in job_details(job())
