@@ -1,7 +1,9 @@
 """Soak: the real supervisor, kept alive by a restart loop as launchd's KeepAlive would, runs a
 stream of tiny-model jobs for LORACTL_SOAK_SECONDS (default 300) while a seeded injector
 (LORACTL_SOAK_SEED, printed) kills and freezes trainers, kills the supervisor, squeezes memory
-budgets, fills a disk, drops hostile files in the inbox and sends every control command.
+budgets, fills a disk, drops hostile files in the inbox, sends every control command, submits
+jobs whose data is a device or a FIFO, storms the supervisor with signals, and rolls its store
+back (a SIGKILL, then the WAL's last frames lost).
 
 At the end every job is brought to completion and must be bitwise equal to one uninterrupted
 reference run; no job may be lost or run twice at once; every fault must show in the history
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,6 +42,7 @@ from loractl.protocol import (
     ListRequest,
     PauseRequest,
     PriorityRequest,
+    RemoveRequest,
     Request,
     ResumeRequest,
     RetryRequest,
@@ -85,7 +89,15 @@ WEIGHTS = {
     "memory_squeeze": 1.5,
     "hostile_inbox": 2.0,
     "command": 3.0,
+    "bad_data_job": 1.0,
+    "signal_storm": 1.0,
+    "store_rollback": 1.0,
 }
+# Faults that kill the supervisor: only in the first half, so that one incarnation lives long
+# enough to show a leak.
+SUPERVISOR_KILLS = ("supervisor_kill", "store_rollback")
+# Writes a store rollback may take back: faults this recent may be missing from the history.
+ROLLBACK_REACH_S = 30.0
 EXPECTED_CAUSE = {
     "trainer_kill": "killed_externally",
     "trainer_hang": "hang",
@@ -142,6 +154,8 @@ class Soak:
         self.supervisor_samples: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
         self.hostile_count = 0
         self.first_seen_stuck: dict[tuple[str, str], float] = {}
+        # Jobs whose data is not data (id -> the fault): never retried, checked, then removed.
+        self.bad_jobs: dict[str, Fault] = {}
 
     # -- the supervisor ---------------------------------------------------------------------
 
@@ -249,7 +263,7 @@ class Soak:
         for job in self.jobs():
             state = job["state"]
             key = (job["id"], state)
-            if state not in ("paused", "cancelled", "failed"):
+            if state not in ("paused", "cancelled", "failed") or job["id"] in self.bad_jobs:
                 continue
             if state == "failed" and job["id"] not in self.failures_seen:
                 self.failures_seen[job["id"]] = self.show(job["id"])["reason"]
@@ -566,6 +580,114 @@ class Soak:
         except AssertionError:
             fault.problem = f"{kind}: {path.name[:60]} neither rejected nor gone after 60 s"
 
+    def bad_data_job(self) -> None:
+        """A job whose train.jsonl is a symlink to a device (refused at submit, exit 65's
+        words), or one that becomes a FIFO right after it is queued (it fails as bad data when
+        its turn comes, and the queue behind it goes on)."""
+        number = len(self.bad_jobs) + sum(f.kind == "bad_data_job" for f in self.faults)
+        name = f"bad-data-{number:03d}"
+        folder = self.root / "bad" / name
+        data = folder / "data"
+        data.mkdir(parents=True)
+        for split in ("train.jsonl", "valid.jsonl"):
+            shutil.copy(self.workspace / "data" / split, data / split)
+        kind = self.rng.choice(("device", "fifo"))
+        if kind == "device":
+            (data / "train.jsonl").unlink()
+            (data / "train.jsonl").symlink_to("/dev/zero")
+        config = make_job(self.workspace, folder, **dict(JOB, name=name, data=str(data)))
+        fault = self.record(Fault("bad_data_job", time.time(), detail={"data": kind}))
+        try:
+            reply = self.ask(SubmitRequest(config_path=str(config)))
+        except RequestFailed as exc:
+            if kind == "device" and "character device" in str(exc):
+                fault.landed = True
+            else:
+                fault.problem = f"{kind}: refused at submit for another reason: {exc}"
+            return
+        fault.job = reply.data["id"]
+        if kind == "device":
+            fault.problem = "a data file linked to /dev/zero was queued"
+        else:
+            # Swapped in at once: the trainer of a job started this instant is still loading
+            # Python when it is done.
+            (data / "train.jsonl").unlink()
+            os.mkfifo(data / "train.jsonl")
+        with self.lock:
+            self.bad_jobs[fault.job] = fault
+
+    def check_bad_jobs(self) -> None:
+        """Each FIFO job ended failed for its data (or, having read its data before the swap,
+        completed: nothing injected); then it is removed, so it counts for nothing else."""
+        for job_id, fault in list(self.bad_jobs.items()):
+            job = self.show(job_id)
+            if job["state"] == "failed" and "named pipe" in (job["reason"] or ""):
+                fault.landed = True
+            elif job["state"] == "completed":
+                self.faults.remove(fault)
+                self.notes.append(f"bad_data_job {job_id}: read its data before the swap")
+            else:
+                fault.problem = f"ended {job['state']}: {job['reason']}"
+            if job["state"] in ("failed", "completed"):
+                self.ask(RemoveRequest(job=job_id))
+            del self.bad_jobs[job_id]
+
+    def bad_jobs_settled(self) -> bool:
+        return all(
+            self.show(job_id)["state"] in ("failed", "completed") for job_id in self.bad_jobs
+        )
+
+    def signal_storm(self) -> None:
+        """SIGHUP, SIGUSR1 and SIGUSR2, many of each, at the supervisor: it ignores or answers
+        them (a state dump for USR1) and stays the same process."""
+        status = self.status()
+        if not status:
+            return
+        pid = status["pid"]
+        signals = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE]
+        sent = [self.rng.choice(signals) for _ in range(self.rng.randint(5, 40))]
+        fault = self.record(Fault("signal_storm", time.time(), detail={"signals": len(sent)}))
+        for signum in sent:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                fault.problem = f"supervisor {pid} gone during the storm"
+                return
+        after = self.status()
+        if after and after["pid"] == pid:
+            fault.landed = True
+        else:
+            fault.problem = f"supervisor {pid} did not survive: now {after and after['pid']}"
+
+    def store_rollback(self) -> None:
+        """SIGKILL the supervisor and take the last WAL frames away before the keep-alive loop
+        restarts it, as a disk that lost its unsynced tail would: the store forgets its latest
+        writes. No job may be lost, run twice at once, or run again once completed."""
+        status = self.status()
+        if not status:
+            return
+        old = status["pid"]
+        wal = self.layout.database.with_name(self.layout.database.name + "-wal")
+        # Stop the loop from restarting it until the WAL is cut: freeze the keep-alive shell.
+        self.loop.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: not psutil.pid_exists(old) or zombie(old), 30, interval=0.02)
+            frames = cut_wal_tail(wal, self.rng)
+        finally:
+            self.loop.send_signal(signal.SIGCONT)
+        self.record(
+            Fault(
+                "store_rollback",
+                time.time(),
+                status.get("running"),
+                status.get("trainer_pid"),
+                {"supervisor_pid": old, "frames_lost": frames},
+                landed=True,
+            )
+        )
+        wait_for(lambda: (s := self.status()) and s["pid"] != old, 60, interval=0.1)
+
     def long_name(self, inbox: Path, detail: dict) -> Path:
         """300 bytes, or the longest name the file system takes (Linux: 255 bytes)."""
         for size in (300, os.pathconf(inbox, "PC_NAME_MAX")):
@@ -631,6 +753,28 @@ class Soak:
 RESTARTED = ("queued", "paused", "cancelled")
 
 
+def zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def cut_wal_tail(wal: Path, rng: random.Random) -> int:
+    """Drop the last 1-30 frames of a SQLite WAL (cut on a frame boundary, as a disk that
+    loses its unsynced tail leaves it); the frames dropped."""
+    if not wal.exists() or wal.stat().st_size <= 32:
+        return 0
+    header = wal.read_bytes()[:32]
+    page_size = int.from_bytes(header[8:12], "big")
+    frame = 24 + page_size
+    frames = (wal.stat().st_size - 32) // frame
+    lost = min(frames, rng.randint(1, 30))
+    with wal.open("r+b") as handle:
+        handle.truncate(32 + (frames - lost) * frame)
+    return lost
+
+
 def write_atomically(path: Path, text: str) -> None:
     staging = path.with_name(f".{path.name}.soak")
     staging.write_text(text)
@@ -671,7 +815,7 @@ def verify(soak: Soak, fault: Fault, jobs: dict[str, dict]) -> str:
     """Why ``fault`` does not show in the history as it should; "" when it does."""
     if not fault.landed:
         return fault.problem or "its effect was never seen"
-    if fault.kind == "hostile_inbox":
+    if fault.kind in ("hostile_inbox", "bad_data_job", "signal_storm", "store_rollback"):
         return ""
     job = jobs.get(fault.job) if fault.job else None
     if fault.kind == "supervisor_kill":
@@ -715,6 +859,15 @@ def verify(soak: Soak, fault: Fault, jobs: dict[str, dict]) -> str:
         if not hangs:
             return f"no hang_detected event for pid {fault.pid}"
     return ""
+
+
+def rolled_back(soak: Soak, fault: Fault) -> bool:
+    """Whether a store rollback soon after ``fault`` may have taken its record back."""
+    if fault.kind not in EXPECTED_CAUSE and fault.kind != "supervisor_kill":
+        return False
+    return any(
+        f.kind == "store_rollback" and 0 <= f.at - fault.at <= ROLLBACK_REACH_S for f in soak.faults
+    )
 
 
 def attributed(soak: Soak, job_id: str, crash: dict) -> bool:
@@ -826,7 +979,7 @@ def test_soak_faults_of_every_kind_lose_nothing_and_change_no_bit(soak_rig, caps
                 for kind, weight in WEIGHTS.items()
                 if (kind not in TRAINER_KINDS or target)
                 and (kind != "disk_full" or (target and soak.on_small_disk(target[0])))
-                and (kind != "supervisor_kill" or time.monotonic() < supervisor_kills_until)
+                and (kind not in SUPERVISOR_KILLS or time.monotonic() < supervisor_kills_until)
                 and (kind != "memory_squeeze" or soak.squeeze_budget)
             }
             if target and target[0] in soak.squeezes:
@@ -839,10 +992,12 @@ def test_soak_faults_of_every_kind_lose_nothing_and_change_no_bit(soak_rig, caps
         # Bring every job home: resume the paused, retry the cancelled and failed.
         def all_completed() -> bool:
             soak.janitor(patience=0)
-            jobs = soak.jobs()
+            jobs = [j for j in soak.jobs() if j["id"] not in soak.bad_jobs]
             return len(jobs) >= len(soak.submitted) and all(j["state"] == "completed" for j in jobs)
 
         wait_for(all_completed, 600, interval=1.0)
+        wait_for(soak.bad_jobs_settled, 120, interval=1.0)
+        soak.check_bad_jobs()
         drain = time.monotonic() - start - fault_phase
     finally:
         soak.stop.set()
@@ -882,6 +1037,9 @@ def test_soak_faults_of_every_kind_lose_nothing_and_change_no_bit(soak_rig, caps
             soak.notes.append(f"{fault.kind} on {fault.job}: it had just finished; not counted")
             continue
         fault.problem = verify(soak, fault, jobs)
+        if fault.problem and rolled_back(soak, fault):
+            soak.notes.append(f"{fault.kind} at {fault.at:.1f}: {fault.problem} (rolled back)")
+            fault.problem = ""
         if fault.problem:
             problems.append(f"{fault.kind} at {fault.at:.1f} on {fault.job}: {fault.problem}")
     spurious = [
@@ -897,7 +1055,7 @@ def test_soak_faults_of_every_kind_lose_nothing_and_change_no_bit(soak_rig, caps
         problems.append(f"crashes no fault explains: {unexplained}")
 
     # The supervisor never crashed on its own: every exit but the last is one of our SIGKILLs.
-    sup_kills = sum(f.kind == "supervisor_kill" for f in soak.faults)
+    sup_kills = sum(f.kind in SUPERVISOR_KILLS for f in soak.faults)
     soak.ask(ShutdownRequest())
     assert soak.loop.wait(timeout=120) == 0
     exits = soak.exits.read_text().split()
@@ -913,7 +1071,12 @@ def test_soak_faults_of_every_kind_lose_nothing_and_change_no_bit(soak_rig, caps
     recovered = Counter(
         f.kind
         for f in soak.faults
-        if not f.problem and (f.job is None or jobs.get(f.job, {}).get("state") == "completed")
+        if not f.problem
+        and (
+            f.job is None
+            or f.kind == "bad_data_job"  # failed as it should, then removed
+            or jobs.get(f.job, {}).get("state") == "completed"
+        )
     )
     lost = len(soak.submitted) - sum(1 for j in listed if j["name"] in soak.submitted)
     lines = [
