@@ -296,17 +296,24 @@ def submit(ctx, configs, priority, as_json) -> None:
     from loractl.protocol import SubmitRequest
 
     within("--priority", priority, PRIORITY_MIN, PRIORITY_MAX, as_json)
+    notes = []
     for path in configs:
         try:
-            warn(load_config(path).warnings)
+            cfg = load_config(path)
         except ConfigError as exc:
             fail(str(exc), exc.exit_code, as_json)
+        warn(cfg.warnings)
+        notes.append(resume_note(cfg))
     submitted = [
         call(ctx, SubmitRequest(config_path=str(path.resolve()), priority=priority), as_json)
         for path in configs
     ]
-    for job in submitted:
+    for job, note in zip(submitted, notes, strict=True):
         warn(job.get("warnings") or [])
+        if note:
+            # Its adapter_path already holds a checkpoint: the job continues it.
+            job["resumes"] = note
+            click.echo(f"loractl: job {printable(job['id'])} {note}", err=True)
     if as_json:
         emit(submitted[0] if len(submitted) == 1 else {"jobs": submitted}, as_json)
     else:
@@ -322,6 +329,7 @@ def show(ctx, job, as_json) -> None:
     """Everything about JOB: state, rung, crashes, peak memory per rung, outputs, history
     (read from the database while the supervisor is not running)."""
     from loractl.client.render import job_details
+    from loractl.client.report import loss_sparkline
     from loractl.protocol import ShowRequest
 
     reply = call(ctx, ShowRequest(job=job), as_json, offline=True)
@@ -331,7 +339,7 @@ def show(ctx, job, as_json) -> None:
         emit(data, as_json)
     else:
         mark_offline(data, as_json)
-        click.echo(job_details(data))
+        click.echo(job_details(data, loss_line=loss_sparkline(data.get("adapter_path"))))
 
 
 def one_or_all(job: str | None, every: bool, as_json: bool) -> None:
@@ -592,7 +600,8 @@ def retry(ctx, job, from_rung, fresh, as_json) -> None:
     if as_json:
         emit(data, as_json)
     else:
-        click.echo(f"{printable(data['id'])}: queued on rung {printable(data['rung'])}")
+        start = printable(data.get("start") or "from its checkpoint")
+        click.echo(f"{printable(data['id'])}: queued on rung {printable(data['rung'])}, {start}")
 
 
 @main.command()
@@ -643,6 +652,39 @@ def ladder(ctx, job, as_json) -> None:
     job_note(data)
     mark_offline(data, as_json)
     emit(data, as_json) if as_json else click.echo(ladder_table(data["ladder"], data["rung"]))
+
+
+@main.command()
+@click.argument("job")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML file to write (default: report-<name>.html in this folder).",
+)
+@click.option("--open", "open_page", is_flag=True, help="Then open it in the browser.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def report(ctx, job, output, open_page, as_json) -> None:
+    """One self-contained HTML page about JOB: losses with its crashes, memory stops, ladder
+    steps, pauses and restarts marked, tokens/s, memory per rung, attempts, settings and
+    adapters (read from the database while the supervisor is not running)."""
+    from loractl.client.report import write_report
+    from loractl.protocol import ShowRequest
+
+    reply = call(ctx, ShowRequest(job=job), as_json, offline=True)
+    job_note(reply)
+    try:
+        written = write_report(reply["job"], output)
+    except OSError as exc:
+        fail(f"cannot write the report: {exc}", ClientExit.REFUSED, as_json)
+        return
+    if open_page:
+        click.launch(written["path"])
+    if as_json:
+        emit(written, as_json)
+    else:
+        click.echo(f"wrote {printable(written['path'])}")
 
 
 @main.command()
@@ -763,7 +805,8 @@ def config() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the effective config as JSON.")
 def config_validate(file, as_json) -> None:
-    """Check FILE against the job schema and print the effective config."""
+    """Check FILE against the job schema and summarize what it will do, with its ladder."""
+    from loractl.client.render import config_summary
     from loractl.config import ConfigError, load_config
 
     try:
@@ -771,16 +814,42 @@ def config_validate(file, as_json) -> None:
     except ConfigError as exc:
         fail(str(exc), exc.exit_code, as_json=as_json)
         return
-    if not as_json:
-        warn(cfg.warnings)
-    emit(
-        {
-            "ok": True,
-            "config": cfg.to_dict(),
-            "ladder": cfg.effective_ladder(),
-            "warnings": list(cfg.warnings),
-        },
-        as_json,
+    if as_json:
+        emit(
+            {
+                "ok": True,
+                "config": cfg.to_dict(),
+                "ladder": cfg.effective_ladder(),
+                "warnings": list(cfg.warnings),
+            },
+            as_json,
+        )
+        return
+    from loractl.supervisor.jobview import budget_mb
+    from loractl.supervisor.ladder import describe_rung, rung_count
+
+    warn(cfg.warnings)
+    budget = (
+        f"memory_budget_mb {cfg.memory_budget_mb}"
+        if cfg.memory_budget_mb
+        else f"no memory_budget_mb: 70% of this machine's, {budget_mb(cfg):.0f} MB"
+    )
+    summary = {**cfg.to_dict(), "checkpoint_interval": cfg.checkpoint_interval}
+    rungs = [describe_rung(cfg, rung) for rung in range(rung_count(cfg))]
+    click.echo(config_summary(str(file), summary, rungs, budget, resume_note(cfg)))
+
+
+def resume_note(cfg) -> str | None:
+    """What a run of ``cfg`` starts from when its adapter_path already holds a checkpoint:
+    "resumes from step 84; `loractl retry --fresh` starts over", or None."""
+    from loractl.supervisor.jobview import checkpoint_progress
+
+    found = checkpoint_progress(str(cfg.adapter_path))
+    if not found or not found.get("step"):
+        return None
+    return (
+        f"resumes from step {found['step']}; `loractl retry --fresh` starts over (after "
+        f"`loractl cancel`; the checkpoint is in {printable(cfg.adapter_path)})"
     )
 
 

@@ -155,7 +155,7 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
     reached = _until_step(proc, log_path, kill_at)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    console.print(f"  killed pid {proc.pid} at step {reached} (exit {proc.returncode})")
+    _plain(f"  SIGKILLed pid {proc.pid} after step {reached} (exit {proc.returncode})")
 
     console.rule("2. resume: adapters, optimizer, LR schedule, data order and RNG come back")
     proc = _train(interrupted)
@@ -163,15 +163,19 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
     os.kill(proc.pid, signal.SIGTERM)
     code, err = _finish(proc)
     for line in err.splitlines():
-        if "resumed" in line or "stopped" in line:
-            console.print(f"  {line}")
-    console.print(f"  SIGTERM at step {reached}: checkpointed and exited with {code}")
+        if "resumed" in line:
+            _plain(f"  {line}")
+    # The trainer finishes the step it is in before it stops: the step it names is the one
+    # it checkpointed, and the only one said here.
+    stopped = _stopped_step(err)
+    where = f"at step {stopped}" if stopped is not None else f"after step {reached}"
+    _plain(f"  SIGTERM: the trainer finished its step, checkpointed {where}, exited {code}")
 
     console.rule("3. resume again and finish")
     code, err = _finish(_train(interrupted))
     for line in err.splitlines():
         if "resumed" in line:
-            console.print(f"  {line}")
+            _plain(f"  {line}")
     if code != 0:
         console.print(f"[red]trainer failed ({code}):[/]\n{err}")
         return code
@@ -212,14 +216,61 @@ def run_demo(directory: Path, preset: str | None = None, seed: int = 0, as_json=
         console.print(f"mlx_lm.generate failed ({done.returncode}):", style="red")
         console.print(done.stderr, markup=False)
         return done.returncode
-    console.print(f"  mlx_lm.generate: {done.stdout.strip()!r}")
-    console.print(
-        f"  try: mlx_lm.generate --model {base / 'model'} "
-        f"--adapter-path {directory / 'interrupted' / 'adapters'} --prompt 'the quiet river'"
+    _plain(f"  mlx_lm.generate: {done.stdout.strip()!r}")
+    _plain(
+        "  (a tiny random model writes nonsense: this shows that mlx-lm loads the adapter, "
+        "not that it learned language)"
     )
+    _plain(f"  try: {try_command(base / 'model', directory / 'interrupted' / 'adapters')}")
     if not same:
         return 1
-    return _supervised(base, directory)
+    code = _supervised(base, directory)
+    if code == 0:
+        _summary(directory)
+    return code
+
+
+def _plain(text: str) -> None:
+    """One line as it is: no markup, no highlighting and never wrapped, so a command in it
+    can be pasted whole at any terminal width."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _stopped_step(stderr: str) -> int | None:
+    """The step the trainer says it stopped at ("stopped at step 11 after a checkpoint")."""
+    import re
+
+    found = re.search(r"stopped at step (\d+)", stderr)
+    return int(found.group(1)) if found else None
+
+
+def try_command(model: Path, adapters: Path) -> str:
+    """mlx_lm.generate on the demo's adapters, as `show` prints it: a command that exists
+    here (the bare name on PATH, else the one beside this interpreter), shell-quoted."""
+    from loractl.supervisor.jobview import use_with
+    from loractl.terminal import shell_join
+
+    command = use_with(str(model), str(adapters))
+    if command:
+        return command.replace("--prompt Hello", shell_join(["--prompt", "the quiet river"]))
+    return shell_join(
+        [sys.executable, "-m", "mlx_lm", "generate", "--model", str(model), "--adapter-path",
+         str(adapters), "--prompt", "the quiet river"]
+    )  # fmt: skip
+
+
+def _summary(directory: Path) -> None:
+    console.rule("what this proved")
+    for line in (
+        "a SIGKILLed trainer resumed from its last checkpoint, and a SIGTERMed one stopped "
+        "after a checkpoint and resumed;",
+        "the interrupted run's adapters are bitwise equal to an uninterrupted run's;",
+        "mlx-lm loads the adapters as they are;",
+        "under the supervisor, a killed trainer was restarted and a job over its memory "
+        "budget stepped down the ladder to a rung that fits, and completed.",
+    ):
+        _plain(f"  - {line}")
+    _plain(f"  everything is in {directory}; `loractl demo --prepare DIR` builds a job to try")
 
 
 def _supervised(base: Path, directory: Path) -> int:
@@ -243,7 +294,7 @@ def _supervised(base: Path, directory: Path) -> int:
     job.write_text(yaml.safe_dump(data, sort_keys=False))
     home = directory / "home"
     supervisor = SupervisorProcess(home, LORACTL_BACKOFF_BASE_S="0.5").start()
-    console.print(f"  supervisor pid {supervisor.proc.pid}, home {home}")
+    _plain(f"  supervisor pid {supervisor.proc.pid}, home {home}")
     try:
         job_id = supervisor.submit(job)
         console.print(f"  submitted {job_id} with memory_budget_mb {budget}")
@@ -262,7 +313,7 @@ def _supervised(base: Path, directory: Path) -> int:
                 os.kill(state["trainer_pid"], signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            console.print(
+            _plain(
                 f"  SIGKILLed trainer pid {state['trainer_pid']} on rung {state['rung']}; "
                 "the supervisor restarts it"
             )
@@ -270,7 +321,7 @@ def _supervised(base: Path, directory: Path) -> int:
         done = supervisor.wait_state(job_id, {"completed", "failed"}, timeout=900)
     finally:
         supervisor.stop()
-    console.print(job_details(done))
+    _plain(job_details(done))
     return 0 if done["state"] == "completed" else 1
 
 

@@ -307,6 +307,15 @@ def check_service(ctx: Context) -> Check:
     launchd = state.target == "launchd"
     # The manager's own notes (launchd domain, last signal, a service serving another home).
     notes = f" ({state.detail})" if state.detail else ""
+    if not state.installed and "manager here" in state.detail:
+        # No launchd or user systemd to install into: `daemon install` would only fail.
+        return warn(
+            name,
+            f"no service manager to run the supervisor{notes}",
+            "Run the supervisor in a terminal with `loractl daemon run` (under tmux or nohup "
+            "to outlive it); `loractl daemon install` needs launchd or a systemd --user "
+            "manager.",
+        )
     if not state.installed:
         kind = "LaunchAgent" if launchd else "systemd user unit"
         return warn(

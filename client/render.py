@@ -103,17 +103,32 @@ def _rung_memory(rung: dict[str, Any], unmeasured: str) -> str:
     return text
 
 
-def job_details(job: dict[str, Any]) -> str:
+def state_words(state: str, outcome: str | None) -> str:
+    """A job's state with what its outcome adds, said once: "failed (memory)", "completed",
+    "cancelled", never "failed, failed:memory" or "cancelled, cancelled"."""
+    if not outcome or outcome in (state, "success"):
+        return shown(state)
+    prefix, _, cause = outcome.partition(":")
+    if prefix == state and cause:
+        return f"{shown(state)} ({shown(cause)})"
+    return f"{shown(state)}, {shown(outcome)}"
+
+
+def job_details(job: dict[str, Any], loss_line: str = "") -> str:
+    """`show` in text; ``loss_line``, the training loss so far as a sparkline (from the
+    client, which reads train.log: the view itself reads nothing)."""
     progress = job["progress"]
     note = STATE_NOTES.get(job["state"])
     lines = [
-        f"job {shown(job['id'])} ({shown(job['name'])}): {shown(job['state'])}"
-        + (f", {shown(job['outcome'])}" if job.get("outcome") else "")
+        f"job {shown(job['id'])} ({shown(job['name'])}): "
+        + state_words(job["state"], job.get("outcome"))
         + (f" ({note})" if note else ""),
         f"  progress: {shown(progress['examples_seen'])}/{shown(progress['total_examples'])} "
         f"examples, step {shown(progress['step'])}, attempts {shown(job['attempts'])}",
         f"  rung: {shown(job['rung'])}",
     ]
+    if loss_line:
+        lines.append(f"  loss: {loss_line}")
     if job.get("trainer_pid"):
         lines.append(f"  trainer pid: {shown(job['trainer_pid'])}")
     if job.get("ranks"):
@@ -148,7 +163,9 @@ def job_details(job: dict[str, Any]) -> str:
     if job.get("use_with"):
         # Already quoted for a shell and free of control characters (jobview.use_with):
         # printed as `show --json` has it, so either can be pasted.
-        lines.append(f"  use with: {shown(job['use_with'])}")
+        partial = job.get("adapters_partial")
+        label = f"use with (partial adapters, {shown(partial)})" if partial else "use with"
+        lines.append(f"  {label}: {shown(job['use_with'])}")
     return "\n".join(lines)
 
 
@@ -316,4 +333,37 @@ def drained_text(jobs: list[dict[str, Any]]) -> str:
         lines.append(f"all {len(jobs)} completed")
     else:
         lines.append(f"{len(jobs) - done} of {len(jobs)} did not complete")
+    return "\n".join(lines)
+
+
+def config_summary(
+    source: str, config: dict[str, Any], rungs: list[str], budget: str, resumes: str | None
+) -> str:
+    """`config validate`: what the job will do, in a few lines, and its ladder as one line per
+    rung ("rung 1: grad_accumulation_steps=2"); `--json` gives the raw form."""
+    lora = config.get("lora_parameters") or {}
+    length = (
+        f"{config['epochs']} epochs"
+        if config.get("epochs")
+        else f"{shown(config.get('iters'))} iterations"
+    )
+    data = config.get("data") or config.get("hf_dataset")
+    lines = [
+        f"{shown(source)}: ok, job {shown(config.get('name'))}",
+        f"  model:    {shown(config.get('model'))}",
+        f"  data:     {shown(data)}",
+        f"  adapters: {shown(config.get('adapter_path'))}",
+        f"  training: {length}, batch_size {shown(config.get('batch_size'))}, "
+        f"grad_accumulation_steps {shown(config.get('grad_accumulation_steps'))}, "
+        f"max_seq_length {shown(config.get('max_seq_length'))}, "
+        f"learning_rate {shown(config.get('learning_rate'))}",
+        f"  {shown(config.get('fine_tune_type'))}:     rank {shown(lora.get('rank'))}, "
+        f"scale {shown(lora.get('scale'))}, num_layers {shown(config.get('num_layers'))}",
+        f"  memory:   {shown(budget)}; checkpoint every "
+        f"{shown(config.get('checkpoint_interval'))} optimizer steps",
+        "  ladder (stepped down after an out-of-memory stop):",
+    ]
+    lines.extend(f"    rung {index}: {shown(change)}" for index, change in enumerate(rungs))
+    if resumes:
+        lines.append(f"  note: {shown(resumes)}")
     return "\n".join(lines)

@@ -123,6 +123,13 @@ def run_length_flags(overrides: dict) -> dict:
     metavar="KEY=VALUE",
     help="Override a config key (dotted for nested keys, e.g. lora_parameters.rank=4).",
 )
+@click.option(
+    "--train",
+    "train_flag",
+    is_flag=True,
+    help="Train (loractl always does; accepted as mlx_lm.lora takes it). With --test: train, "
+    "then test.",
+)
 @click.option("--telemetry", hidden=True, help="Supervisor telemetry endpoint.")
 @click.option("--job-id", hidden=True, default="")
 @click.option("--attempt", hidden=True, type=int, default=0)
@@ -130,21 +137,45 @@ def run_length_flags(overrides: dict) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @schema_options
 def train(
-    config, config_option, fresh, assignments, telemetry, job_id, attempt, rung, as_json, **flags
+    config,
+    config_option,
+    fresh,
+    assignments,
+    train_flag,
+    telemetry,
+    job_id,
+    attempt,
+    rung,
+    as_json,
+    **flags,
 ) -> None:
     """Train CONFIG in the foreground, resuming from its newest valid checkpoint.
 
-    Every flag overrides the config's key of the same name, as mlx_lm.lora's flags do.
-    SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits; running the
-    same command again continues exactly where it stopped.
+    Every flag overrides the config's key of the same name, as mlx_lm.lora's flags do, and
+    with no config the flags are the job (`loractl train --model M --data D --iters 100`).
+    `--test` without `--train` (and without `train: true` in the config) trains nothing: it
+    evaluates the adapters in adapter_path on test.jsonl, as mlx_lm.lora does. SIGTERM or
+    Ctrl-C finishes the current step, writes a checkpoint and exits; running the same command
+    again continues exactly where it stopped.
     """
-    if config is None and config_option is None:
-        raise click.UsageError("no config given: pass CONFIG or -c CONFIG")
+    from loractl.config import sets_key
+
     if config is not None and config_option is not None and config != config_option:
         raise click.UsageError(f"two configs given: {config} and -c {config_option}")
+    path = config or config_option
+    if path is None and not flags.get("model"):
+        raise click.UsageError(
+            "no config given: pass CONFIG, -c CONFIG, or --model M --data D (and any flags)"
+        )
     settings = run_length_flags({**overrides_from_flags(flags), **parse_assignments(assignments)})
+    test_only = (
+        flags.get("test") is True
+        and not train_flag
+        and not (path is not None and sets_key(path, "train"))
+    )
     argv = trainer_argv(
-        config or config_option,
+        path,
+        test_only=test_only,
         fresh=fresh,
         settings=settings,
         telemetry=telemetry,
@@ -161,8 +192,9 @@ def train(
 
 
 def trainer_argv(
-    config: Path,
+    config: Path | None,
     *,
+    test_only: bool = False,
     fresh: bool = False,
     settings: dict | None = None,
     telemetry: str | None = None,
@@ -171,7 +203,11 @@ def trainer_argv(
     rung: int = 0,
 ) -> list[str]:
     """The trainer's command line, as ``python -m loractl.daemon.trainer`` takes it."""
-    argv = [sys.executable, "-m", "loractl.daemon.trainer", str(config)]
+    argv = [sys.executable, "-m", "loractl.daemon.trainer"]
+    if config is not None:
+        argv.append(str(config))
+    if test_only:
+        argv.append("--test-only")
     if fresh:
         argv.append("--fresh")
     if telemetry:

@@ -434,7 +434,8 @@ def data_file_problem(path: str | os.PathLike[str]) -> str | None:
 
 
 def _check_data_files(cfg: JobConfig, ctx: _Ctx) -> None:
-    """A local data folder's train/valid/test.jsonl, those present, must be regular files."""
+    """A local data folder's train/valid/test.jsonl, those present, must be regular files,
+    and the training and validation sets must hold a batch each."""
     if cfg.hf_dataset is not None or cfg.data is None or not os.path.isabs(cfg.data):
         return
     for split in DATA_SPLITS:
@@ -445,6 +446,37 @@ def _check_data_files(cfg: JobConfig, ctx: _Ctx) -> None:
                 key="data",
                 source=ctx.source,
             )
+    for split in ("train", "valid") if cfg.val_batches != 0 else ("train",):
+        path = os.path.join(cfg.data, f"{split}.jsonl")
+        count = _count_samples(path, cfg.batch_size, cfg.max_record_mb)
+        if count is not None and 0 < count < cfg.batch_size:
+            # mlx-lm refuses it only when its batches are built; loractl trained and printed
+            # "val loss nan". Neither helps a job that runs overnight.
+            what = "training" if split == "train" else "validation"
+            raise DataFileError(
+                f"key 'data': {path} holds {count} {what} example{'s' * (count != 1)}, fewer "
+                f"than batch_size {cfg.batch_size}; add examples or lower batch_size",
+                key="data",
+                source=ctx.source,
+            )
+
+
+def _count_samples(path: str, enough: int, max_record_mb: int) -> int | None:
+    """The non-blank lines of ``path``, counted up to ``enough`` (a large file is not read to
+    its end); None when it cannot be read (that is the trainer's to report, with the line)."""
+    count = 0
+    limit = max(1, max_record_mb) * 1024 * 1024
+    try:
+        with open(path, "rb") as handle:
+            while count < enough:
+                line = handle.readline(limit + 1)
+                if not line:
+                    break
+                if line.strip():
+                    count += 1
+    except OSError:
+        return None
+    return count
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -1705,3 +1737,26 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         source,
         default_name=_default_name(path.stem),
     )
+
+
+def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """:func:`load_config`, or with no file (``loractl train --model M --data D``) the job the
+    command line's ``overrides`` alone describe, its relative paths from the current folder,
+    as mlx_lm.lora reads its flags."""
+    if path is not None:
+        return load_config(path, overrides)
+    return parse_config(dict(overrides or {}), os.getcwd(), "the command line")
+
+
+def sets_key(path: str | Path, key: str) -> bool:
+    """Whether the config file itself sets ``key`` (not a default): ``train: true`` makes
+    ``--test`` test after training, as it does for mlx_lm.lora."""
+    path = Path(path)
+    parser = _PARSERS.get(path.suffix.lower())
+    if parser is None:
+        return False
+    try:
+        data = parser(_read_text(path, str(path)), str(path))
+    except ConfigError:
+        return False
+    return isinstance(data, dict) and data.get(key) is not None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ from typing import Any
 
 import structlog
 
-from loractl.config import ConfigError, DataFileError, JobConfig, load_config
+from loractl.config import ConfigError, DataFileError, JobConfig, load_job
 from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
 from loractl.daemon.hooks import TrainerHooks
 from loractl.distributed import RANK_LOG_PATTERN
@@ -161,7 +162,7 @@ class _LogFile:
 
 
 def run(
-    config_path: str | Path,
+    config_path: str | Path | None,
     *,
     fresh: bool = False,
     settings: dict[str, Any] | None = None,
@@ -174,8 +175,13 @@ def run(
     keys_dir: str | None = None,
     budget_mb: float | None = None,
     preflight_only: bool = False,
+    test_only: bool = False,
 ) -> int:
     """Run one attempt of a job and return its exit code. Never raises.
+
+    ``config_path`` None: the job is ``settings`` alone (``loractl train --model M --data
+    D``). ``test_only`` (``--test`` without training, as mlx_lm.lora takes it) evaluates the
+    adapters in adapter_path on the test set and prints the test loss and perplexity.
 
     ``settings`` change the job itself, as the command line's flags do (``--iters 8`` makes
     an 8-iteration job); ``overrides`` are a ladder rung's, which change how the job runs but
@@ -193,8 +199,12 @@ def run(
     try:
         # The run's length comes from the submitted job: a ladder rung that halves
         # batch_size must not halve the number of examples the job trains on.
-        base = load_config(config_path, settings or None)
+        base = load_job(config_path, settings or None)
         cfg = base.with_overrides(overrides) if overrides else base
+        if test_only:
+            for warning in base.warnings:
+                print(f"loractl: warning: {warning}", file=sys.stderr)
+            return evaluate_adapters(cfg)
         if preflight_only:
             import tempfile
 
@@ -545,7 +555,7 @@ class TrainingSession:
         # From here on the attempt writes to the adapter folder: a stop waits for a step.
         self._stop_at_once = False
         if self.rank == 0:
-            self._write_adapter_config()
+            self._write_adapter_config(total, order_batch_size)
         # The model, data and transformers' import leave ~100k long-lived objects; freezing
         # them keeps the periodic gc.collect() of the memory hygiene from rescanning them
         # (30-60 ms each time on the tiny model).
@@ -719,45 +729,10 @@ class TrainingSession:
             raise ConfigError(f"report_to: {exc}") from None
 
     def _load_model(self):
-        from mlx_lm.utils import load
-
-        cfg = self.cfg
-        model_dir = Path(cfg.model)
-        if cfg.model.startswith(("/", ".", "~")) and not model_dir.exists():
-            raise ModelError(f"model path {cfg.model} does not exist")
-        try:
-            return load(
-                cfg.model,
-                tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
-                trust_remote_code=cfg.trust_remote_code,
-            )
-        except (FileNotFoundError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
-            raise ModelError(f"cannot load model {cfg.model}: {exc}") from None
-        except Exception as exc:
-            # huggingface_hub raises its own types when the name is not a local folder and
-            # there is no network; to the user that is the same "model not found".
-            if "hub" in type(exc).__module__ or "Repository" in type(exc).__name__:
-                raise ModelError(f"cannot load model {cfg.model}: {exc}") from None
-            raise
+        return load_model(self.cfg)
 
     def _apply_adapters(self, model) -> None:
-        from mlx_lm.tuner.utils import linear_to_lora_layers
-
-        cfg = self.cfg
-        model.freeze()
-        layers = len(model.layers)
-        if cfg.num_layers > layers:
-            raise ModelError(
-                f"num_layers is {cfg.num_layers} but the model has only {layers} layers"
-            )
-        if cfg.fine_tune_type == "full":
-            for layer in model.layers[-max(cfg.num_layers, 0) :]:
-                layer.unfreeze()
-            return
-        params = asdict(cfg.lora_parameters)
-        if params.get("keys") is None:
-            params.pop("keys")
-        linear_to_lora_layers(model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
+        apply_lora(model, self.cfg)
 
     def _build_optimizer(self):
         import mlx.optimizers as optim
@@ -902,10 +877,14 @@ class TrainingSession:
                 f"loractl: adapter: ... and {len(others) - 3} more (see train.log)", file=sys.stderr
             )
 
-    def _write_adapter_config(self) -> None:
+    def _write_adapter_config(self, total_examples: int, order_batch_size: int) -> None:
+        """mlx-lm's adapter_config.json, recording what runs: ``iters`` is the run's length
+        in iterations (what ``epochs`` came to), not the config's unused default."""
         from loractl.atomic import atomic_write_bytes
 
-        body = json.dumps(self.cfg.mlx_lm_args(), indent=4, sort_keys=True).encode()
+        args = self.cfg.mlx_lm_args()
+        args["iters"] = -(-total_examples // max(order_batch_size, 1))
+        body = json.dumps(args, indent=4, sort_keys=True).encode()
         atomic_write_bytes(self.adapter_path / "adapter_config.json", body)
 
     def _finish(self, model, datasets, plan) -> None:
@@ -916,11 +895,21 @@ class TrainingSession:
             test_plan = type(plan)(**{**asdict(plan), "val_batches": self.cfg.test_batches})
             test_loss = evaluate(model, datasets.test, test_plan)
             log.info("test", test_loss=test_loss)
-            print(f"loractl: test loss {test_loss:.3f}", file=sys.stderr)
+            perplexity = math.exp(test_loss) if test_loss == test_loss else float("nan")
+            print(
+                f"loractl: test loss {test_loss:.3f}, test perplexity {perplexity:.3f}",
+                file=sys.stderr,
+            )
         # A rank announces "done" only once rank 0's adapters are on disk.
         barrier(self.world)
         self.progress.phase = "done"
         log.info("done", adapter_path=str(self.adapter_path))
+        if self.rank == 0 and not self.supervised:
+            print(
+                f"loractl: done: step {self.progress.step}; adapters in "
+                f"{self.adapter_path / 'adapters.safetensors'}",
+                file=sys.stderr,
+            )
         self.telemetry.event("done", adapter_path=str(self.adapter_path))
 
     def write_adapters(self, model, *names: str) -> None:
@@ -942,12 +931,99 @@ class TrainingSession:
             os.replace(tmp, target)
 
 
+def load_model(cfg: JobConfig):
+    """The model and tokenizer, with mlx-lm's own loader; ModelError for a bad one."""
+    from mlx_lm.utils import load
+
+    model_dir = Path(cfg.model)
+    if cfg.model.startswith(("/", ".", "~")) and not model_dir.exists():
+        raise ModelError(f"model path {cfg.model} does not exist")
+    try:
+        return load(
+            cfg.model,
+            tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (FileNotFoundError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot load model {cfg.model}: {exc}") from None
+    except Exception as exc:
+        # huggingface_hub raises its own types when the name is not a local folder and
+        # there is no network; to the user that is the same "model not found".
+        if "hub" in type(exc).__module__ or "Repository" in type(exc).__name__:
+            raise ModelError(f"cannot load model {cfg.model}: {exc}") from None
+        raise
+
+
+def apply_lora(model, cfg: JobConfig) -> None:
+    """Freeze the model and make its trained layers LoRA (or DoRA, or unfrozen for full)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    layers = len(model.layers)
+    if cfg.num_layers > layers:
+        raise ModelError(f"num_layers is {cfg.num_layers} but the model has only {layers} layers")
+    if cfg.fine_tune_type == "full":
+        for layer in model.layers[-max(cfg.num_layers, 0) :]:
+            layer.unfreeze()
+        return
+    params = asdict(cfg.lora_parameters)
+    if params.get("keys") is None:
+        params.pop("keys")
+    linear_to_lora_layers(model, cfg.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
+
+
+def evaluate_adapters(cfg: JobConfig) -> int:
+    """``--test`` without training, as mlx_lm.lora runs it: load the model and the adapters
+    in adapter_path (as adapter_config.json describes them, with mlx-lm's ``load_adapters``),
+    evaluate ``test_batches`` batches of test.jsonl and print "Test loss X, Test ppl Y."."""
+    import mlx.core as mx
+
+    from loractl.daemon.data import DataError, load_datasets
+    from loractl.daemon.loop import LoopPlan, evaluate
+
+    adapter_path = Path(cfg.adapter_path)
+    if not (adapter_path / "adapters.safetensors").is_file():
+        print(
+            f"loractl: config error: no adapters to test in {adapter_path} "
+            "(adapters.safetensors); train first, or point --adapter-path at them",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG_ERROR
+    try:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model, tokenizer = load_model(cfg)
+        datasets = load_datasets(cfg.with_overrides({"test": True}), tokenizer, only_test=True)
+        model.freeze()
+        load_adapters(model, str(adapter_path))
+    except ModelError as exc:
+        print(f"loractl: config error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    except (DataError, ConfigError) as exc:
+        print(f"loractl: data error: {exc}", file=sys.stderr)
+        return ExitCode.DATA_ERROR
+    mx.random.seed(cfg.seed)
+    plan = LoopPlan(
+        total_examples=0,
+        batch_size=cfg.batch_size,
+        grad_accumulation_steps=1,
+        max_seq_length=cfg.max_seq_length,
+        seed=cfg.seed,
+        steps_per_eval=1,
+        val_batches=cfg.test_batches,
+    )
+    assert datasets.test is not None
+    loss = evaluate(model, datasets.test, plan)
+    print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
+    return ExitCode.DONE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point the supervisor spawns: ``python -m loractl.daemon.trainer CONFIG ...``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="loractl-trainer")
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?", help="the job config; none: --settings alone")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--telemetry")
     parser.add_argument(
@@ -976,6 +1052,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the pre-flight alone (`loractl fit`): print its detail as one JSON line, "
         "exit 0 if it fits and 83 if not; nothing is written to the adapter folder",
     )
+    parser.add_argument(
+        "--test-only",
+        action="store_true",
+        help="evaluate the adapters in adapter_path on the test set, as mlx_lm.lora --test "
+        "without --train does; nothing is trained or written",
+    )
     args = parser.parse_args(argv)
     return run(
         args.config,
@@ -989,6 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         keys_dir=args.keys_dir,
         budget_mb=args.budget_mb,
         preflight_only=args.preflight_only,
+        test_only=args.test_only,
     )
 
 

@@ -34,6 +34,7 @@ from loractl.supervisor.policy import (
     PolicySettings,
     StopReason,
     after_exit,
+    headline,
 )
 from loractl.supervisor.processes import describe_consumers, other_consumers
 from loractl.supervisor.store import Job, Store, disk_space_mb
@@ -125,6 +126,7 @@ class ExitHandler:
             disk_path=disk_path,
             next_rung=plan.target if plan else None,
             next_rung_why=plan.reason if plan and plan.skips else "",
+            budget_mb=ended.spec.budget_mb,
         )
         action = after_exit(job, facts, verdict, cfg, self.policy)
         resumed = ended.user_wish == "resume" and ended.stop_reason == StopReason.USER_PAUSE
@@ -251,7 +253,7 @@ class ExitHandler:
         )
         self.publisher.publish_state(job.id, reason=reason)
         log.error("job failed", job=job.id, cause=cause, reason=reason)
-        self.notify(job, f"{job.name} failed", reason.splitlines()[0] if reason else cause)
+        self.notify(job, f"{job.name} failed", headline(reason, cause))
 
     def notify(self, job: Job, title: str, message: str) -> None:
         """A desktop notification, for jobs whose config asks for them."""

@@ -294,6 +294,10 @@ class RequestHandlers:
         if request.fresh:
             # Read by the runner: this attempt's trainer discards the checkpoints.
             store.record(job.id, "fresh_start_requested", attempt=job.attempt + 1)
+        # A fresh start trains from step 0: `show` must not carry the old run's figures.
+        fresh = (
+            {"step": 0, "examples_seen": 0, "last_checkpoint_step": None} if request.fresh else {}
+        )
         job = store.transition(
             job.id,
             JobState.QUEUED,
@@ -303,9 +307,17 @@ class RequestHandlers:
             early_deaths=0,
             outcome=None,
             reason="",
+            **fresh,
         )
         self.ctx.publish_state(job.id)
-        return job_reply(request, warnings, id=job.id, state=str(job.state), rung=rung)
+        return job_reply(
+            request,
+            warnings,
+            id=job.id,
+            state=str(job.state),
+            rung=rung,
+            start="from the start" if request.fresh else "from its checkpoint",
+        )
 
     # -- stopping and resuming --------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 from loractl.checkpoints import CHECKPOINT_DIR, STATE_FILE, CheckpointReader, state_checksum
 from loractl.config import ConfigError, JobConfig, load_config
 from loractl.memory import memory_limit_mb
+from loractl.protocol import JobState
 from loractl.supervisor.ladder import effective_config
 from loractl.supervisor.ladderplan import ladder_view
 from loractl.supervisor.store import Job, Store
@@ -132,7 +133,19 @@ def checkpoint_progress(adapter_path: str) -> dict[str, int] | None:
     return figures if claimed == state_checksum(state) else None
 
 
-def last_known_progress(job: Job, adapter_path: str | None) -> dict[str, Any]:
+def fresh_start_pending(job: Job, history: list[dict[str, Any]]) -> bool:
+    """Whether `retry --fresh` asked the next attempt to discard the checkpoints: until it
+    has, they are not this job's progress."""
+    return any(
+        event["kind"] == "fresh_start_requested"
+        and (event.get("detail") or {}).get("attempt") == job.attempt + 1
+        for event in history
+    )
+
+
+def last_known_progress(
+    job: Job, adapter_path: str | None, history: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The job's progress as far as anything recorded it: the store's figures, or its newest
     checkpoint's when those are further on (progress the store could not take, on a full
     disk say, is still on the adapter disk). ``from_checkpoint`` says which."""
@@ -142,6 +155,8 @@ def last_known_progress(job: Job, adapter_path: str | None) -> dict[str, Any]:
         "step": job.step,
     }
     if not adapter_path or job.attempt == 0:  # a job that never ran has no progress of its own
+        return stored
+    if history is not None and fresh_start_pending(job, history):
         return stored
     checkpoint = checkpoint_progress(adapter_path)
     if checkpoint is None or (checkpoint["examples_seen"], checkpoint["step"]) <= (
@@ -155,6 +170,16 @@ def last_known_progress(job: Job, adapter_path: str | None) -> dict[str, Any]:
         "step": checkpoint["step"],
         "from_checkpoint": True,
     }
+
+
+def partial_words(progress: dict[str, Any], cfg: JobConfig) -> str:
+    """How far an unfinished job's adapters got: "step 12 of 40" (optimizer steps)."""
+    step = int(progress.get("step") or 0)
+    per_step = cfg.batch_size * cfg.grad_accumulation_steps
+    total = int(progress.get("total_examples") or 0)
+    if total and per_step:
+        return f"step {step} of {-(-total // per_step)}"
+    return f"step {step}"
 
 
 def describe(
@@ -176,9 +201,11 @@ def describe(
     except ConfigError as exc:
         cfg, effective, ladder = None, {"error": str(exc)}, []
     adapter_path = effective.get("adapter_path")
+    progress = last_known_progress(job, adapter_path, history)
+    command = use_with(effective.get("model"), adapter_path)
     return {
         **summary(job),
-        "progress": last_known_progress(job, adapter_path),
+        "progress": progress,
         "reason": job.reason,
         "effective_config": effective,
         "trainer_pid": trainer_pid,
@@ -187,7 +214,13 @@ def describe(
         "peak_memory_mb": job.peak_memory_mb,
         "ladder": ladder,
         "adapter_path": adapter_path,
-        "use_with": use_with(effective.get("model"), adapter_path),
+        "use_with": command,
+        # Adapters of a job that has not finished hold the training so far, not the run's.
+        "adapters_partial": (
+            partial_words(progress, cfg)
+            if command and cfg and job.state != JobState.COMPLETED
+            else None
+        ),
         "job_dir": job.job_dir,
         "budget_mb": round(budget_mb(cfg, default_budget_fraction), 1) if cfg else None,
         "last_checkpoint_step": job.last_checkpoint_step,

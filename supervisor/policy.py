@@ -94,6 +94,8 @@ class ExitFacts:
     # help); None steps down one rung, as the recipe does.
     next_rung: int | None = None
     next_rung_why: str = ""
+    # The budget the guard held the attempt to, in MB: named in a failure for memory.
+    budget_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def after_exit(
                 "failed: early_death",
                 reason=(
                     f"the trainer died before its first heartbeat {early_deaths} times in a "
-                    f"row; last stderr:\n{last_lines(facts.stderr_tail)}"
+                    f"row{_last_line(facts.stderr_tail)}\nlast stderr:\n"
+                    + last_lines(facts.stderr_tail)
                 ),
                 fail_cause="early_death",
                 early_deaths=early_deaths,
@@ -161,7 +164,7 @@ def after_exit(
             return Action(
                 Do.FAIL,
                 "failed: memory",
-                reason=ladder_exhausted(job, cfg),
+                reason=ladder_exhausted(job, cfg, facts.budget_mb),
                 fail_cause="memory",
                 early_deaths=early_deaths,
             )
@@ -202,17 +205,40 @@ def after_exit(
     )
 
 
-def ladder_exhausted(job: Any, cfg: JobConfig) -> str:
-    lines = ["out of memory on every rung of the ladder:"]
+def ladder_exhausted(job: Any, cfg: JobConfig, budget_mb: float | None = None) -> str:
+    """Why a job failed with no rung left. Its first line is whole on its own (a notification
+    and a piped `watch` show that line alone): every rung's peak, and the budget, e.g.
+    "out of memory on every rung: peaks 412/-/301/297 MB over a 250 MB budget"; then one
+    line per rung, and what to do."""
+    peaks: list[str] = []
+    lines: list[str] = []
     for rung in range(rung_count(cfg)):
         peak = job.peak_memory_mb.get(str(rung))
+        peaks.append(f"{peak:.0f}" if peak else "-")
         shown = f"peak {peak:.0f} MB" if peak else "not run (skipped, or never reached)"
         lines.append(f"  rung {rung} ({describe_rung(cfg, rung)}): {shown}")
-    lines.append(
+    budget = budget_mb or cfg.memory_budget_mb
+    over = f" over a {budget:.0f} MB budget" if budget else ""
+    unrun = " (-: not run)" if "-" in peaks else ""
+    headline = f"out of memory on every rung: peaks {'/'.join(peaks)} MB{over}{unrun}"
+    advice = (
         "add a rung (grad_checkpoint: true, fewer num_layers, smaller batch_size) "
         "or raise memory_budget_mb"
     )
-    return "\n".join(lines)
+    return "\n".join([headline, *lines, advice])
+
+
+def headline(reason: str, fallback: str = "") -> str:
+    """A reason's first line: the whole first sentence, numbers included, as a notification
+    or a piped `watch` shows it. Every reason is built so that this line stands alone."""
+    first = reason.strip().splitlines()[0] if reason.strip() else ""
+    return first or fallback
+
+
+def _last_line(tail: str) -> str:
+    """The stderr's last line, quoted after a colon, or nothing."""
+    lines = last_lines(tail, 1)
+    return f": {lines.strip()[:200]}" if lines.strip() else ""
 
 
 def last_lines(text: str, count: int = 8) -> str:

@@ -29,7 +29,7 @@ from loractl.protocol import JobState, Message, TrainerEvent
 from loractl.supervisor.attempt import Attempt, AttemptExit, AttemptSpec, AttemptView
 from loractl.supervisor.channels import Publisher, TelemetryChannels
 from loractl.supervisor.desktop import KeepAwake
-from loractl.supervisor.jobview import budget_mb
+from loractl.supervisor.jobview import budget_mb, last_known_progress
 from loractl.supervisor.ladder import describe_rung, rung_overrides
 from loractl.supervisor.ladderplan import PREFLIGHT_EVENT
 from loractl.supervisor.policy import StopReason
@@ -280,6 +280,7 @@ class Runner:
         """Take over the live trainer a previous supervisor left running."""
         assert job.trainer_pid is not None
         cfg = load_config(job.config_path)
+        known = last_known_progress(job, cfg.adapter_path)
         spec = AttemptSpec(
             job_id=job.id,
             attempt=job.attempt,
@@ -304,8 +305,12 @@ class Runner:
             heard=True,
             started_at=job.trainer_started_at,
         )
-        # Recorded before it is ours: if the disk refuses, recovery runs again later.
-        self.store.record(job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt)
+        # Recorded before it is ours: if the disk refuses, recovery runs again later. The
+        # step is the furthest anything recorded: the store's last heartbeat, or a newer
+        # checkpoint the trainer wrote while no supervisor was there to hear it.
+        self.store.record(
+            job.id, "adopted", pid=job.trainer_pid, attempt=job.attempt, step=int(known["step"])
+        )
         self.attempt = attempt
         self.keep_awake.hold(job.trainer_pid, f"loractl is training {job.name}")
         log.info("re-adopted trainer", job=job.id, pid=job.trainer_pid)

@@ -293,6 +293,24 @@ def test_service_not_installed_warns(layout):
     assert "LaunchAgent" in check.detail and doctor.INSTALL_COMMAND in check.fix
 
 
+def test_service_without_a_manager_advises_daemon_run(layout):
+    """With no user systemd to install into, doctor advises `daemon run`, not `install`."""
+    check = service_check(
+        layout,
+        target="systemd",
+        label="loractl.service",
+        installed=False,
+        loaded=False,
+        running=False,
+        pid=None,
+        process_type=None,
+        detail="no systemd --user manager here (systemctl not found)",
+    )
+    assert status_of(check) is Status.WARN
+    assert "loractl daemon run" in check.fix
+    assert not check.fix.startswith(f"Install it with `{doctor.INSTALL_COMMAND}`")
+
+
 def test_service_with_background_process_type_fails(layout):
     """A LaunchAgent with ProcessType Background fails: macOS would throttle training."""
     check = service_check(layout, process_type="Background")

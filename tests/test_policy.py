@@ -48,7 +48,7 @@ def cfg(tmp_path_factory):
     (folder / "model").mkdir()
     (folder / "model" / "config.json").write_text("{}")
     (folder / "data").mkdir()
-    (folder / "data" / "train.jsonl").write_text('{"text": "x"}\n')
+    (folder / "data" / "train.jsonl").write_text('{"text": "x"}\n' * 4)
     return parse_config({"model": "model", "data": "data", "max_retries": 3}, base_dir=folder)
 
 

@@ -307,8 +307,13 @@ def test_a_budget_only_the_cheaper_rung_fits_steps_the_two_rank_job_down(
     assert job["rung"] == 1 and job["effective_config"]["max_seq_length"] == 128
     assert [c["cause"] for c in job["crashes"]] == ["memory"]
     assert job["crashes"][0]["rank"] in (0, 1)
+    # Stopped by the guard while it trained, or by a rank's pre-flight at step 0 when the
+    # longest batch's reading is over the budget too (it sits a few MB from the running peak).
     guard = [e["detail"] for e in job["history"] if e["kind"] == "memory_guard"]
-    assert guard and guard[0]["rank"] in (0, 1) and guard[0]["footprint_mb"] > budget
+    if job["crashes"][0]["rule"] == "preflight_over_budget":
+        assert job["crashes"][0]["step"] == 0, job["crashes"]
+    else:
+        assert guard and guard[0]["rank"] in (0, 1) and guard[0]["footprint_mb"] > budget
     assert job["peak_memory_mb"]["1"] <= budget < job["peak_memory_mb"]["0"]
 
 

@@ -91,3 +91,9 @@ def test_show_says_when_every_checkpoint_was_damaged_and_the_run_started_over():
     shown = job_details({**job(), "history": [{"kind": "started_over", "cause": reason}]})
     assert f"  note: {reason}" in shown.splitlines()
     assert "note:" not in job_details(job())
+
+
+def test_show_prints_the_loss_sparkline_it_is_given():
+    """The client's loss sparkline appears as one `loss:` line under the rung; none without."""
+    assert "  loss: ▇▅▃▁" in job_details(job(), loss_line="▇▅▃▁").splitlines()
+    assert "loss:" not in job_details(job())

@@ -62,6 +62,9 @@ def test_epochs_flag_replaces_iters_and_iters_flag_replaces_epochs(tiny_workspac
     result = loractl("train", str(config), "--epochs", "1", "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     assert log_events(tmp_path / "b" / "adapters", "training")[0]["total_examples"] == 64
+    # adapter_config.json records what ran: the 8 iterations one epoch of 64 came to.
+    written = json.loads((tmp_path / "b" / "adapters" / "adapter_config.json").read_text())
+    assert written["iters"] == 8 and written["batch_size"] == 8
 
 
 def test_config_given_twice_differently_is_a_usage_error(tiny_workspace, tmp_path):
@@ -171,10 +174,12 @@ def test_every_flag_reaches_the_trainer(tiny_workspace, tmp_path):
         "low_memory_mb": 1,
         "notify": True,
         "preflight": False,
+        "max_record_mb": 32,
+        "max_processes_per_host": 2,
     }
     # report_to needs its package installed; the test above covers that flag.
     assert set(flags) | {"report_to"} == {info.name for info in schema_flags()}
-    args = ["train", str(config)]
+    args = ["train", str(config), "--train"]
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
         if value is False:

@@ -333,7 +333,7 @@ def test_watch_draws_the_running_job_in_a_terminal_and_quits_on_ctrl_c(
         assert job_id in terminal.text
         assert supervisor.show(job_id)["state"] == "running", "the job ended before ^C"
         os.write(terminal.master, b"\x03")
-        code = terminal.finish(timeout=10)
+        code = terminal.finish(timeout=30)
         assert code == 0, terminal.text
     finally:
         terminal.close()
