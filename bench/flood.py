@@ -32,26 +32,11 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 
-from loractl.client.harness import SupervisorProcess, wait_for
+from loractl.client.harness import SupervisorProcess, job_config, wait_for
 from loractl.paths import Layout
 
 SAMPLE_S = 0.1
-
-
-def job_config(workspace: Path, folder: Path, **overrides: object) -> Path:
-    data = yaml.safe_load((workspace / "job.yaml").read_text())
-    data.update(
-        model=str(workspace / "model"),
-        data=str(workspace / "data"),
-        adapter_path=str(folder / "adapters"),
-        **overrides,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 # -- the flood clients -------------------------------------------------------------------------

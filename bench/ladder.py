@@ -63,10 +63,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from loractl.client.fit_cmd import measurement, run_preflight
-from loractl.client.harness import MemoryCgroup, SupervisorProcess, measure_footprint
+from loractl.client.harness import (
+    MemoryCgroup,
+    SupervisorProcess,
+    job_config,
+    measure_footprint,
+)
 from loractl.config import load_config
 from loractl.daemon.data import ExampleOrder
 from loractl.daemon.tinymodel import prepare
@@ -86,19 +89,6 @@ FRACTION = 0.7  # the supervisor's default share of a cgroup's memory limit
 SEQ_RUNG = 2  # the recipe's seq 256->128 rung
 
 
-def make_job(workspace: Path, folder: Path, **overrides) -> Path:
-    """A job.yaml in ``folder`` on the workspace's tiny model, with keys overridden."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load((workspace / "job.yaml").read_text())
-    data.update(model=str(workspace / "model"), adapter_path=str(folder / "adapters"))
-    data.setdefault("data", str(workspace / "data"))
-    data.update(overrides)
-    data["data"] = str(data["data"])
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def workspace_for(root: Path, preset: str, seed: int) -> Path:
     workspace = root / f"workspace-{preset}"
     if not (workspace / "job.yaml").exists():
@@ -116,7 +106,7 @@ def pct(value: float | None) -> str:
 def predict_preset(root: Path, preset: str, seed: int) -> dict:
     """Every rung's peak predicted from rung 0's pre-flight alone, against its own pre-flight."""
     workspace = workspace_for(root, preset, seed)
-    config = make_job(workspace, root / f"predict-{preset}", val_batches=1)
+    config = job_config(workspace, root / f"predict-{preset}", val_batches=1)
     cfg = load_config(config)
     shapes = ladder_shapes(cfg)
     readings = {rung: run_preflight(config, cfg, rung, 1.0) for rung in range(rung_count(cfg))}
@@ -169,7 +159,7 @@ class Scenario:
             keys["memory_budget_mb"] = self.budget
         if not preflight:
             keys["preflight"] = False
-        return make_job(self.workspace, self.root / f"{self.name}-{variant}", **keys)
+        return job_config(self.workspace, self.root / f"{self.name}-{variant}", **keys)
 
     def squeeze(self, rung0_peak: float, seq128_peak: float) -> None:
         self.budget = int((rung0_peak + seq128_peak) / 2)
@@ -190,7 +180,7 @@ class Uniform(Scenario):
     def __init__(self, root: Path, seed: int, iters: int):
         super().__init__(root, seed)
         self.keys = {"iters": iters, "val_batches": 1, "checkpoint_every": 1}
-        probe = make_job(self.workspace, root / "uniform-probe", **self.keys)
+        probe = job_config(self.workspace, root / "uniform-probe", **self.keys)
         cfg = load_config(probe)
         rung0 = measure_footprint(probe, {"max_seq_length": 256})
         seq128 = measure_footprint(probe, {"max_seq_length": 128})
@@ -217,7 +207,7 @@ class LateLong(Scenario):
             "checkpoint_every": None,
             "seed": order_seed,
         }
-        probe = make_job(self.workspace, root / "late-probe", **self.keys)
+        probe = job_config(self.workspace, root / "late-probe", **self.keys)
         cfg = load_config(probe)
         steps = self.COUNT // cfg.grad_accumulation_steps
         flight = run_preflight(probe, cfg, 0, 1.0).peak_mb

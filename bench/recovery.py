@@ -28,9 +28,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from loractl.client.harness import SupervisorProcess, wait_for
+from loractl.client.harness import SupervisorProcess, job_config, wait_for
 from loractl.daemon.tinymodel import prepare
 
 
@@ -52,20 +50,6 @@ def first_step_after(log: Path, moment: float, timeout: float = 120) -> float:
     return wait_for(
         lambda: next((t for t in step_times(log) if t > moment), None), timeout, interval=0.02
     )
-
-
-def job_config(workspace: Path, folder: Path, **overrides) -> Path:
-    data = yaml.safe_load((workspace / "job.yaml").read_text())
-    data.update(
-        model=str(workspace / "model"),
-        data=str(workspace / "data"),
-        adapter_path=str(folder / "adapters"),
-        **overrides,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def cold_starts(workspace: Path, root: Path, rounds: int) -> list[float]:

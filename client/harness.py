@@ -116,6 +116,25 @@ class SupervisorProcess:
         return self.log.read_text() if self.log.exists() else ""
 
 
+def job_config(workspace: Path, folder: Path, **overrides: object) -> Path:
+    """A job.yaml in ``folder`` on a tinymodel workspace's model and data (``prepare``), with
+    keys overridden (``data`` included); its adapters go to ``folder``/adapters."""
+    import yaml
+
+    data = yaml.safe_load((workspace / "job.yaml").read_text())
+    data.update(
+        model=str(workspace / "model"),
+        data=str(workspace / "data"),
+        adapter_path=str(folder / "adapters"),
+    )
+    data.update(overrides)
+    data["data"] = str(data["data"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def trainers_of(home: Path) -> list[psutil.Process]:
     """Live trainer processes whose config lives under ``home``.
 

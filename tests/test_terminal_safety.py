@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
+from test_offline import loractl
 
 from conftest import wait_for
 from loractl.client.watch import WatchState, event_line, render
@@ -33,18 +33,6 @@ RAW = ("\x1b", "\x07", "\x9b", "\x7f", "\u202e")
 def assert_no_raw_controls(text: str) -> None:
     found = [char for char in RAW if char in text]
     assert not found, f"raw control characters {found!r} in {text!r}"
-
-
-def loractl(home: Path, *args: str) -> subprocess.CompletedProcess:
-    """The real CLI in a child process, as a user runs it (no supervisor: read offline)."""
-    env = {k: v for k, v in os.environ.items() if k != "LORACTL_HOME"}
-    return subprocess.run(
-        [sys.executable, "-m", "loractl.client.cli", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
 
 
 def words_of(command: str, cwd: Path) -> list[str]:
@@ -124,8 +112,9 @@ def test_show_escapes_a_hostile_path_and_prints_the_use_with_of_show_json(hostil
     assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b\\x7f\\u202e" in text.stdout
     data = json.loads(loractl(home, "show", "j1", "--json").stdout)
     assert_no_raw_controls(data["use_with"])
-    (line,) = [ln for ln in text.stdout.splitlines() if ln.startswith("  use with: ")]
-    assert line == f"  use with: {data['use_with']}"
+    # "use with:", or "use with (partial adapters, step N of M):" for an unfinished job.
+    (line,) = [ln for ln in text.stdout.splitlines() if ln.startswith("  use with")]
+    assert line.endswith(f": {data['use_with']}")
     if shutil.which("bash"):
         words = words_of(data["use_with"], home)
         assert words[words.index("--adapter-path") + 1] == str(adapters)

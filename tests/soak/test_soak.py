@@ -394,12 +394,15 @@ class Soak:
                     events = request(self.layout, HistoryRequest(job=job_id), timeout=5)
                 except (DaemonNotRunning, RequestFailed, OSError):
                     continue
+                # The guard stopped it while it trained, or its pre-flight did at step 0.
                 acted = [
                     e
                     for e in events.data["events"]
-                    if e["kind"] == "memory_guard"
-                    and e["detail"].get("action") == "stop"
-                    and e["at"] >= squeeze["at"]
+                    if e["at"] >= squeeze["at"]
+                    and (
+                        (e["kind"] == "memory_guard" and e["detail"].get("action") == "stop")
+                        or e["detail"].get("rule") == "preflight_over_budget"
+                    )
                 ]
                 if acted:
                     write_atomically(squeeze["config"], squeeze["original"])
