@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(BIN)/loractl demo demo-run
 
-# Two workers, one test file each at a time: the time-bound soak runs beside the rest.
+# Two workers, one test file each at a time: the time-bound soak (4 minutes here) runs
+# beside the rest, and the whole stays inside CI's 20 minutes on 2 cores.
 test: lint typecheck
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	LORACTL_SOAK_SECONDS=240 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -49,7 +50,7 @@ typecheck: $(STAMP)
 	sed -E -e 's#$(TYPECHECK)/loractl/(daemon|supervisor|client|launchd)/#\1/#g' \
 	    -e 's#$(TYPECHECK)/loractl/#common/#g' $(TYPECHECK)/mypy.out; exit $$status
 
-# The half-hour soak; `make test` runs the same test for 5 minutes.
+# The half-hour soak; `make test` runs the same test for 4 minutes.
 .PHONY: soak
 soak: $(STAMP)
 	LORACTL_SOAK_SECONDS=1800 $(BIN)/python -m pytest -q -m soak tests/soak

@@ -203,11 +203,11 @@ def unmount(folder: Path) -> None:
 def fill_disk(disk: Path) -> Path:
     """Write until the disk refuses; returns the filler file (unlink it to free the space)."""
     filler = disk / "filler"
-    with open(filler, "wb") as handle:
+    # Unbuffered: a buffered file would fail again when closing, flushing what did not fit.
+    with open(filler, "wb", buffering=0) as handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
         except OSError:
             pass
     return filler

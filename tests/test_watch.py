@@ -36,8 +36,13 @@ ROWS, COLS = 40, 120
 # The slave end of a pty only becomes the child's controlling terminal (so that the line
 # discipline turns ^C into SIGINT) once a session leader claims it; subprocess cannot do that,
 # and pty.fork() is unsafe in a process already running zmq's threads.
+# As a shell starts a foreground job: the pty becomes its controlling terminal, and SIGINT
+# is back to its default and unblocked (a test worker may hand down an ignored or blocked
+# SIGINT, and Python then never turns ^C into KeyboardInterrupt).
 CLAIM_TTY = (
-    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
 )
 

@@ -481,7 +481,9 @@ class Soak:
         candidates = [
             j
             for j in self.jobs()
-            if j["state"] in ("queued", "running", "paused") and j["id"] not in self.squeezes
+            if j["state"] in ("queued", "running", "paused")
+            and j["id"] not in self.squeezes
+            and j["id"] not in self.bad_jobs
         ]
         if budget is None or not candidates:
             return
@@ -636,9 +638,22 @@ class Soak:
             del self.bad_jobs[job_id]
 
     def bad_jobs_settled(self) -> bool:
-        return all(
-            self.show(job_id)["state"] in ("failed", "completed") for job_id in self.bad_jobs
-        )
+        """Whether every bad-data job has ended. One a supervisor kill or a store rollback left
+        paused (or cancelled) is sent on, as the janitor does for the others: its data must
+        still fail it."""
+        settled = True
+        for job_id in list(self.bad_jobs):
+            state = self.show(job_id)["state"]
+            if state in ("failed", "completed"):
+                continue
+            settled = False
+            if state in ("paused", "cancelled"):
+                message = ResumeRequest if state == "paused" else RetryRequest
+                try:
+                    self.ask(message(job=job_id))
+                except RequestFailed:
+                    pass  # it moved on meanwhile
+        return settled
 
     def signal_storm(self) -> None:
         """SIGHUP, SIGUSR1 and SIGUSR2, many of each, at the supervisor: it ignores or answers
