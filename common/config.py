@@ -44,6 +44,7 @@ __all__ = [
     "LoraParameters",
     "deep_merge",
     "adapter_path_problem",
+    "file_kind",
     "data_file_problem",
     "default_ladder",
     "iter_fields",
@@ -381,19 +382,22 @@ def _existing_path(value: Any, key: str, ctx: _Ctx, expected: str) -> str:
     return local
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this ``st_mode`` is, in words ("a named pipe", "a character device")."""
+    return next((words for test, words in _KINDS if test(mode)), "a file")
+
+
 def _file_kind(path: str) -> str:
-    mode = os.stat(path).st_mode
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a file"
+    return file_kind(os.stat(path).st_mode)
 
 
 # The files of a local data folder, as mlx-lm's load_local_dataset names them.

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.datasets import create_dataset
 
-from loractl.config import JobConfig, data_file_problem
+from loractl.config import JobConfig, data_file_problem, file_kind
 
 # mlx-lm pads each batch to one plus a multiple of this, so compiled shapes repeat.
 PAD_MULTIPLE = 32
@@ -71,15 +71,6 @@ def json_error_words(exc: json.JSONDecodeError) -> str:
     return f"{exc.msg}{joiner}column {exc.colno}"
 
 
-_KINDS = (
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISDIR, "a folder"),
-)
-
-
 def open_data_file(path: Path) -> BinaryIO:
     """Open a data file for reading, refusing anything but a regular file.
 
@@ -98,9 +89,9 @@ def open_data_file(path: Path) -> BinaryIO:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = next((words for test, words in _KINDS if test(mode)), "not a file")
         raise DataError(
-            f"{path} is {kind}, not a regular file; training data must be regular JSONL files"
+            f"{path} is {file_kind(mode)}, not a regular file; training data must be regular "
+            "JSONL files"
         )
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
