@@ -122,6 +122,10 @@ class TrainerHooks:
             quiet=session.rank != 0,
         )
         self._fault = FaultInjector.from_env()
+        # With several ranks, a stop is decided only by what the ranks agreed at a step's
+        # collective: a stop command that lands on one rank after that step's agreement waits
+        # for the next one, or that rank would stop alone and the others block in a collective.
+        self._agreed_stop = False
         # Tests audit the exact examples consumed across kills and resumes through this trace.
         trace_path = os.environ.get("LORACTL_TRACE_EXAMPLES")
         self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
@@ -227,6 +231,7 @@ class TrainerHooks:
         """With several ranks, a stop or checkpoint request that reached any rank (a signal,
         a supervisor command) applies to all of them at this step: a rank that stopped alone
         would leave the others blocked in their next collective."""
+        self._agreed_stop = stop
         if stop:
             self.session.requests.stop.set()
         if checkpoint:
@@ -239,6 +244,8 @@ class TrainerHooks:
         return state.step % self.cfg.checkpoint_interval == 0
 
     def stop_requested(self) -> bool:
+        if self.session.world_size > 1:
+            return self._agreed_stop
         return self.session.requests.stop.is_set()
 
     def checkpoint(self, state) -> None:
