@@ -114,6 +114,15 @@ def state_words(state: str, outcome: str | None) -> str:
     return f"{shown(state)}, {shown(outcome)}"
 
 
+def rank_place(rank: dict[str, Any]) -> str:
+    """Where a rank runs, as a user knows it: a local rank by this Mac's name, a remote one
+    by its host name and the address the config gives (two Macs may share one name)."""
+    host, hostname = str(rank.get("host") or ""), str(rank.get("hostname") or "")
+    if rank.get("local", True):
+        return hostname or host
+    return f"{hostname} at {host}" if hostname and hostname != host else host
+
+
 def job_details(job: dict[str, Any], loss_line: str = "") -> str:
     """`show` in text; ``loss_line``, the training loss so far as a sparkline (from the
     client, which reads train.log: the view itself reads nothing)."""
@@ -136,7 +145,7 @@ def job_details(job: dict[str, Any], loss_line: str = "") -> str:
         for rank in job["ranks"]:
             footprint = f"{rank['footprint_mb']:.0f} MB" if rank.get("footprint_mb") else UNKNOWN
             lines.append(
-                f"    {shown(rank['rank'])}: {shown(rank['host'])} pid {shown(rank['pid'])}, "
+                f"    {shown(rank['rank'])}: {shown(rank_place(rank))} pid {shown(rank['pid'])}, "
                 f"step {shown(rank['step'])}, {footprint}"
             )
     if job.get("ladder"):

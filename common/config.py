@@ -1134,6 +1134,17 @@ class JobConfig:
         30.0, "Seconds without a heartbeat before the trainer counts as hung.", _float(gt=0),
         "float",
     )  # fmt: skip
+    startup_timeout: float | None = _f(
+        None, "Seconds from launch until the trainer, or every rank of a distributed job, has"
+        " sent its first heartbeat; a rank that has not is a start-up failure naming its host."
+        " null: heartbeat_timeout for a distributed job (counted once its hosts answer ssh),"
+        " 300 for one trainer.", _float(gt=0, optional=True), "float?",
+    )  # fmt: skip
+    host_unreachable_minutes: float = _f(
+        30.0, "A distributed job whose remote host has not answered ssh for this many minutes"
+        " pauses, naming the host, instead of trying on through the night.", _float(gt=0),
+        "float",
+    )  # fmt: skip
     cleanup_every: int = _f(
         10, "Run gc and mx.clear_cache every N optimizer steps.", _int(1), "int"
     )

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ __all__ = [
     "RANK_LOG_PATTERN",
     "address_towards",
     "hostfile_hosts",
+    "RankHost",
+    "rank_hosts",
     "remote_hosts",
+    "remote_ssh_names",
     "launch_command",
     "world_size",
 ]
@@ -78,23 +82,47 @@ def world_size(section: Mapping[str, Any] | None) -> int:
     return len(hosts) * int(section.get("processes") or 1)
 
 
-def remote_hosts(section: Mapping[str, Any] | None) -> list[str]:
-    """The addresses of the section's hosts that are not this machine, in rank order.
+@dataclass(frozen=True)
+class RankHost:
+    """Where one rank runs: the host as the config names it (its ssh name), the address it
+    is reached at (a hostfile entry's first IP, else the name), and whether mlx.launch starts
+    it on this machine, without ssh: only for the host ``127.0.0.1``."""
 
-    mlx.launch runs a rank locally only for the host ``127.0.0.1`` and reaches every other
-    one over ssh, so those are the ranks whose telemetry has to cross the network. A
-    hostfile entry is reached at its first IP (the ring backend's), else its ssh name.
-    """
+    name: str
+    address: str
+    local: bool
+
+
+def rank_hosts(section: Mapping[str, Any] | None) -> list[RankHost]:
+    """Each rank's host, in rank order. Host names say nothing (two Macs may both be called
+    "MacBook-Pro"), so they are never used to tell ranks apart: mlx.launch's layout is."""
     if not section:
-        return []
+        return [RankHost(DEFAULT_HOST, DEFAULT_HOST, True)]
     if section.get("hostfile"):
         entries = [
-            ((entry.get("ips") or [None])[0] or entry["ssh"], entry["ssh"])
+            (entry["ssh"], (entry.get("ips") or [None])[0] or entry["ssh"])
             for entry in hostfile_hosts(section["hostfile"])
         ]
     else:
-        entries = [(host, host) for host in section.get("hosts") or [DEFAULT_HOST]]
-    return [address for address, ssh in entries if ssh != DEFAULT_HOST]
+        repeats = int(section.get("processes") or 1)
+        hosts = section.get("hosts") or [DEFAULT_HOST]
+        entries = [(host, host) for host in hosts for _ in range(repeats)]
+    return [RankHost(name, address, name == DEFAULT_HOST) for name, address in entries]
+
+
+def remote_hosts(section: Mapping[str, Any] | None) -> list[str]:
+    """The addresses of the section's hosts that are not this machine, in rank order: the
+    ranks whose telemetry has to cross the network (mlx.launch reaches them over ssh)."""
+    if not section:
+        return []
+    return [host.address for host in rank_hosts(section) if not host.local]
+
+
+def remote_ssh_names(section: Mapping[str, Any] | None) -> list[str]:
+    """The ssh names of the section's other machines, each once, in rank order: what
+    mlx.launch runs ``ssh`` with."""
+    names = [host.name for host in rank_hosts(section) if not host.local] if section else []
+    return list(dict.fromkeys(names))
 
 
 def address_towards(host: str) -> str:

@@ -54,6 +54,9 @@ class ExitCode(IntEnum):
     # The pre-flight of the attempt's longest batch peaked over the memory budget: nothing
     # was trained, and a cheaper rung may fit. Not a crash; costs no retry.
     DOES_NOT_FIT = 83
+    # A distributed job's other Mac did not answer ssh before its ranks were launched:
+    # nothing ran. Retried without spending the retry budget, until the job pauses.
+    HOST_UNREACHABLE = 84
 
 
 class ProtocolError(ValueError):
@@ -143,6 +146,8 @@ class TrainerEvent(Message):
     step: int = 0
     examples_seen: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    # The attempt that sent it (0: not said): a rank is its job's, attempt's and rank's.
+    attempt: int = 0
     rank: int = 0
     world_size: int = 1
     host: str = ""

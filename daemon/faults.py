@@ -24,6 +24,9 @@ class FaultInjector:
     fails.
     ``LORACTL_FAULT_RESOURCE_LIMIT="ATTEMPT:STEP"``: every micro-step of optimizer step STEP
     of attempt ATTEMPT raises MLX's Metal buffer-count error (the retry too).
+    ``LORACTL_FAULT_BALLAST="RANK:RUNG:STEP:MB"``: rank RANK, on ladder rung RUNG, takes MB
+    more memory at optimizer step STEP and keeps it: one rank (one on another Mac, say) over
+    the budget while the others are not, for the memory guard.
     """
 
     MESSAGE = (
@@ -38,10 +41,13 @@ class FaultInjector:
         plan: dict[int, int],
         segv: tuple[int, int] | None = None,
         resource_limit: tuple[int, int] | None = None,
+        ballast: tuple[int, int, int, int] | None = None,
     ):
         self.remaining = dict(plan)
         self.segv = segv
         self.resource_limit = resource_limit
+        self.ballast = ballast
+        self._held: bytearray | None = None
 
     @classmethod
     def from_env(cls) -> FaultInjector:
@@ -58,13 +64,20 @@ class FaultInjector:
             attempt, step = value.split(":")
             return int(attempt), int(step)
 
+        ballast = os.environ.get("LORACTL_FAULT_BALLAST")
+        rank, rung, step, megabytes = map(int, ballast.split(":")) if ballast else (0, 0, 0, 0)
         return cls(
             plan,
             attempt_and_step("LORACTL_FAULT_SEGV"),
             attempt_and_step("LORACTL_FAULT_RESOURCE_LIMIT"),
+            (rank, rung, step, megabytes) if ballast else None,
         )
 
-    def maybe_fail(self, step: int, attempt: int = 0) -> None:
+    def maybe_fail(self, step: int, attempt: int = 0, rank: int = 0, rung: int = 0) -> None:
+        if self.ballast is not None and self._held is None:
+            if self.ballast[:3] == (rank, rung, step):
+                # Every page written, so the footprint really holds it.
+                self._held = bytearray(b"\x01" * (self.ballast[3] << 20))
         if self.segv is not None and self.segv == (attempt, step):
             os.kill(os.getpid(), signal.SIGSEGV)
         if self.resource_limit is not None and self.resource_limit == (attempt, step):

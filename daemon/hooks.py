@@ -141,7 +141,9 @@ class TrainerHooks:
                 state.tokens_seen,
                 self.session.world,
             )
-        self._fault.maybe_fail(state.step + 1, self.session.progress.attempt)
+        self._fault.maybe_fail(
+            state.step + 1, self.session.progress.attempt, self.session.rank, self.session.rung
+        )
         # ``indices`` is the global batch, the same on every rank: one rank traces it.
         if self._trace is not None and self.session.rank == 0:
             self._trace.write(

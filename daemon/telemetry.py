@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -37,6 +39,11 @@ from loractl.protocol import (
 from loractl.wire import drain
 
 log = structlog.get_logger("loractl.telemetry")
+
+# ZMTP heartbeats on a TCP connection to the supervisor: a ping a second, and a connection
+# with no answer for three seconds is dropped (and retried), so a cut route shows.
+PING_EVERY_MS = 1000
+PING_TIMEOUT_MS = 3000
 
 
 # The loop's progress is a Heartbeat kept up to date in place (plain attribute writes, read by
@@ -95,8 +102,13 @@ class Telemetry:
         requests: Requests,
         interval: float = 1.0,
         keys_dir: str | None = None,
+        lost_after: float | None = None,
     ):
         self.endpoint = endpoint
+        # Over TCP: how long the supervisor may be unreachable before this rank stops itself
+        # (None: never). On another Mac, a rank cut off from its supervisor would otherwise
+        # train (or sit in a collective) unwatched all night.
+        self.lost_after = lost_after
         # Loaded here, in the caller's thread, so missing or open keys fail the start with
         # their message instead of silently killing the heartbeat thread.
         self.keys: CurveKeys | None = None
@@ -114,6 +126,9 @@ class Telemetry:
         self._events: queue.Queue[TrainerEvent] = queue.Queue()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
+        # Since when the supervisor has been unreachable (None: connected).
+        self.unreachable_since: float | None = time.monotonic()
+        self.gave_up = False
 
     def start(self) -> None:
         if self.endpoint is None:
@@ -132,6 +147,7 @@ class Telemetry:
                 step=self.progress.step,
                 examples_seen=self.progress.examples_seen,
                 detail=detail,
+                attempt=self.progress.attempt,
                 rank=self.progress.rank,
                 world_size=self.progress.world_size,
                 host=self.progress.host,
@@ -150,8 +166,15 @@ class Telemetry:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.SNDHWM, 100)
         sock.setsockopt(zmq.ROUTING_ID, f"trainer-{os.getpid()}".encode())
+        monitor = None
         if self.keys is not None:
             secure_client(sock, self.keys)
+            # ZMTP pings find a dead route (a partition sends no FIN); the monitor reports it.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, PING_EVERY_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PING_TIMEOUT_MS)
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            )
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -160,6 +183,8 @@ class Telemetry:
             while True:
                 self._flush_events(sock)
                 now = time.monotonic()
+                if monitor is not None:
+                    self._watch_connection(monitor, now)
                 if now >= next_beat:
                     self._send(sock, fresh_heartbeat(self.progress).encode())
                     next_beat = now + self.interval
@@ -171,7 +196,43 @@ class Telemetry:
                 if poller.poll(min(timeout_ms, 100)):
                     self._receive(sock)
         finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close()
             sock.close()
+
+    def _watch_connection(self, monitor: zmq.Socket, now: float) -> None:
+        """Follow the connection to the supervisor; cut off for ``lost_after`` seconds, stop
+        this rank the way a SIGTERM does: at its next step, with a checkpoint, and if a
+        collective holds it there (its peers are cut off too), CollectiveWatch ends it."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.unreachable_since = None
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self.unreachable_since is None:
+                self.unreachable_since = now
+        if self.lost_after is None or self.unreachable_since is None or self.gave_up:
+            return
+        if now - self.unreachable_since > self.lost_after:
+            self.gave_up = True
+            log.error(
+                "supervisor unreachable; stopping at the next step",
+                endpoint=self.endpoint,
+                seconds=round(now - self.unreachable_since, 1),
+            )
+            print(
+                f"loractl: the supervisor at {self.endpoint} has been unreachable for "
+                f"{now - self.unreachable_since:.0f} s; stopping at the next step so that "
+                "nothing trains unwatched",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _send(self, sock: zmq.Socket, payload: bytes) -> None:
         try:

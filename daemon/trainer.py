@@ -326,6 +326,7 @@ class TrainingSession:
             self.requests,
             cfg.heartbeat_interval,
             keys_dir=keys_dir,
+            lost_after=cfg.heartbeat_timeout,
         )
         self.adapter_path = Path(cfg.adapter_path)
         self.job_id = job_id

@@ -31,9 +31,11 @@ from typing import Any, Protocol
 import psutil
 import structlog
 
+from loractl.distributed import RankHost
 from loractl.memory import footprint_mb
 from loractl.protocol import ExitCode, Heartbeat, Message, TrainerEvent
 from loractl.supervisor.classify import split_returncode
+from loractl.supervisor.hostwait import LAUNCHING
 from loractl.supervisor.launcher import (
     LAUNCHER_GRACE_S,
     LINGER_S,
@@ -50,12 +52,14 @@ from loractl.supervisor.processes import (
     process_alive,
     trainers_under,
 )
-from loractl.supervisor.ranks import Rank, attempt_exit
+from loractl.supervisor.ranks import Rank, attempt_exit, launcher_exits, lost_words
 from loractl.supervisor.settings import Settings
 
 log = structlog.get_logger("loractl.supervisor")
 
 STDERR_TAIL_BYTES = 8192
+# What one tick reads of the launcher's stderr for news of the ranks.
+NEWS_READ_BYTES = 256 * 1024
 
 # The phases in which a trainer is expected to make steady progress, step after step.
 PROGRESS_PHASES = ("train", "eval")
@@ -91,6 +95,12 @@ class AttemptSpec:
     world_size: int = 1
     # Some ranks run on other Macs and report over the CURVE-secured TCP socket.
     remote: bool = False
+    # Where each rank runs, in rank order (mlx.launch's layout); empty for one trainer.
+    rank_hosts: tuple[RankHost, ...] = ()
+    # From launch (for remote ranks: once their hosts answer ssh) until every rank must
+    # have reported; None: the supervisor's startup_timeout_s.
+    startup_timeout: float | None = None
+    heartbeat_interval: float = 1.0
 
     @property
     def distributed(self) -> bool:
@@ -117,6 +127,8 @@ class AttemptExit:
     stderr_tail: str
     # The rank blamed for the end (distributed: the first to fail); None for one process.
     culprit: Rank | None = None
+    # How the supervisor learned the culprit was gone, when it could not say it itself.
+    culprit_lost: str = ""
     ranks: list[dict[str, Any]] = field(default_factory=list)
     # Set once its crash is stored, so handling the exit again (after a full disk) does not
     # record it twice.
@@ -233,6 +245,16 @@ class Attempt:
         self.culprit: int | None = None
         self.lingering_since: float | None = None
         self.ranks_killed = False  # SIGKILL went to the local ranks; the launcher is next
+        # When the ranks were launched: at once, or once hostwait found every host answering
+        # ssh (its LAUNCHING line). The start-up allowance counts from here.
+        self.launched_at: float | None = None if spec.remote else now
+        # How far the launcher's stderr has been read for news of the ranks.
+        self._news_offset = 0
+        self._news_partial = b""
+        # Ranks mlx.launch logged as ended before they ever reported: code (or None).
+        self.unjoined_ends: dict[int, int | None] = {}
+        # The culprit's end in words, when the supervisor had to work it out.
+        self.culprit_lost = ""
         self._next_guard = 0.0
         self._last_warn_action = 0.0
 
@@ -307,12 +329,17 @@ class Attempt:
 
     def accepts(self, message: Message, hostname: str) -> bool:
         """Whether a message comes from this attempt: its trainer, or for a distributed job
-        one of its ranks (a local one proven by the process table). A new rank joins here."""
+        one of its ranks, known by job, attempt and rank number, a local one also by the
+        launcher's process tree. A new rank joins here. Host names play no part: two Macs
+        may share one, and a rank must never train unwatched because of it."""
         pid = getattr(message, "pid", None)
         if not self.distributed:
             return pid == self.pid
         if getattr(message, "job_id", None) != self.job_id:
             return False
+        attempt = getattr(message, "attempt", 0)
+        if attempt and attempt != self.spec.attempt:
+            return False  # a rank of an earlier attempt, still on its way out
         rank_number = getattr(message, "rank", None)
         if not isinstance(rank_number, int) or not isinstance(pid, int):
             return False
@@ -321,18 +348,31 @@ class Attempt:
             return known.pid == pid
         if not 0 <= rank_number < self.spec.world_size:
             return False
-        started_at = launched_by(pid, self.pid)
-        host = getattr(message, "host", "")
-        local = started_at is not None
-        if not local and (not self.spec.remote or not host or host == hostname):
-            # Claims this machine but the launcher did not start it, or another Mac for a
-            # job that has no ranks there.
+        place = self.rank_host(rank_number)
+        started_at: float | None = None
+        if place.local:
+            started_at = launched_by(pid, self.pid)
+            if started_at is None:
+                return False  # claims a rank this machine runs, but the launcher did not start it
+        elif not self.spec.remote:
             return False
         self.ranks[rank_number] = Rank(
-            rank=rank_number, pid=pid, host=host, local=local, started_at=started_at
+            rank=rank_number,
+            pid=pid,
+            host=place.name,
+            local=place.local,
+            started_at=started_at,
+            hostname=str(getattr(message, "host", "") or "")[:255],
+            address=place.address,
         )
-        log.info("rank joined", job=self.job_id, rank=rank_number, pid=pid, host=host)
+        log.info("rank joined", job=self.job_id, rank=rank_number, pid=pid, host=place.name)
         return True
+
+    def rank_host(self, rank_number: int) -> RankHost:
+        """Where a rank runs; a spec without the layout (an older record) means this Mac."""
+        if rank_number < len(self.spec.rank_hosts):
+            return self.spec.rank_hosts[rank_number]
+        return RankHost("127.0.0.1", "127.0.0.1", True)
 
     def on_heartbeat(self, beat: Heartbeat) -> None:
         now = time.monotonic()
@@ -341,6 +381,7 @@ class Attempt:
         if self.distributed:
             rank = self.ranks[beat.rank]
             rank.last_heartbeat, rank.step = now, beat.step
+            rank.disconnected_at = None  # heard again: a dropped connection came back
             if beat.footprint_mb:
                 rank.footprint_mb = beat.footprint_mb
             # The job is as far as its slowest rank, and alive once every rank has spoken.
@@ -532,7 +573,7 @@ class Attempt:
             self._check_ranks(now)
             return
         if self.last_heartbeat is None:
-            startup = self.settings.startup_timeout_s
+            startup = self.startup_allowance()
             if now - self.spawned_at > startup:
                 self.hang(f"no heartbeat {startup:.0f} s after start")
             return
@@ -564,36 +605,131 @@ class Attempt:
             where += f" ({self.loading_stage})"
         return f"no progress for {now - self.last_progress:.0f} s{where}"
 
+    def startup_allowance(self) -> float:
+        return self.spec.startup_timeout or self.settings.startup_timeout_s
+
     def _check_ranks(self, now: float) -> None:
-        """A distributed job is alive while every rank heartbeats and the slowest advances."""
+        """A distributed job is alive while every rank heartbeats and the slowest advances;
+        one that has not reported within the start-up allowance of the launch fails it."""
         if len(self.ranks) < self.spec.world_size:
-            startup = self.settings.startup_timeout_s
-            if now - self.spawned_at > startup:
-                silent = sorted(set(range(self.spec.world_size)) - set(self.ranks))
-                self.culprit = silent[0]
-                self.hang(
-                    f"rank(s) {', '.join(map(str, silent))} sent no heartbeat "
-                    f"{startup:.0f} s after start"
-                )
+            if self.launched_at is None:
+                return  # hostwait is still waiting for a host to answer ssh
+            allowance = self.startup_allowance()
+            if now - self.launched_at > allowance:
+                self._never_reported(allowance)
             return
         for rank in self.live_ranks():
             quiet_s = now - rank.last_heartbeat
             if quiet_s > self.spec.heartbeat_timeout:
                 self.culprit = rank.rank
-                self.hang(f"no heartbeat from rank {rank.rank} for {quiet_s:.1f} s")
+                self.hang(f"no heartbeat from {rank.label} for {quiet_s:.1f} s")
                 return
         if self._stalled(now):
             self.culprit = min(self.ranks.values(), key=lambda r: r.step).rank
             self.hang(self._stall_words(now))
 
+    def _never_reported(self, allowance: float) -> None:
+        """Ranks launched but silent past the allowance: a start-up failure, blamed on a rank
+        on another Mac first (a local rank waits for its peers before it can report)."""
+        silent = sorted(set(range(self.spec.world_size)) - set(self.ranks))
+        remote = [n for n in silent if not self.rank_host(n).local]
+        number = (remote or silent)[0]
+        place = self.rank_host(number)
+        hint = (
+            ": check that the keys are copied and the port is reachable" if not place.local else ""
+        )
+        self.culprit = number
+        self.culprit_lost = (
+            f"rank {number} on {place.name} never reported in the {allowance:.0f} s after "
+            f"launch{hint}"
+        )
+        self.hooks.record(
+            self.job_id,
+            "rank_lost",
+            rank=number,
+            host=place.name,
+            how=self.culprit_lost,
+            silent=silent,
+        )
+        log.warning("rank never reported", rank=number, host=place.name, silent=silent)
+        self.stop(StopReason.RANK_LOST, self.settings.hang_grace_s)
+
     def _watch_ranks(self, now: float) -> None:
-        """Notice a local rank's end from the process table: a SIGKILLed rank says nothing,
-        and mlx.launch does not tell anyone."""
+        """Notice a rank's end as soon as anything shows it: a local rank's from the process
+        table (a SIGKILLed rank says nothing), any rank's from mlx.launch's own log (a
+        remote rank's ssh session ends at once), and a rank whose telemetry connection
+        dropped and which then fell silent."""
+        self._read_launcher_news(now)
         for rank in self.live_ranks():
             if rank.local and not process_alive(rank.pid, rank.started_at):
                 rank.ended_at = now
+                if rank.launcher_exit is not None and not rank.lost_how:
+                    rank.lost_how = lost_words(rank.launcher_exit, True)
                 if rank.failed:
                     self._rank_failed(rank)
+            elif rank.disconnected_at is not None and rank.last_heartbeat < rank.disconnected_at:
+                # A lossy link may drop and redo a connection: give it time to speak again.
+                allowed = max(3.0, 3 * self.spec.heartbeat_interval)
+                if now - rank.disconnected_at > allowed:
+                    rank.ended_at = now
+                    rank.lost_how = (
+                        f"its telemetry connection closed and it has been silent for "
+                        f"{now - rank.last_heartbeat:.1f} s"
+                    )
+                    self._rank_failed(rank)
+
+    def peer_disconnected(self, address: str, now: float) -> None:
+        """A telemetry connection from ``address`` (another Mac) dropped: its ranks must be
+        heard from again soon, or they are gone."""
+        for rank in self.live_ranks():
+            if not rank.local and address in (rank.address, rank.host):
+                rank.disconnected_at = now
+
+    def _read_launcher_news(self, now: float) -> None:
+        """The lines mlx.launch (and hostwait before it) added to the attempt's stderr: when
+        the ranks were launched, and how each rank ended, as soon as it logs it."""
+        try:
+            with self.spec.stderr_path.open("rb") as handle:
+                handle.seek(self._news_offset)
+                chunk = handle.read(NEWS_READ_BYTES)
+        except OSError:
+            return
+        if not chunk:
+            return
+        self._news_offset += len(chunk)
+        text = self._news_partial + chunk
+        complete, _, self._news_partial = text.rpartition(b"\n")
+        if len(self._news_partial) > NEWS_READ_BYTES:
+            self._news_partial = b""  # one endless line: not news
+        lines = complete.decode("utf-8", "replace")
+        if self.launched_at is None and LAUNCHING in lines:
+            self.launched_at = now
+        for number, code in launcher_exits(lines).items():
+            self._launcher_logged_end(number, code, now)
+
+    def _launcher_logged_end(self, number: int, code: int | None, now: float) -> None:
+        rank = self.ranks.get(number)
+        if rank is None:
+            self.unjoined_ends[number] = code
+            if code not in (None, 0, int(ExitCode.STOPPED)) and self.stop_reason is None:
+                place = self.rank_host(number)
+                self.culprit = number
+                self.culprit_lost = f"{lost_words(code, place.local)} before it reported"
+                self.hooks.record(
+                    self.job_id, "rank_lost", rank=number, host=place.name, how=self.culprit_lost
+                )
+                self.stop(StopReason.RANK_LOST, self.settings.hang_grace_s)
+            return
+        rank.launcher_exit = code
+        if rank.ended_at is not None:
+            return
+        if rank.local:
+            return  # the process table confirms it, with its pid's own end
+        rank.ended_at = now
+        if rank.reported_exit is None:
+            rank.lost_how = lost_words(code, False)
+        if rank.failed:
+            self._rank_failed(rank)
 
     def _rank_announced(self, event: TrainerEvent, announced: int | None) -> None:
         """A rank said how it ends. A failure of its own (not a lost peer) stops the rest
@@ -614,19 +750,21 @@ class Attempt:
         if self.stop_reason is not None or rank.peer_lost:
             return  # a stop is already under way, or it only lost its peer
         self.culprit = rank.rank
-        how = (
-            f"announced exit {rank.reported_exit}"
-            if rank.reported_exit is not None
-            else "no announced exit"
-        )
+        if rank.reported_exit is not None:
+            how = f"announced exit {rank.reported_exit}"
+        else:
+            how = rank.lost_how or "no announced exit"
+            self.culprit_lost = how if not rank.local else ""
         self.hooks.record(
             self.job_id,
             "rank_lost",
             rank=rank.rank,
             host=rank.host,
+            hostname=rank.hostname,
             pid=rank.pid,
             how=how,
             reason=rank.reason,
+            words=f"{rank.label} lost: {rank.reason or how}",
         )
         log.warning("rank lost; stopping the others", rank=rank.rank, pid=rank.pid, how=how)
         self.stop(StopReason.RANK_LOST, self.settings.hang_grace_s)
@@ -658,6 +796,11 @@ class Attempt:
         self.kill_at = self.stop_sent_at + grace
         self.command_all("stop")
         if self.distributed:
+            self._read_launcher_news(self.stop_sent_at)
+            if self.launched_at is None:
+                # Still hostwait, waiting for a host: nothing to checkpoint, nothing to wait for.
+                self._signal_trainer(signal.SIGTERM)
+                return
             heard = {rank.pid for rank in self.ranks.values()}
             for pid in trainers_under(self.pid):
                 if pid not in heard:
@@ -736,8 +879,10 @@ class Attempt:
             return None  # the next attempt must not overlap this one's last rank
         tail = self.stderr_tail()
         if self.distributed:
-            # The launcher's own status says nothing; the ranks' ends do.
             self._watch_ranks(time.monotonic())
+        if self.distributed and self.launched_at is not None:
+            # The launcher's own status says nothing; the ranks' ends do. (Before the launch,
+            # the process was hostwait, whose status is its verdict on the hosts.)
             exit_code, signum, self.culprit = attempt_exit(
                 self.ranks, self.spec.world_size, tail, self.culprit
             )
@@ -761,10 +906,22 @@ class Attempt:
             pressure_seen=self.pressure_seen,
             cgroup_oom_kills_delta=oom_delta,
             stderr_tail=tail,
-            culprit=self.ranks.get(self.culprit) if self.culprit is not None else None,
+            culprit=self.culprit_rank(),
+            culprit_lost=self.culprit_lost,
             ranks=self.describe_ranks(),
             examples_seen=self.examples_seen,
             total_examples=self.total_examples,
+        )
+
+    def culprit_rank(self) -> Rank | None:
+        """The blamed rank; one that never reported is known by its place alone."""
+        if self.culprit is None:
+            return None
+        if self.culprit in self.ranks:
+            return self.ranks[self.culprit]
+        place = self.rank_host(self.culprit)
+        return Rank(
+            rank=self.culprit, pid=0, host=place.name, local=place.local, address=place.address
         )
 
     def _ranks_linger(self) -> bool:

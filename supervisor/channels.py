@@ -51,6 +51,9 @@ class TelemetryChannels:
         self.on_drop = on_drop
         self.telemetry_address = telemetry_address
         self._authenticator: Any = None
+        # Connection events of the remote socket: a rank's dropped connection is news.
+        self._monitor: zmq.Socket[Any] | None = None
+        self._peers: dict[int, str] = {}  # a connection's fd -> the address it came from
 
     # -- reading and sending ----------------------------------------------------------------
 
@@ -83,12 +86,29 @@ class TelemetryChannels:
         Macs the TCP one, bound on this machine's address towards the first remote host."""
         if not remote_hosts:
             return self.layout.telemetry
-        address = self.telemetry_address or address_towards(remote_hosts[0])
+        address = self.telemetry_address or self.job_address(job_id, remote_hosts[0])
         endpoint = self.open_remote(address)
         path = endpoint_path(self.layout, job_id, attempt)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(endpoint)
         return endpoint
+
+    def job_address(self, job_id: str, first_host: str) -> str:
+        """The address the job's remote ranks reach us at: the one its first attempt chose,
+        while this machine still has it. Chosen afresh on every attempt, a relaunch during a
+        partition would take the default route's address (the route to the host is down)
+        and no rank could report."""
+        kept = self.layout.job_dir(job_id) / "telemetry.address"
+        try:
+            address = kept.read_text().strip()
+        except OSError:
+            address = ""
+        if address and address in local_addresses():
+            return address
+        address = address_towards(first_host)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(address)
+        return address
 
     def reopen_remote(self, job_id: str, attempt: int) -> bool:
         """After a restart: listen again where an adopted attempt's remote ranks report."""
@@ -127,21 +147,79 @@ class TelemetryChannels:
             sock.close()
             raise
         self.remote, self._authenticator = sock, authenticator
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._peers = {}
         if self.poller is not None:
             self.poller.register(sock, zmq.POLLIN)
         endpoint = str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         log.info("remote telemetry open", endpoint=endpoint)
         return endpoint
 
+    def dropped_peers(self) -> list[str]:
+        """The addresses whose connection to the remote socket dropped since the last call.
+
+        A ROUTER says nothing when a peer goes; its monitor does, naming the connection by
+        its file descriptor, so each accepted connection's peer address is noted when it
+        comes (ZeroMQ's own Peer-Address, without the port, would not tell two apart)."""
+        if self._monitor is None:
+            return []
+        from zmq.utils.monitor import recv_monitor_message
+
+        dropped: list[str] = []
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return dropped
+            except zmq.ZMQError:
+                return dropped
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._peers[fd] = peer_address(fd)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                address = self._peers.pop(fd, "")
+                if address:
+                    dropped.append(address)
+
     def close_remote(self) -> None:
         if self.remote is None:
             return
         if self.poller is not None:
             self.poller.unregister(self.remote)
+        if self._monitor is not None:
+            self.remote.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
         self.remote.close()
         self._authenticator.stop()
         self.remote = self._authenticator = None
         log.info("remote telemetry closed")
+
+
+def peer_address(fd: int) -> str:
+    """The address at the other end of a connection ZeroMQ accepted (read through a
+    duplicate of its descriptor, which is closed at once; ZeroMQ's own stays open)."""
+    import os
+    import socket
+
+    try:
+        # Given a descriptor, socket() reads its family itself (IPv4 or IPv6).
+        with socket.socket(fileno=os.dup(fd)) as dup:
+            return str(dup.getpeername()[0])
+    except OSError:
+        return ""
+
+
+def local_addresses() -> set[str]:
+    """This machine's IPv4 addresses, on every interface, up or down."""
+    import psutil
+
+    return {
+        entry.address
+        for entries in psutil.net_if_addrs().values()
+        for entry in entries
+        if entry.family.name == "AF_INET"
+    }
 
 
 class Publisher:

@@ -48,6 +48,7 @@ class Cause(StrEnum):
     GPU_WATCHDOG = "gpu_watchdog"
     DISK_FULL = "disk_full"
     ADAPTER_BUSY = "adapter_busy"
+    HOST_UNREACHABLE = "host_unreachable"
 
 
 def split_returncode(returncode: int | None) -> tuple[int | None, int | None]:
@@ -71,6 +72,12 @@ class ExitEvidence:
     hang_detected: bool = False  # the supervisor killed it for no heartbeat / no progress
     memory_guard_stop: bool = False  # the supervisor stopped it for budget / critical pressure
     user_stop: bool = False  # a user pause, cancel or shutdown asked it to stop
+    # A distributed attempt's rank blamed for its end, in words ("rank 1 (mac2 at
+    # 10.0.0.2)"), and how the supervisor learned it was gone ("its ssh session ended (exit
+    # 255)"): certain knowledge, where the stderr shared by every rank ends with a survivor's
+    # words about its lost peer.
+    culprit: str = ""
+    culprit_lost: str = ""
 
     @classmethod
     def from_returncode(cls, returncode: int | None, **fields: Any) -> ExitEvidence:
@@ -251,6 +258,8 @@ def _guard_words(ev: ExitEvidence) -> str:
 
 # The trainer's pre-flight verdict line: "does not fit: peak X MB over the Y MB budget ...".
 _DOES_NOT_FIT = re.compile(r"does not fit: ")
+# hostwait's verdict line: "loractl: host unreachable: mac2 did not answer ssh ...".
+_HOST_UNREACHABLE = re.compile(r"host unreachable: ")
 
 RULES: tuple[Rule, ...] = (
     # A finished run is finished, whatever the supervisor was doing to it at that moment.
@@ -274,6 +283,16 @@ RULES: tuple[Rule, ...] = (
             "exit 83: " + (_last_line(ev.stderr_tail, [_DOES_NOT_FIT]) or "does not fit")
         ),
     ),
+    # The other Mac did not answer ssh, so no rank was started: wait for it, without
+    # spending the retry budget (policy.after_exit), then pause.
+    Rule(
+        "host_unreachable",
+        lambda ev: ev.exit_code == ExitCode.HOST_UNREACHABLE,
+        Cause.HOST_UNREACHABLE,
+        retry=True,
+        step_down=False,
+        explain=lambda ev: _with_tail("exit 84", ev, [_HOST_UNREACHABLE], limit=_ERROR_LINE_LIMIT),
+    ),
     # The supervisor's own actions are certain knowledge and outrank any guess from the symptoms.
     Rule(
         "hang",
@@ -282,7 +301,8 @@ RULES: tuple[Rule, ...] = (
         retry=True,
         step_down=False,
         explain=lambda ev: (
-            f"killed by the supervisor for no heartbeat or no progress, then {_how(ev)}"
+            (f"{ev.culprit}: " if ev.culprit else "")
+            + f"killed by the supervisor for no heartbeat or no progress, then {_how(ev)}"
         ),
     ),
     Rule(
@@ -417,6 +437,16 @@ RULES: tuple[Rule, ...] = (
         retry=True,
         step_down=True,
         explain=lambda ev: f"{_how(ev)} with {_evidence_words(ev)}",
+    ),
+    # A rank the supervisor saw go (its ssh session ended, its process vanished, it said it
+    # failed): its own end, never the survivors' words about losing it.
+    Rule(
+        "rank_lost",
+        lambda ev: bool(ev.culprit_lost),
+        Cause.CRASH,
+        retry=True,
+        step_down=False,
+        explain=lambda ev: f"{ev.culprit or 'a rank'} lost: {ev.culprit_lost}",
     ),
     Rule(
         "external_signal",

@@ -323,4 +323,6 @@ def evidence_of(ended: AttemptExit) -> ExitEvidence:
         hang_detected=ended.stop_reason == StopReason.HANG,
         memory_guard_stop=ended.stop_reason == StopReason.MEMORY,
         user_stop=ended.stop_reason is not None and ended.stop_reason.by_user,
+        culprit=ended.culprit.label if ended.culprit is not None else "",
+        culprit_lost=ended.culprit_lost,
     )

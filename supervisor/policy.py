@@ -15,6 +15,7 @@ is retried, stepped down or failed by that verdict, like any crash.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -134,6 +135,8 @@ def after_exit(
             "then `loractl resume` continues from it"
         )
         return Action(Do.PAUSE, reason, reason=reason)
+    if verdict.cause == Cause.HOST_UNREACHABLE:
+        return _wait_for_host(job, verdict, cfg, settings, rng)
     # The classifier says STOPPED only for a user's stop. A stopped verdict for any other
     # stop (a lost rank, a hang) would be a failed attempt all the same: it is retried with
     # backoff below, never taken for a pause, a cancel or a shutdown's requeue.
@@ -202,6 +205,43 @@ def after_exit(
         delay_s=delay,
         retries_on_rung=retries,
         early_deaths=early_deaths,
+    )
+
+
+def _wait_for_host(
+    job: Any,
+    verdict: Verdict,
+    cfg: JobConfig,
+    settings: PolicySettings,
+    rng: random.Random | None,
+) -> Action:
+    """Another Mac did not answer ssh, so nothing ran: try again with backoff, spending
+    neither the rung's retries nor an early death, until the host has been away for
+    ``host_unreachable_minutes`` (from the first of these exits in a row); then pause."""
+    # Exits of consecutive attempts: an attempt that ran in between ends the streak.
+    streak: list[dict[str, Any]] = []
+    for crash in reversed(job.crashes):
+        follows = not streak or crash.get("attempt") == streak[-1].get("attempt", 0) - 1
+        if crash.get("cause") != Cause.HOST_UNREACHABLE or not follows:
+            break
+        streak.append(crash)
+    first, last = (streak[-1], streak[0]) if streak else ({}, {})
+    away_s = float(last.get("at") or 0.0) - float(first.get("at") or 0.0)
+    quoted = verdict.explanation.partition("host unreachable: ")[2]
+    host = quoted.split(" did not answer", 1)[0] or "a host"
+    if away_s >= cfg.host_unreachable_minutes * 60:
+        since = time.strftime("%H:%M", time.localtime(float(first.get("at") or 0.0)))
+        reason = (
+            f"host {host} unreachable since {since} ({away_s / 60:.0f} min, {len(streak)} "
+            f"tries): {quoted or verdict.explanation}; `loractl resume {job.id}` tries again"
+        )
+        return Action(Do.PAUSE, reason, reason=reason)
+    delay = Backoff(settings.backoff_base_s, settings.backoff_cap_s).delay(max(1, len(streak)), rng)
+    return Action(
+        Do.BACKOFF,
+        f"{verdict.cause}: {verdict.explanation}; trying again in {delay:.1f} s",
+        delay_s=delay,
+        retries_on_rung=job.retries_on_rung,
     )
 
 

@@ -32,10 +32,13 @@ class Rank:
     """One rank of the running attempt."""
 
     rank: int
-    pid: int
-    host: str
-    local: bool  # on this machine: the process table can confirm it is alive
+    pid: int  # as its own machine numbers it
+    host: str  # as the job's config names it (mlx.launch's layout), never its host name
+    local: bool  # started on this machine: the process table can confirm it is alive
     started_at: float | None = None  # its create_time, so a reused pid is not taken for it
+    # The host name it reports: shown, never trusted (two Macs may share one).
+    hostname: str = ""
+    address: str = ""  # where it is reached, to match a dropped telemetry connection
     last_heartbeat: float = field(default_factory=time.monotonic)
     step: int = -1
     footprint_mb: float | None = None
@@ -45,24 +48,69 @@ class Rank:
     # It failed only because another rank went away ("connection to a peer was lost").
     peer_lost: bool = False
     ended_at: float | None = None  # when we learned it ended (monotonic)
+    # How we learned it was gone, when it could not say so itself ("its ssh session ended
+    # (exit 255)"): the words its crash is recorded with.
+    lost_how: str = ""
+    # The exit mlx.launch logged for it (negative: the signal), once it did.
+    launcher_exit: int | None = None
+    # When its telemetry connection dropped, until it is heard from again.
+    disconnected_at: float | None = None
 
     def describe(self) -> dict[str, Any]:
         """The rank as ``show --json`` lists it."""
         return {
             "rank": self.rank,
             "host": self.host,
+            "hostname": self.hostname,
+            "local": self.local,
             "pid": self.pid,
             "step": max(self.step, 0),
             "footprint_mb": round(self.footprint_mb, 1) if self.footprint_mb else None,
         }
 
     @property
+    def label(self) -> str:
+        """ "rank 1 (mac2 at 10.0.0.2)": its number, and where it runs in words a user knows."""
+        return f"rank {self.rank} ({where(self.host, self.hostname, self.local)})"
+
+    @property
     def failed(self) -> bool:
-        """Ended without saying it finished or stopped."""
-        return self.ended_at is not None and self.reported_exit not in (
-            int(ExitCode.DONE),
-            int(ExitCode.STOPPED),
-        )
+        """Ended without saying (or mlx.launch seeing) that it finished or stopped."""
+        clean = (int(ExitCode.DONE), int(ExitCode.STOPPED))
+        if self.reported_exit is not None:
+            return self.ended_at is not None and self.reported_exit not in clean
+        return self.ended_at is not None and self.launcher_exit not in clean
+
+
+def where(host: str, hostname: str, local: bool) -> str:
+    """A rank's place in words: this Mac's name for a local one; a remote one's host name
+    and its address from the config, since host names alone may repeat."""
+    if local:
+        return hostname or "this machine"
+    if hostname and hostname != host:
+        return f"{hostname} at {host}"
+    return host
+
+
+def lost_words(code: int | None, local: bool) -> str:
+    """How a rank ended, from the exit mlx.launch logged for it (negative: the signal; None:
+    mlx.launch terminated it), for a rank that could not say it itself."""
+    import signal as signals
+
+    if code is None:
+        return "mlx.launch terminated it"
+    if code < 0:
+        try:
+            name = signals.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" if local else f"its ssh client was ended by {name}"
+    if local:
+        return f"it exited with code {code}"
+    if code == 255:
+        # ssh's own status: the connection or the remote side went, signal or not.
+        return "its ssh session ended (exit 255)"
+    return f"its ssh session ended with its exit code {code}"
 
 
 def launcher_exits(text: str) -> dict[int, int | None]:

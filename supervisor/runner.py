@@ -22,7 +22,13 @@ from typing import Any
 import structlog
 
 from loractl.config import ConfigError, JobConfig, load_config
-from loractl.distributed import free_port_range, launch_command, remote_hosts
+from loractl.distributed import (
+    free_port_range,
+    launch_command,
+    rank_hosts,
+    remote_hosts,
+    remote_ssh_names,
+)
 from loractl.paths import Layout
 from loractl.protocol import Heartbeat as HeartbeatMessage
 from loractl.protocol import JobState, Message, TrainerEvent
@@ -52,6 +58,35 @@ USER_STOPS = {
     "pause": (StopReason.USER_PAUSE, JobState.PAUSING),
     "cancel": (StopReason.USER_CANCEL, JobState.CANCELLING),
 }
+
+
+def layout_of(cfg: JobConfig) -> dict[str, Any]:
+    """The attempt's timings and, for a distributed job, where each rank runs."""
+    distributed = cfg.world_size > 1
+    startup = cfg.startup_timeout or (cfg.heartbeat_timeout if distributed else None)
+    return {
+        "heartbeat_timeout": cfg.heartbeat_timeout,
+        "heartbeat_interval": cfg.heartbeat_interval,
+        "world_size": cfg.world_size,
+        "rank_hosts": tuple(rank_hosts(cfg.distributed)) if distributed else (),
+        "startup_timeout": startup,
+    }
+
+
+def host_wait_command(cfg: JobConfig, launch: list[str]) -> list[str]:
+    """mlx.launch behind hostwait: the ranks start only once every other Mac answers ssh,
+    and a host that does not within heartbeat_timeout ends the attempt naming it."""
+    hosts = [arg for name in remote_ssh_names(cfg.distributed) for arg in ("--host", name)]
+    return [
+        sys.executable,
+        "-m",
+        "loractl.supervisor.hostwait",
+        "--give-up-after",
+        f"{cfg.heartbeat_timeout:g}",
+        *hosts,
+        "--",
+        *launch,
+    ]
 
 
 class Runner:
@@ -143,6 +178,8 @@ class Runner:
             assert section is not None  # more than one rank only with a distributed section
             port = None if section.get("starting_port") else free_port_range(cfg.world_size)
             command = launch_command(section, command, starting_port=port)
+        if remote:
+            command = host_wait_command(cfg, command)
         return command, bool(remote)
 
     def spawn(self, job: Job, cfg: JobConfig) -> Attempt:
@@ -155,9 +192,8 @@ class Runner:
             rung=job.rung,
             stderr_path=self.stderr_path(job.id, number),
             budget_mb=budget_mb(cfg, self.settings.default_budget_fraction),
-            heartbeat_timeout=cfg.heartbeat_timeout,
-            world_size=cfg.world_size,
             remote=remote,
+            **layout_of(cfg),
         )
         try:
             attempt = Attempt.launch(
@@ -287,8 +323,7 @@ class Runner:
             rung=job.rung,
             stderr_path=self.stderr_path(job.id, job.attempt),
             budget_mb=budget_mb(cfg, self.settings.default_budget_fraction),
-            heartbeat_timeout=cfg.heartbeat_timeout,
-            world_size=cfg.world_size,
+            **layout_of(cfg),
         )
         if spec.distributed:
             remote = self.channels.reopen_remote(job.id, job.attempt)
@@ -323,6 +358,8 @@ class Runner:
         attempt = self.attempt
         if attempt is None:
             return None
+        for address in self.channels.dropped_peers():
+            attempt.peer_disconnected(address, now)
         ended = attempt.poll(now)
         if ended is not None:
             self._forget(attempt)

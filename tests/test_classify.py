@@ -59,7 +59,26 @@ CASES = [
         ),
         "preflight_over_budget",
     ),
+    (
+        "another Mac did not answer ssh",
+        ev(
+            ExitCode.HOST_UNREACHABLE,
+            stderr_tail="loractl: host unreachable: mac2 did not answer ssh within 30 s "
+            "(ssh exit 255: Connection refused)\n",
+        ),
+        "host_unreachable",
+    ),
     ("hang, then SIGKILL", ev(sig=signal.SIGKILL, hang_detected=True), "hang"),
+    (
+        "a remote rank's ssh session ended",
+        ev(
+            255,
+            culprit="rank 1 (mac2 at 10.0.0.2)",
+            culprit_lost="its ssh session ended (exit 255)",
+            stderr_tail="rank 0 was asked to stop but has been inside a collective for 13 s\n",
+        ),
+        "rank_lost",
+    ),
     (
         "hang, then SIGKILL under pressure",
         ev(sig=signal.SIGKILL, hang_detected=True, pressure="critical"),
@@ -467,3 +486,17 @@ def test_any_evidence_gets_a_consistent_verdict(
         assert not verdict.retry
     if exit_code == 0:
         assert verdict.cause is Cause.DONE
+
+
+def test_a_lost_remote_rank_is_explained_in_its_own_words_not_the_survivors():
+    """A remote rank's end is told as the supervisor saw it, never as rank 0's lost peer."""
+    verdict = classify(
+        ev(
+            255,
+            culprit="rank 1 (mac2 at 10.0.0.2)",
+            culprit_lost="its ssh session ended (exit 255)",
+            stderr_tail="loractl: rank 0 was asked to stop but has been inside a collective\n",
+        )
+    )
+    assert verdict.explanation == "rank 1 (mac2 at 10.0.0.2) lost: its ssh session ended (exit 255)"
+    assert "rank 0" not in verdict.explanation and verdict.retry and not verdict.step_down

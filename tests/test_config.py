@@ -849,6 +849,8 @@ def non_default_values(tmp_path: Path) -> dict:
         "max_retries": 0,
         "heartbeat_interval": 0.5,
         "heartbeat_timeout": 12.5,
+        "startup_timeout": 45.0,
+        "host_unreachable_minutes": 5.0,
         "cleanup_every": 20,
         "low_memory_mb": 2048,
         "notify": True,

@@ -25,7 +25,12 @@ SETTINGS = PolicySettings(early_death_limit=3, backoff_base_s=1.0, backoff_cap_s
 # Each cause's (retry, step_down), read from the classifier's own table: the policy tests
 # cannot disagree with the rules (test_each_cause_has_one_handling checks it is one per cause).
 HANDLING = {rule.cause: (rule.retry, rule.step_down) for rule in RULES}
-BACKING_OFF = sorted(cause for cause, (retry, down) in HANDLING.items() if retry and not down)
+# An unreachable host has a backoff of its own (test_an_unreachable_host_...).
+BACKING_OFF = sorted(
+    cause
+    for cause, (retry, down) in HANDLING.items()
+    if retry and not down and cause != Cause.HOST_UNREACHABLE
+)
 STEPPING_DOWN = sorted(cause for cause, (_, down) in HANDLING.items() if down)
 USER_STOPS = sorted(reason for reason in StopReason if reason.by_user)
 OTHER_STOPS = sorted(reason for reason in StopReason if not reason.by_user)
@@ -35,6 +40,7 @@ OTHER_STOPS = sorted(reason for reason in StopReason if not reason.by_user)
 class StoredJob:
     """The fields of a stored job the policy reads."""
 
+    id: str = "j1"
     rung: int = 0
     retries_on_rung: int = 0
     early_deaths: int = 0
@@ -287,3 +293,30 @@ def test_backoff_is_the_policy_delay(cfg):
     action = decide(job, Cause.CRASH, cfg)
     expected = Backoff(SETTINGS.backoff_base_s, SETTINGS.backoff_cap_s).delay(2, random.Random(0))
     assert action.retries_on_rung == 2 and action.delay_s == expected
+
+
+def unreachable(attempt: int, at: float) -> dict:
+    return {"cause": "host_unreachable", "attempt": attempt, "at": at, "rung": 0}
+
+
+def test_an_unreachable_host_backs_off_without_spending_retries_then_pauses(cfg):
+    """Tries against a host that does not answer ssh cost neither retries nor early deaths;
+    once it has been away host_unreachable_minutes, the job pauses naming it and since when."""
+    why = "exit 84: loractl: host unreachable: mac2 did not answer ssh within 30 s (refused)"
+    host_down = Verdict(Cause.HOST_UNREACHABLE, "host_unreachable", True, False, why)
+    job = StoredJob(retries_on_rung=2, early_deaths=1, crashes=[unreachable(5, 1000.0)])
+    action = after_exit(job, facts(heartbeat_seen=False), host_down, cfg, SETTINGS)
+    assert action.do == Do.BACKOFF and action.retries_on_rung == 2 and action.early_deaths is None
+    away = cfg.host_unreachable_minutes * 60
+    job.crashes = [unreachable(n, 1000.0 + (n - 5) * away / 3) for n in range(5, 9)]
+    action = after_exit(job, facts(heartbeat_seen=False), host_down, cfg, SETTINGS)
+    assert action.do == Do.PAUSE, action
+    assert action.reason.startswith("host mac2 unreachable since ") and "4 tries" in action.reason
+    # An attempt that ran in between starts the count again.
+    job.crashes = [
+        unreachable(1, 0.0),
+        unreachable(7, 1000.0 + away),
+        unreachable(8, 1001.0 + away),
+    ]
+    action = after_exit(job, facts(heartbeat_seen=False), host_down, cfg, SETTINGS)
+    assert action.do == Do.BACKOFF

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -185,15 +186,16 @@ def test_two_rank_job_completes_like_one_process_and_shows_its_ranks(
     assert job["attempts"] == 1 and job["crashes"] == []
     assert [r["rank"] for r in job["ranks"]] == [0, 1]
     for rank in job["ranks"]:
-        assert set(rank) == {"rank", "host", "pid", "step", "footprint_mb"}
+        assert set(rank) == {"rank", "host", "hostname", "local", "pid", "step", "footprint_mb"}
         assert rank["step"] == JOB["iters"] and rank["footprint_mb"] > 0 and rank["host"]
+        assert rank["local"] and rank["hostname"] == socket.gethostname()
     assert job["ranks"][0]["pid"] != job["ranks"][1]["pid"]
     running = [e for e in job["history"] if e.get("to_state") == "running"]
     assert running and "all 2 ranks heartbeat" in running[0]["cause"]
     assert listening == [], "a single-machine job must not open a TCP port"
     rank_lines = shown.split("  ranks:\n", 1)[1].splitlines()[:2]
     for line, rank in zip(rank_lines, job["ranks"], strict=True):
-        assert line.strip().startswith(f"{rank['rank']}: {rank['host']} pid {rank['pid']}")
+        assert line.strip().startswith(f"{rank['rank']}: {rank['hostname']} pid {rank['pid']}")
 
     single = make_job(tiny_workspace, tmp_path, **JOB)
     result = run_trainer(single, "--fresh")
