@@ -615,6 +615,11 @@ class Attempt:
             if self.launched_at is None:
                 return  # hostwait is still waiting for a host to answer ssh
             allowance = self.startup_allowance()
+            silent = set(range(self.spec.world_size)) - set(self.ranks)
+            if all(self.rank_host(number).local for number in silent):
+                # The process table watches those: a local rank slow to start (a loaded Mac)
+                # has the trainer's own start-up allowance, like a single trainer.
+                allowance = max(allowance, self.settings.startup_timeout_s)
             if now - self.launched_at > allowance:
                 self._never_reported(allowance)
             return

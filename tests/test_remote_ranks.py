@@ -196,3 +196,18 @@ def test_a_remote_ranks_announced_exit_is_its_end(tmp_path, launcher):
     launcher_says(attempt, "[WARN] Node with rank 1 exited with code 0")
     attempt.poll()
     assert attempt.stop_reason is None and "rank_lost" not in hooks.kinds()
+
+
+def test_a_local_rank_slow_to_start_gets_the_trainers_allowance(tmp_path, launcher):
+    """Only a silent rank on another Mac fails the short start-up allowance: a local one is
+    in the process table, and a loaded Mac may take longer to start it."""
+    hooks = RecordingHooks(deliver=True)
+    attempt = remote_attempt(tmp_path, launcher, hooks, startup_timeout=2.0)
+    launcher_says(attempt, LAUNCHING)
+    attempt.poll()
+    assert attempt.accepts(beat(1, 77, "mac2"), "here")
+    attempt.on_heartbeat(beat(1, 77, "mac2"))
+    attempt.check_liveness(attempt.launched_at + 10)
+    assert attempt.stop_reason is None
+    attempt.check_liveness(attempt.launched_at + attempt.settings.startup_timeout_s + 1)
+    assert attempt.stop_reason == StopReason.RANK_LOST and attempt.culprit == 0

@@ -68,8 +68,9 @@ def test_helpers_isolate_the_hosts_and_restart_a_killed_supervisor(tmp_path):
 
 
 # Long enough for three faults between checkpoints; a short heartbeat_timeout so a partition
-# is found (and a cut-off rank stops itself) in seconds, not the default 30.
-FAULTS_JOB = {**JOB, "iters": 40, "heartbeat_timeout": 8.0}
+# is found (and a cut-off rank stops itself) in seconds, not the default 30, with the ranks'
+# start-up allowance kept long for a loaded machine.
+FAULTS_JOB = {**JOB, "iters": 40, "heartbeat_timeout": 8.0, "startup_timeout": 60.0}
 
 
 def two_hosts(host: SecondHost, folder: Path) -> dict:
@@ -87,9 +88,10 @@ def history(job: dict, kind: str) -> list[dict]:
 
 
 def both_ranks_at(supervisor, job_id: str, step: int, attempt: int) -> dict | None:
+    """The job, once attempt ``attempt`` or a later one runs with both ranks past ``step``."""
     job = supervisor.show(job_id)
     ranks = job.get("ranks") or []
-    if job["state"] == "running" and job["attempts"] == attempt and len(ranks) == 2:
+    if job["state"] == "running" and job["attempts"] >= attempt and len(ranks) == 2:
         if min(rank["step"] for rank in ranks) >= step:
             return job
     return None
@@ -123,7 +125,9 @@ def test_a_two_host_job_survives_a_remote_kill_a_partition_and_a_supervisor_kill
         killed_at = time.time()
         second_host.kill_remote_trainer()
         lost = wait_for(lambda: history(supervisor.show(job_id), "rank_lost"), timeout=30)
-        assert lost[0]["at"] - killed_at < 2.0, (lost, killed_at)
+        seen_after = lost[0]["at"] - killed_at
+        print(f"rank 1's death recorded {seen_after:.2f} s after its SIGKILL")
+        assert seen_after < 2.0, (lost, killed_at)
         assert lost[0]["detail"]["rank"] == 1, lost
         assert "its ssh session ended" in lost[0]["detail"]["words"], lost
         job = wait_for(lambda: (j := supervisor.show(job_id))["crashes"] and j, timeout=60)

@@ -176,6 +176,8 @@ def test_every_flag_reaches_the_trainer(tiny_workspace, tmp_path):
         "preflight": False,
         "max_record_mb": 32,
         "max_processes_per_host": 2,
+        "startup_timeout": 40.0,
+        "host_unreachable_minutes": 12.0,
     }
     # report_to needs its package installed; the test above covers that flag.
     assert set(flags) | {"report_to"} == {info.name for info in schema_flags()}
