@@ -109,6 +109,8 @@ class SecondHost:
         self.guest_link = f"lcB{self.index}"  # the second host's end
         self.local_address = f"10.231.{self.index}.1"
         self.address = f"10.231.{self.index}.2"
+        self._relay: subprocess.Popen | None = None  # the slow, lossy link, when there is one
+        self.relay_links = (f"ltA{self.index}", f"ltB{self.index}")
         try:
             self._remove_leftovers()
             self._make_network()
@@ -338,6 +340,47 @@ class SecondHost:
         run("tc", "qdisc", "del", "dev", self.host_link, "root", check=False)
         self._in_netns("tc", "qdisc", "del", "dev", self.guest_link, "root", check=False)
 
+    def lossy_link(self, delay_ms: float = 200, loss_pct: float = 5) -> tuple[str, str]:
+        """A second link to the host, slow and lossy, without netem: a TUN device on each
+        side, and a relay process between them that holds every packet ``delay_ms`` and drops
+        ``loss_pct`` percent, each way (the kernel's TCP sees real delay and real loss).
+        Returns the two ends' addresses, ``(this machine's, the host's)``, on 10.232.<i>.0/24;
+        ssh stays on the veth."""
+        here, there = f"10.232.{self.index}.1", f"10.232.{self.index}.2"
+        ours, theirs = self.relay_links
+        for link in self.relay_links:
+            run("ip", "tuntap", "add", "dev", link, "mode", "tun")
+        self._relay = subprocess.Popen(
+            [sys.executable, __file__, "relay", ours, theirs, str(delay_ms), str(loss_pct)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._relay.stdout is not None and self._relay.stdin is not None
+        # The relay holds both devices open; moved into the namespace, the far one stays its.
+        if self._relay.stdout.readline().strip() != "attached":
+            raise RuntimeError("the relay could not attach its TUN devices")
+        run("ip", "link", "set", theirs, "netns", self.netns)
+        run("ip", "addr", "add", f"{here}/24", "dev", ours)
+        run("ip", "link", "set", ours, "up")
+        self._in_netns("ip", "addr", "add", f"{there}/24", "dev", theirs)
+        self._in_netns("ip", "link", "set", theirs, "up")
+        self._relay.stdin.write("go\n")
+        self._relay.stdin.flush()
+        return here, there
+
+    def _close_lossy_link(self) -> None:
+        if self._relay is not None:
+            self._relay.kill()
+            self._relay.wait(timeout=30)
+            for end in (self._relay.stdin, self._relay.stdout):
+                if end is not None:
+                    end.close()
+            self._relay = None
+        for link in self.relay_links:
+            if run("ip", "link", "show", link, check=False).returncode == 0:
+                run("ip", "link", "del", link, check=False)
+
     def refuse_ssh(self) -> None:
         """Stop sshd: new connections are refused; sessions and ranks already there run on."""
         if self._sshd is not None:
@@ -387,6 +430,7 @@ class SecondHost:
         for popen in (self._sshd, self._init):
             if popen is not None:
                 popen.wait(timeout=30)
+        self._close_lossy_link()
         if self._lock is not None:
             try:
                 self._remove_leftovers()
@@ -523,3 +567,44 @@ def second_host_factory(tmp_path) -> Iterator:
     finally:
         for host in made:
             host.close()
+
+
+def relay(ours: str, theirs: str, delay_ms: str, loss_pct: str) -> None:
+    """The lossy link's relay (run as ``python secondhost.py relay ...``): attach both TUN
+    devices, say "attached", wait for "go" (the far device moved into the namespace and both
+    addressed), then pass each packet across after ``delay_ms``, dropping ``loss_pct``%."""
+    import heapq
+    import random
+    import select
+    import struct
+    import time
+
+    tunsetiff, iff_tun, iff_no_pi = 0x400454CA, 0x0001, 0x1000
+
+    def attach(name: str) -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, tunsetiff, struct.pack("16sH", name.encode(), iff_tun | iff_no_pi))
+        return fd
+
+    first, second = attach(ours), attach(theirs)
+    print("attached", flush=True)
+    sys.stdin.readline()
+    delay, loss = float(delay_ms) / 1000, float(loss_pct) / 100
+    across = {first: second, second: first}
+    held: list[tuple[float, int, int, bytes]] = []
+    count = itertools.count()
+    while True:
+        wait = max(0.0, held[0][0] - time.monotonic()) if held else 1.0
+        ready, _, _ = select.select([first, second], [], [], wait)
+        for fd in ready:
+            packet = os.read(fd, 65536)
+            if random.random() >= loss:
+                heapq.heappush(held, (time.monotonic() + delay, next(count), across[fd], packet))
+        now = time.monotonic()
+        while held and held[0][0] <= now:
+            _, _, destination, packet = heapq.heappop(held)
+            os.write(destination, packet)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["relay"]:
+    relay(*sys.argv[2:6])
