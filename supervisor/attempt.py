@@ -327,7 +327,7 @@ class Attempt:
 
     # -- telemetry ------------------------------------------------------------------------
 
-    def accepts(self, message: Message, hostname: str) -> bool:
+    def accepts(self, message: Message) -> bool:
         """Whether a message comes from this attempt: its trainer, or for a distributed job
         one of its ranks, known by job, attempt and rank number, a local one also by the
         launcher's process tree. A new rank joins here. Host names play no part: two Macs

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -103,7 +102,6 @@ class Runner:
         read_system: Callable[[], SystemMemory],
         *,
         is_known_job: Callable[[str], bool],
-        hostname: str | None = None,
     ):
         self.store = store
         self.layout = layout
@@ -113,7 +111,6 @@ class Runner:
         self.keep_awake = keep_awake
         self.read_system = read_system
         self.is_known_job = is_known_job
-        self.hostname = hostname or socket.gethostname()
         self.attempt: Attempt | None = None
         # Until recovery has run, a trainer of ours talking is not a stray but unadopted.
         self.recovered = False
@@ -445,7 +442,7 @@ class Runner:
     def take(self, message: Message) -> None:
         """One telemetry message: to the attempt it belongs to, or a stray's."""
         attempt = self.attempt
-        if attempt is None or not attempt.accepts(message, self.hostname):
+        if attempt is None or not attempt.accepts(message):
             self._stray(message)
             return
         if isinstance(message, HeartbeatMessage):

@@ -140,7 +140,6 @@ class Supervisor:
             self.keep_awake,
             self.read_system,
             is_known_job=self.queue.known,
-            hostname=self.hostname,
         )
         self.exits = ExitHandler(
             store,

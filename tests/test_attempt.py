@@ -168,8 +168,8 @@ def test_a_message_from_another_pid_is_not_the_attempts(tmp_path, processes):
     """Only the attempt's own trainer speaks for it."""
     proc = processes()
     attempt = make_attempt(tmp_path, proc, RecordingHooks())
-    assert attempt.accepts(Heartbeat(job_id="job-1", pid=proc.pid), hostname="here")
-    assert not attempt.accepts(Heartbeat(job_id="job-1", pid=proc.pid + 1), hostname="here")
+    assert attempt.accepts(Heartbeat(job_id="job-1", pid=proc.pid))
+    assert not attempt.accepts(Heartbeat(job_id="job-1", pid=proc.pid + 1))
 
 
 def test_the_view_shows_the_attempt_without_exposing_it(tmp_path, processes):

@@ -78,9 +78,9 @@ def test_ranks_join_by_job_attempt_and_rank_never_by_host_name(tmp_path, launche
     hooks = RecordingHooks()
     attempt = remote_attempt(tmp_path, launcher, hooks)
     same_name = socket.gethostname()
-    assert not attempt.accepts(beat(1, 4242, same_name, attempt=2), same_name)
-    assert attempt.accepts(beat(1, 4242, same_name), same_name)
-    assert not attempt.accepts(beat(0, os.getpid(), same_name), same_name)
+    assert not attempt.accepts(beat(1, 4242, same_name, attempt=2))
+    assert attempt.accepts(beat(1, 4242, same_name))
+    assert not attempt.accepts(beat(0, os.getpid(), same_name))
     shown = attempt.describe_ranks()
     assert shown == [
         {
@@ -105,7 +105,7 @@ def test_a_remote_rank_killed_is_seen_from_the_launchers_log_and_blamed_in_its_o
     hooks = RecordingHooks(deliver=True)
     attempt = remote_attempt(tmp_path, launcher, hooks)
     launcher_says(attempt, LAUNCHING)
-    assert attempt.accepts(beat(1, 77, "mac2"), "here")
+    assert attempt.accepts(beat(1, 77, "mac2"))
     attempt.on_heartbeat(beat(1, 77, "mac2", step=4))
     attempt.poll()
     assert attempt.stop_reason is None
@@ -136,7 +136,7 @@ def test_a_dropped_connection_then_silence_is_a_lost_rank_but_a_reconnect_is_not
     silent for three heartbeat intervals; a heartbeat after the drop clears it."""
     hooks = RecordingHooks(deliver=True)
     attempt = remote_attempt(tmp_path, launcher, hooks)
-    assert attempt.accepts(beat(1, 77, "mac2"), "here")
+    assert attempt.accepts(beat(1, 77, "mac2"))
     attempt.peer_disconnected("10.0.0.2", time.monotonic())
     attempt.on_heartbeat(beat(1, 77, "mac2", step=2))  # the link came back at once
     attempt.check_liveness(time.monotonic() + 10)
@@ -189,7 +189,7 @@ def test_a_remote_ranks_announced_exit_is_its_end(tmp_path, launcher):
     """A remote rank that announces done is not lost when its ssh session then ends."""
     hooks = RecordingHooks(deliver=True)
     attempt = remote_attempt(tmp_path, launcher, hooks)
-    assert attempt.accepts(beat(1, 77, "mac2"), "here")
+    assert attempt.accepts(beat(1, 77, "mac2"))
     attempt.on_trainer_event(
         TrainerEvent(job_id="job-1", attempt=3, pid=77, rank=1, kind="done", step=9)
     )
@@ -205,7 +205,7 @@ def test_a_local_rank_slow_to_start_gets_the_trainers_allowance(tmp_path, launch
     attempt = remote_attempt(tmp_path, launcher, hooks, startup_timeout=2.0)
     launcher_says(attempt, LAUNCHING)
     attempt.poll()
-    assert attempt.accepts(beat(1, 77, "mac2"), "here")
+    assert attempt.accepts(beat(1, 77, "mac2"))
     attempt.on_heartbeat(beat(1, 77, "mac2"))
     attempt.check_liveness(attempt.launched_at + 10)
     assert attempt.stop_reason is None
