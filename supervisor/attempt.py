@@ -251,8 +251,6 @@ class Attempt:
         # How far the launcher's stderr has been read for news of the ranks.
         self._news_offset = 0
         self._news_partial = b""
-        # Ranks mlx.launch logged as ended before they ever reported: code (or None).
-        self.unjoined_ends: dict[int, int | None] = {}
         # The culprit's end in words, when the supervisor had to work it out.
         self.culprit_lost = ""
         self._next_guard = 0.0
@@ -715,7 +713,6 @@ class Attempt:
     def _launcher_logged_end(self, number: int, code: int | None, now: float) -> None:
         rank = self.ranks.get(number)
         if rank is None:
-            self.unjoined_ends[number] = code
             if code not in (None, 0, int(ExitCode.STOPPED)) and self.stop_reason is None:
                 place = self.rank_host(number)
                 self.culprit = number
