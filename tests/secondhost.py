@@ -10,6 +10,7 @@ The recipe and what it found are in DESIGN.md, "A second Mac on one Linux machin
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import json
 import os
@@ -51,6 +52,25 @@ def unavailable() -> str | None:
     missing += [path for path in (SSHD, REAL_SSH) if not os.access(path, os.X_OK)]
     if missing:
         return f"a second host needs {', '.join(missing)} (apt: iproute2 openssh-server)"
+    return namespaces_unavailable()
+
+
+@functools.cache
+def namespaces_unavailable() -> str | None:
+    """Why this root cannot make the namespaces a second host is made of (a container
+    without CAP_SYS_ADMIN, say), or None when it can: probed once, with a throwaway set."""
+    probe = run("unshare", "--net", "--pid", "--fork", "--mount-proc", "--uts", "true", check=False)
+    if probe.returncode != 0:
+        return f"cannot make network and PID namespaces here: {probe.stderr.strip()}"
+    return None
+
+
+def lossy_link_unavailable() -> str | None:
+    """Why neither netem nor a TUN relay can make a bad link here, or None."""
+    if SecondHost.netem_unavailable() is None:
+        return None
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return f"no tc netem ({SecondHost.netem_unavailable()}) and no /dev/net/tun"
     return None
 
 

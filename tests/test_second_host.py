@@ -16,6 +16,7 @@ from conftest import make_job, wait_for
 from secondhost import (  # noqa: F401 (fixtures, used by name)
     NamespacedSupervisor,
     SecondHost,
+    lossy_link_unavailable,
     second_host,
     second_host_factory,
     unavailable,
@@ -319,6 +320,9 @@ def test_a_slow_lossy_link_raises_no_false_hang(tiny_workspace, tmp_path, second
     """With 200 ms delay and 5% loss each way on the link the ranks and their telemetry use
     (netem where the kernel has it, else a relay between two TUN devices that does the same
     to every packet), the 2-host job completes in one attempt: no hang, no lost rank."""
+    reason = lossy_link_unavailable()
+    if reason:
+        pytest.skip(reason)
     supervisor = NamespacedSupervisor(tmp_path / "home", second_host=second_host)
     try:
         supervisor.start()
