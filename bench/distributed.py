@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python bench/distributed.py [--preset tiny|ladder] [--rounds 2] [--iters N]
                                           [--processes 2] [--unsupervised]
                                           [--launcher-stdin pipe|devnull|full]
+                                          [--second-host]
                                           [--checkpoint-every N] [--warmup 2] [--seed 0]
                                           [--out DIR] [--keep]
 
@@ -63,6 +64,19 @@ kernel's VmHWM, sampled from /proc) and MLX peak (ours: each rank's log, ``train
 launcher and the ranks, not the supervisor's. ``hb`` stays 0 for a supervised run: the
 supervisor, not this script, receives those heartbeats.
 
+A second host (``--second-host``, with ``--unsupervised``; Linux, root). Rank 1 of both
+trainers runs on a second host made with the test suite's ``SecondHost``
+(``tests/secondhost.py``): a network, PID and UTS namespace with its own sshd, joined to this
+machine by a veth pair and sharing its filesystem. Both launchers get the hostfile
+``[{"ssh": "127.0.0.1", "ips": [LOCAL]}, {"ssh": HOST, "ips": [HOST]}]`` (rank 0 here, started
+locally by mlx.launch; rank 1 over ``ssh -tt`` through the fixture's ssh wrapper, first on
+PATH), and ``--env PYTHONUNBUFFERED=1`` (and ``PYTHONPATH`` when set) so both ranks run the
+same code with the same output buffering. The ring's traffic crosses the veth; ours' rank 1
+heartbeats to the script's ipc:// sink through the shared filesystem. The CPUs are still this
+machine's 2 cores. ``full`` stdin is 8 MiB there: rank 1's relay thread writes into ssh,
+which forwards into the remote pty until ssh's channel window (2 MiB) is full too. The
+remote rank is found for the CPU and RSS columns by its config path in its command line.
+
 The script always exits 0 (a benchmark, not a test); its last line is
 ``throughput_ratio=<ours/theirs>``.
 """
@@ -96,6 +110,8 @@ DEFAULTS = {
 }
 # Enough to fill the launcher's stdin pipe and every rank's (64 KiB each on Linux).
 FILL_BYTES = 256 * 1024
+# With a rank behind ssh: its pipe, ssh's channel window (2 MiB) and the remote pty.
+FILL_BYTES_SSH = 8 * 1024 * 1024
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
@@ -134,10 +150,20 @@ class TreeSampler:
     stands for its total.
     """
 
-    def __init__(self, processes: int, launcher: int | None, job_id: str | None = None):
+    def __init__(
+        self,
+        processes: int,
+        launcher: int | None,
+        job_id: str | None = None,
+        marker: str | None = None,
+    ):
         self.processes = processes
         self.launcher = launcher
         self.job_id = job_id
+        # A rank on the second host is no child of the launcher (ssh is): it is found by
+        # this string (the run's config path) in its command line.
+        self.marker = marker
+        self._searched = float("-inf")
         self.ranks: dict[int, int] = {}
         self.cpu: dict[int, float] = {}
         self.hwm: dict[int, float] = {}
@@ -147,7 +173,18 @@ class TreeSampler:
     def _find_ranks(self) -> None:
         import psutil
 
-        if self.launcher is not None:
+        if self.marker is not None:
+            # A scan of every process: at most twice a second, and only until all are found.
+            now = time.monotonic()
+            if now - self._searched < 0.5:
+                return
+            self._searched = now
+            candidates = [
+                proc
+                for proc in psutil.process_iter(["cmdline"])
+                if self.marker in (proc.info["cmdline"] or [])
+            ]
+        elif self.launcher is not None:
             try:
                 candidates = psutil.Process(self.launcher).children()
             except psutil.Error:
@@ -162,7 +199,7 @@ class TreeSampler:
         for proc in candidates:
             try:
                 rank = proc.environ().get("MLX_RANK")
-                if rank is not None:
+                if rank is not None and int(rank) not in self.ranks:
                     self.ranks[int(rank)] = proc.pid
                     if self.launcher is None:
                         self.launcher = proc.ppid()
@@ -208,7 +245,9 @@ class TreeSampler:
         run.cpu_samples = self.samples
 
 
-def launcher_stdin(mode: str) -> tuple[int, tuple[int, ...], threading.Thread | None]:
+def launcher_stdin(
+    mode: str, fill_bytes: int = FILL_BYTES
+) -> tuple[int, tuple[int, ...], threading.Thread | None]:
     """(stdin for the launcher, fds it must inherit, a writer thread to start) for ``mode``.
 
     For ``pipe`` and ``full`` the launcher inherits the pipe's write end as well, so its
@@ -223,24 +262,33 @@ def launcher_stdin(mode: str) -> tuple[int, tuple[int, ...], threading.Thread | 
 
         def write() -> None:
             # Blocking writes: the launcher reads its stdin as fast as it can, so this ends
-            # once FILL_BYTES have gone in, whatever the ranks' pipes hold by then.
+            # once the bytes have gone in, whatever the ranks' pipes hold by then.
             with os.fdopen(ours, "wb") as handle:
-                handle.write(b"\n" * FILL_BYTES)
+                handle.write(b"\n" * fill_bytes)
 
         writer = threading.Thread(target=write, name="fill-stdin", daemon=True)
     return read_end, (write_end,), writer
 
 
-def spawn_launched(cmd: list[str], run_dir: Path, output: Path, name: str, rnd: int, args):
-    """Run an mlx.launch command to the end, sampling its tree; a DistRun (no records yet)."""
-    stdin, keep, writer = launcher_stdin(args.launcher_stdin)
+def spawn_launched(
+    cmd: list[str], run_dir: Path, output: Path, name: str, rnd: int, args, marker: str
+):
+    """Run an mlx.launch command to the end, sampling its tree; a DistRun (no records yet).
+    ``marker``: the run's config path, which finds a rank on the second host."""
+    host = args.host
+    stdin, keep, writer = launcher_stdin(
+        args.launcher_stdin, FILL_BYTES_SSH if host is not None else FILL_BYTES
+    )
+    env = overhead.child_env()
+    if host is not None:
+        env["PATH"] = host.path_env()  # the ssh wrapper that reaches the second host
     busy = overhead.busy_cpu_seconds()
     tic = time.perf_counter()
     with output.open("wb") as sink:
         proc = subprocess.Popen(
             cmd,
             cwd=run_dir,
-            env=overhead.child_env(),
+            env=env,
             stdin=stdin,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -251,7 +299,7 @@ def spawn_launched(cmd: list[str], run_dir: Path, output: Path, name: str, rnd: 
             os.close(fd)
     if writer is not None:
         writer.start()
-    sampler = TreeSampler(args.processes, proc.pid)
+    sampler = TreeSampler(args.processes, proc.pid, marker=marker if host is not None else None)
     while proc.poll() is None:
         sampler.sample()
         time.sleep(overhead.CPU_SAMPLE_SECONDS)
@@ -279,11 +327,10 @@ def run_theirs(cfg: Path, run_dir: Path, rnd: int, args) -> DistRun:
 
     wrapper = run_dir / "theirs_wrapper.py"
     wrapper.write_text(overhead.THEIRS_WRAPPER, encoding="utf-8")
-    section = {"backend": "ring", "processes": args.processes}
     port = free_port_range(args.processes)
-    cmd = launch_command(section, [sys.executable, str(wrapper), str(cfg)], starting_port=port)
+    cmd = launch_command(args.section, [sys.executable, str(wrapper), str(cfg)], starting_port=port)
     output = run_dir / "theirs.out"
-    run = spawn_launched(cmd, run_dir, output, "theirs", rnd, args)
+    run = spawn_launched(cmd, run_dir, output, "theirs", rnd, args, str(cfg))
     text = output.read_text(encoding="utf-8", errors="replace")
     return two_rank_records(
         run,
@@ -319,7 +366,7 @@ def run_ours_unsupervised(cfg: Path, run_dir: Path, sink, rnd: int, args) -> Dis
     )
     sink.take()
     output = run_dir / "ours.out"
-    run = spawn_launched(cmd, run_dir, output, "ours", rnd, args)
+    run = spawn_launched(cmd, run_dir, output, "ours", rnd, args, str(cfg))
     run.heartbeats = sink.take()
     return ours_logs(run, run_dir / "adapters-ours", args.warmup, output)
 
@@ -398,11 +445,28 @@ def bench(args, out: Path) -> int:
     base["grad_accumulation_steps"] = ga
     args.iters = args.iters or DEFAULTS[args.preset]["steps"] * ga
     args.iters -= args.iters % ga
-    args.ours_overrides = {"distributed": {"backend": "ring", "processes": args.processes}}
+    args.host = None
+    args.section = {"backend": "ring", "processes": args.processes}
+    where = "ring, localhost"
+    if args.second_host:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from secondhost import SecondHost
+
+        args.host = SecondHost(out / "second-host")
+        env = {"PYTHONUNBUFFERED": "1"}
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        args.section = {
+            "backend": "ring",
+            "hostfile": str(args.host.hostfile(out / "hosts.json")),
+            "env": env,
+        }
+        where = f"ring, rank 1 on {args.host.address} over a veth pair"
+    args.ours_overrides = {"distributed": args.section}
     ours_cfg, theirs_cfg = overhead.make_configs(base, args, paths)
     mode = "unsupervised" if args.unsupervised else "supervised"
     print(
-        f"preset={args.preset} processes={args.processes} (ring, localhost) ours={mode} "
+        f"preset={args.preset} processes={args.processes} ({where}) ours={mode} "
         f"launcher_stdin={args.launcher_stdin} rounds={args.rounds} iters={args.iters} "
         f"batch_size={base['batch_size']} (global) grad_accumulation_steps={ga} "
         f"optimizer_steps={args.iters // ga} max_seq_length={base['max_seq_length']} "
@@ -437,6 +501,9 @@ def bench(args, out: Path) -> int:
             sink.close()
         if supervisor is not None:
             supervisor.stop()
+        if args.host is not None:
+            args.host.close()
+            args.host = args.host.address  # for results.json
 
     overhead.report(out, args, runs, {"machine": info}, ranks=lambda: print_ranks(runs))
     return 0
@@ -467,10 +534,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("pipe", "devnull", "full"),
         help="stdin of the launchers this script starts (see the module docstring)",
     )
+    parser.add_argument(
+        "--second-host",
+        action="store_true",
+        help="rank 1 on a second host (a network namespace with sshd, over a veth pair; "
+        "Linux, root; needs --unsupervised and 2 processes)",
+    )
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     args.checkpoint_every = args.checkpoint_every or DEFAULTS[args.preset]["checkpoint_every"]
+    if args.second_host and (not args.unsupervised or args.processes != 2):
+        parser.error("--second-host runs 2 ranks, unsupervised: add --unsupervised")
     return args
 
 

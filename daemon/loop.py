@@ -90,11 +90,18 @@ class StepReport:
 
 @dataclass
 class IterationReport:
-    """One micro-batch: its mean loss, its loss tokens and its wall time (evaluation excluded)."""
+    """One micro-batch: its mean loss, its loss tokens and its wall time (evaluation excluded).
+
+    ``step_sums``: on the micro-batch that ends an optimizer step with several ranks, the
+    step's losses and tokens summed over its micro-batches and every rank, as the ranks agreed
+    on them in the step's collective (None otherwise). A report falling there needs no
+    collective of its own.
+    """
 
     loss: float
     tokens: int
     seconds: float
+    step_sums: tuple[float, float] | None = None
 
 
 class OutOfMemory(RuntimeError):
@@ -145,7 +152,38 @@ def micro_step_seed(seed: int, examples_seen: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + examples_seen + rank * (1 << 40)) % (1 << 63)
 
 
-def snapshot(model: nn.Module, optimizer, state: LoopState) -> Boundary:
+class TrainableRefs:
+    """Where each trainable parameter lives, found once: reading the current arrays from
+    there gives ``tree_flatten(model.trainable_parameters())`` without walking and filtering
+    the whole module tree at every step (a few hundred microseconds a step on the tiny model,
+    on every rank). Falls back to that walk for a layout it cannot resolve."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.refs: list[tuple[str, Any, str]] | None = []
+        for name, value in tree_flatten(model.trainable_parameters()):
+            owner: Any = model
+            *path, key = name.split(".")
+            try:
+                for part in path:
+                    owner = owner[int(part)] if isinstance(owner, (list, tuple)) else owner[part]
+                found = isinstance(owner, dict) and owner.get(key) is value
+            except (KeyError, IndexError, ValueError, TypeError):
+                found = False
+            if not found:
+                self.refs = None
+                break
+            self.refs.append((name, owner, key))
+
+    def flat(self) -> list[tuple[str, mx.array]]:
+        if self.refs is None:
+            return tree_flatten(self.model.trainable_parameters())
+        return [(name, owner[key]) for name, owner, key in self.refs]
+
+
+def snapshot(
+    model: nn.Module, optimizer, state: LoopState, refs: TrainableRefs | None = None
+) -> Boundary:
     return Boundary(
         state=LoopState(
             step=state.step,
@@ -155,7 +193,7 @@ def snapshot(model: nn.Module, optimizer, state: LoopState) -> Boundary:
             loss_history=list(state.loss_history),
             val_history=list(state.val_history),
         ),
-        params=tree_flatten(model.trainable_parameters()),
+        params=refs.flat() if refs is not None else tree_flatten(model.trainable_parameters()),
         optimizer=tree_flatten(optimizer.state),
     )
 
@@ -244,6 +282,9 @@ def train(
     order = ExampleOrder(train_set.lengths, plan.order_batch_size or plan.batch_size, plan.seed)
     total_iterations = plan.total_iterations(state)
     model.train()
+    # The trainable parameters are fixed for the whole loop (the loop never freezes or
+    # unfreezes a layer), so where they live is looked up once.
+    trainable = TrainableRefs(model)
 
     def run_eval() -> float:
         """Evaluate now (between iterations; never inside a compiled step); its seconds."""
@@ -269,14 +310,14 @@ def train(
         )
 
     while state.examples_seen < plan.total_examples:
-        boundary = snapshot(model, optimizer, state)
+        boundary = snapshot(model, optimizer, state, trainable)
         tic = time.perf_counter()
         eval_seconds = 0.0
         grad = None
         losses = []
         tokens = 0
         window_examples = 0
-        agreed = None
+        agreed: list[float] | None = None
         for micro in range(plan.grad_accumulation_steps):
             iteration = state.iteration + 1
             if eval_due(iteration):
@@ -313,7 +354,7 @@ def train(
                 restore(model, optimizer, boundary)
                 hooks.on_oom_retry(state, exc)
 
-            value, count, grad, agreed = _step_with_retry(
+            value, count, grad, agreed_sums = _step_with_retry(
                 run,
                 seed=micro_step_seed(plan.seed, state.examples_seen, plan.rank),
                 evaluate_also=compiled_state,
@@ -327,9 +368,15 @@ def train(
             state.examples_seen += len(indices)
             if not distributed:
                 state.tokens_seen += count  # a rank's own count; the step adds all ranks'
+            step_sums = None
+            if agreed_sums is not None:
+                # Evaluated with the step: the step's losses, tokens and requests, all ranks'.
+                agreed = agreed_sums.tolist()
+                step_sums = (agreed[0], agreed[1])
             clear_cache_over(plan.clear_cache_threshold)
             hooks.after_iteration(
-                state, IterationReport(value, count, time.perf_counter() - iteration_tic)
+                state,
+                IterationReport(value, count, time.perf_counter() - iteration_tic, step_sums),
             )
             if last:
                 break
@@ -338,7 +385,8 @@ def train(
         if distributed:
             # Each rank's losses were its own: the step's is the mean of the ranks' means, as
             # mlx-lm reports it, and its tokens are every rank's.
-            total_loss, tokens, stop, checkpoint = agreed.tolist()
+            assert agreed is not None
+            total_loss, tokens, stop, checkpoint = agreed
             step_loss = total_loss / (len(losses) * plan.world_size)
             tokens = int(tokens)
             state.tokens_seen += tokens

@@ -41,7 +41,7 @@ import structlog
 
 from loractl.config import ConfigError, DataFileError, JobConfig, load_job
 from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
-from loractl.daemon.hooks import TrainerHooks
+from loractl.daemon.hooks import TrainerHooks, safetensors_bytes
 from loractl.distributed import RANK_LOG_PATTERN
 from loractl.memory import MB
 from loractl.protocol import ExitCode
@@ -629,6 +629,9 @@ class TrainingSession:
             if exc.resource_limit:
                 return self._fail(ExitCode.CRASH, resource_limit_words(exc))
             return self._fail(ExitCode.OUT_OF_MEMORY, f"out of memory twice in one step: {exc}")
+        finally:
+            # A crash between checkpoints: a periodic one still being written lands first.
+            hooks.close()
         if outcome == "stopped":
             log.info("stopped on request", step=state.step)
             self.telemetry.event("stopped", step=state.step)
@@ -919,15 +922,21 @@ class TrainingSession:
         alone: every rank holds the same weights."""
         if self.rank != 0:
             return
-        import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        weights = dict(tree_flatten(model.trainable_parameters()))
-        for name in ("adapters.safetensors", *names):
+        blob = safetensors_bytes(dict(tree_flatten(model.trainable_parameters())))
+        self.write_adapter_bytes(blob, "adapters.safetensors", *names)
+
+    def write_adapter_bytes(self, blob: bytes, *names: str) -> None:
+        """``write_adapters`` for adapters already made into safetensors bytes (by the
+        caller's thread; this one may be the hooks' writer thread): each file written to a
+        hidden name, fsynced and renamed into place. Default: adapters.safetensors."""
+        for name in names or ("adapters.safetensors",):
             target = self.adapter_path / name
             tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.safetensors")
-            mx.save_safetensors(str(tmp), weights)
-            with tmp.open("rb") as handle:
+            with tmp.open("wb") as handle:
+                handle.write(blob)
+                handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
 
