@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -231,7 +232,10 @@ class TrainerHooks:
         # Tests audit the exact examples consumed across kills and resumes through this trace.
         trace_path = os.environ.get("LORACTL_TRACE_EXAMPLES")
         self._trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115
-        # Rank 0's periodic writes go to disk in a thread: see BackgroundWriter.
+        # With several ranks, rank 0's periodic writes go to disk in a thread (see
+        # BackgroundWriter): the others would wait for them. One process writes them itself,
+        # straight from its arrays: no bytes copies, so no checkpoint outgrows the pre-flight.
+        self.background = session.world_size > 1
         self.writer = BackgroundWriter()
         # The iteration whose adapters were last handed to the writer as adapters.safetensors
         # (a checkpoint at the same iteration need not write the same bytes again).
@@ -264,12 +268,16 @@ class TrainerHooks:
         self.reporter.after_iteration(state, report)
         if state.iteration % self.cfg.save_every == 0 and self.session.rank == 0:
             # mlx-lm's save_every: the adapters now, and a copy named after the iteration
-            # that mlx_lm.generate --adapter-path or resume_adapter_file can use as it is;
-            # written by the writer thread while the next steps run.
+            # that mlx_lm.generate --adapter-path or resume_adapter_file can use as it is
+            # (with several ranks, written by the writer thread while the next steps run).
+            self._adapters_at = state.iteration
+            if not self.background:
+                self.session.write_adapters(self.model, iteration_adapter_name(state.iteration))
+                log.info("adapters saved", iteration=state.iteration)
+                return
             from mlx.utils import tree_flatten
 
             blob = safetensors_bytes(dict(tree_flatten(self.model.trainable_parameters())))
-            self._adapters_at = state.iteration
             self.writer.submit(partial(self._save_adapters, blob, state.iteration))
 
     def _save_adapters(self, blob: bytes, iteration: int) -> None:
@@ -389,11 +397,14 @@ class TrainerHooks:
                 tree_flatten(self.optimizer.state),
                 # The same bytes went to adapters.safetensors at this iteration already.
                 adapters=self._adapters_at != state.iteration,
-                background=not final,
+                background=self.background and not final,
             )
-            self.writer.submit(job)
-            if final:
+            if self.background and not final:
+                self.writer.submit(job)
+            else:
+                # On this thread, after whatever the writer still holds: MLX writes here.
                 self.writer.drain()
+                job()
         if self.stop_requested():
             # No rank exits before the checkpoint it stops at is on disk: mlx.launch would
             # terminate rank 0 mid-write. A periodic checkpoint needs no wait (a rank that runs
@@ -452,21 +463,30 @@ class TrainerHooks:
             "written_at": time.time(),
         }
         step, examples_seen = state.step, state.examples_seen
-        adapter_blob = safetensors_bytes(dict(params))
-        optimizer_blob = safetensors_bytes(dict(optimizer_state))
+        files: dict[str, Callable[[Path], object]]
+        if background:
+            # Made now: the writer thread must not call into MLX.
+            adapter_blob = safetensors_bytes(dict(params))
+            optimizer_blob = safetensors_bytes(dict(optimizer_state))
+            files = {
+                "adapters.safetensors": lambda p: p.write_bytes(adapter_blob),
+                "optimizer.safetensors": lambda p: p.write_bytes(optimizer_blob),
+            }
+        else:
+            import mlx.core as mx
+
+            files = {
+                "adapters.safetensors": lambda p: mx.save_safetensors(str(p), dict(params)),
+                "optimizer.safetensors": lambda p: mx.save_safetensors(
+                    str(p), dict(optimizer_state)
+                ),
+            }
 
         def write() -> None:
             if not background:
                 self.progress.phase = "checkpoint"
             tic = time.perf_counter()
-            checkpoint = self.store.write(
-                step,
-                body,
-                {
-                    "adapters.safetensors": lambda p: p.write_bytes(adapter_blob),
-                    "optimizer.safetensors": lambda p: p.write_bytes(optimizer_blob),
-                },
-            )
+            checkpoint = self.store.write(step, body, files)
             seconds = time.perf_counter() - tic
             # Only once it is on disk: the supervisor records the step as checkpointed.
             self.progress.last_checkpoint_step = step
@@ -481,8 +501,10 @@ class TrainerHooks:
                 background=background,
             )
             self.session.telemetry.event("checkpoint", path=str(checkpoint.path), seconds=seconds)
-            if adapters:
+            if adapters and background:
                 self.session.write_adapter_bytes(adapter_blob)
+            elif adapters:
+                self.session.write_adapters(self.model)
 
         return write
 

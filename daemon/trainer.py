@@ -41,7 +41,7 @@ import structlog
 
 from loractl.config import ConfigError, DataFileError, JobConfig, load_job
 from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
-from loractl.daemon.hooks import TrainerHooks, safetensors_bytes
+from loractl.daemon.hooks import TrainerHooks
 from loractl.distributed import RANK_LOG_PATTERN
 from loractl.memory import MB
 from loractl.protocol import ExitCode
@@ -922,10 +922,17 @@ class TrainingSession:
         alone: every rank holds the same weights."""
         if self.rank != 0:
             return
+        import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        blob = safetensors_bytes(dict(tree_flatten(model.trainable_parameters())))
-        self.write_adapter_bytes(blob, "adapters.safetensors", *names)
+        weights = dict(tree_flatten(model.trainable_parameters()))
+        for name in ("adapters.safetensors", *names):
+            target = self.adapter_path / name
+            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.safetensors")
+            mx.save_safetensors(str(tmp), weights)
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
 
     def write_adapter_bytes(self, blob: bytes, *names: str) -> None:
         """``write_adapters`` for adapters already made into safetensors bytes (by the
