@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -459,7 +459,7 @@ class TrainerHooks:
             "settings": self.session.settings(),
             "loss_history": [list(entry) for entry in state.loss_history],
             "val_history": [list(entry) for entry in state.val_history],
-            "config_hash": self._config_hash(),
+            "config_hash": self._config_hash,
             "written_at": time.time(),
         }
         step, examples_seen = state.step, state.examples_seen
@@ -508,7 +508,6 @@ class TrainerHooks:
 
         return write
 
+    @cached_property
     def _config_hash(self) -> str:
-        if not hasattr(self, "_identity"):
-            self._identity = self.cfg.identity_hash()
-        return self._identity
+        return self.cfg.identity_hash()

@@ -39,6 +39,7 @@ from typing import Any
 
 import structlog
 
+from loractl.atomic import atomic_write_bytes
 from loractl.config import ConfigError, DataFileError, JobConfig, load_job
 from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
 from loractl.daemon.hooks import TrainerHooks
@@ -939,13 +940,7 @@ class TrainingSession:
         caller's thread; this one may be the hooks' writer thread): each file written to a
         hidden name, fsynced and renamed into place. Default: adapters.safetensors."""
         for name in names or ("adapters.safetensors",):
-            target = self.adapter_path / name
-            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.safetensors")
-            with tmp.open("wb") as handle:
-                handle.write(blob)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            atomic_write_bytes(self.adapter_path / name, blob)
 
 
 def load_model(cfg: JobConfig):

@@ -33,6 +33,7 @@ from loractl.signatures import (
     is_memory_error_text,
     is_resource_limit_text,
 )
+from loractl.supervisor.hostwait import UNREACHABLE
 
 
 class Cause(StrEnum):
@@ -258,8 +259,7 @@ def _guard_words(ev: ExitEvidence) -> str:
 
 # The trainer's pre-flight verdict line: "does not fit: peak X MB over the Y MB budget ...".
 _DOES_NOT_FIT = re.compile(r"does not fit: ")
-# hostwait's verdict line: "loractl: host unreachable: mac2 did not answer ssh ...".
-_HOST_UNREACHABLE = re.compile(r"host unreachable: ")
+_HOST_UNREACHABLE = re.compile(re.escape(UNREACHABLE))
 
 RULES: tuple[Rule, ...] = (
     # A finished run is finished, whatever the supervisor was doing to it at that moment.

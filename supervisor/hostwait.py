@@ -27,7 +27,11 @@ from loractl.protocol import ExitCode
 # Printed once every host answers, just before mlx.launch takes over: where the attempt's
 # start-up allowance begins.
 LAUNCHING = "loractl: every host answers ssh; launching the ranks"
-UNREACHABLE_PREFIX = "loractl: host unreachable: "
+# Its verdict on a host that did not answer: "loractl: host unreachable: HOST did not
+# answer ssh ...". The classifier quotes this line; the policy names HOST from it.
+UNREACHABLE = "host unreachable: "
+UNREACHABLE_PREFIX = f"loractl: {UNREACHABLE}"
+NO_ANSWER = " did not answer ssh"
 # Probe retries: 1 s doubling up to this, so a host back after a reboot is found quickly
 # without hammering one that is away for the night.
 PROBE_BACKOFF_CAP_S = 8.0
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing is not None:
         host, why = missing
         print(
-            f"{UNREACHABLE_PREFIX}{host} did not answer ssh within "
+            f"{UNREACHABLE_PREFIX}{host}{NO_ANSWER} within "
             f"{options.give_up_after:.0f} s ({why}); check that it is awake, on the network, "
             "and that this Mac's key is in its authorized_keys",
             file=sys.stderr,

@@ -22,6 +22,7 @@ from typing import Any
 
 from loractl.config import JobConfig
 from loractl.supervisor.classify import Cause, Verdict
+from loractl.supervisor.hostwait import NO_ANSWER, UNREACHABLE
 from loractl.supervisor.ladder import describe_rung, rung_count
 
 
@@ -227,8 +228,8 @@ def _wait_for_host(
         streak.append(crash)
     first, last = (streak[-1], streak[0]) if streak else ({}, {})
     away_s = float(last.get("at") or 0.0) - float(first.get("at") or 0.0)
-    quoted = verdict.explanation.partition("host unreachable: ")[2]
-    host = quoted.split(" did not answer", 1)[0] or "a host"
+    quoted = verdict.explanation.partition(UNREACHABLE)[2]
+    host = quoted.split(NO_ANSWER, 1)[0] or "a host"
     if away_s >= cfg.host_unreachable_minutes * 60:
         since = time.strftime("%H:%M", time.localtime(float(first.get("at") or 0.0)))
         reason = (
