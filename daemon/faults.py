@@ -4,13 +4,21 @@ The suite cannot make Metal run out of memory (nor run Metal at all on Linux), s
 micro-step the trainer's hooks let ``FaultInjector`` fail the way MLX would, as environment
 variables set by the tests and benches ask; with none of them set it never fails. (The one
 fault before the first heartbeat, ``LORACTL_FAULT_EARLY_EXIT``, is in
-``loractl.daemon.trainer.run``.)
+``loractl.daemon.trainer.run``; ``stop_in_preflight`` is asked for by the pre-flight.)
 """
 
 from __future__ import annotations
 
 import os
 import signal
+
+
+def stop_in_preflight() -> None:
+    """``LORACTL_FAULT_STOP_IN_PREFLIGHT=1``: the trainer sends itself SIGTERM as its
+    pre-flight begins, as the memory guard does when the longest batch crosses the budget
+    (the guard reads about once a second, so when it lands in a short pass is chance)."""
+    if os.environ.get("LORACTL_FAULT_STOP_IN_PREFLIGHT") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class FaultInjector:

@@ -44,7 +44,7 @@ from loractl.config import ConfigError, DataFileError, JobConfig, load_job
 from loractl.daemon.collective import PEER_LOST_TEXT, CollectiveWatch, barrier, init_world
 from loractl.daemon.hooks import TrainerHooks
 from loractl.distributed import RANK_LOG_PATTERN
-from loractl.memory import MB
+from loractl.memory import MB, return_freed_buffers_to_the_os
 from loractl.protocol import ExitCode
 from loractl.signatures import is_disk_full_error, is_memory_exception, is_resource_limit_text
 
@@ -591,14 +591,17 @@ class TrainingSession:
 
             grad_checkpoint(model.layers[0])
         if cfg.preflight:
-            # The pre-flight trains nothing and writes nothing: a stop may end it at once.
-            self._stop_at_once = not self.requests.stop.is_set()
-            try:
-                stopped = self._preflight(model, datasets, plan, order, state)
-            finally:
-                self._stop_at_once = False
+            if self.requests.stop.is_set():
+                raise StoppedBeforeTraining()
+            # A stop asked for during the pre-flight (most often the guard's, when the longest
+            # batch crosses the budget) ends the attempt once the reading is sent: that reading
+            # is what the step down predicts the other rungs from. The pre-flight reads no file
+            # and takes one batch's forward and backward, so nothing can hold the stop for long.
+            stopped = self._preflight(model, datasets, plan, order, state)
             if stopped is not None:
                 return stopped
+            if self.requests.stop.is_set():
+                raise StoppedBeforeTraining()
         if self.preflight_only:
             return ExitCode.DONE
         hooks = TrainerHooks(self, model, optimizer, store, plan, order, callback)
@@ -648,10 +651,12 @@ class TrainingSession:
     def _preflight(self, model, datasets, plan, order, state) -> int | None:
         """Run the attempt's longest batch before its first step (see ``preflight.py``);
         report it, and return ExitCode.DOES_NOT_FIT when its peak is over the budget."""
+        from loractl.daemon.faults import stop_in_preflight
         from loractl.daemon.preflight import run_preflight
 
         self.progress.phase = "preflight"
         self.touch()
+        stop_in_preflight()
         result = run_preflight(
             model,
             datasets.train,
@@ -1071,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
         "without --train does; nothing is trained or written",
     )
     args = parser.parse_args(argv)
+    # Before the model loads, so that none of its buffers land in a heap that never shrinks.
+    return_freed_buffers_to_the_os()
     return run(
         args.config,
         fresh=args.fresh,

@@ -266,6 +266,26 @@ def test_preflight_event_reports_the_longest_batch(tiny_workspace, tmp_path):
     assert f"= {expected} tokens peaked at" in run.stderr
 
 
+@pytest.mark.parametrize(
+    ("budget", "code"), [("100000", ExitCode.STOPPED), ("1", ExitCode.DOES_NOT_FIT)]
+)
+def test_a_stop_during_the_preflight_waits_for_its_reading(tiny_workspace, tmp_path, budget, code):
+    """A SIGTERM (the guard's) in the pre-flight still sends its reading, then ends the attempt:
+    stopped before training if it fit, "does not fit" if it did not; nothing trained."""
+    config = make_job(tiny_workspace, tmp_path, iters=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORACTL_FAULT_STOP_IN_PREFLIGHT", "1")
+        run = run_watched(config, "--fresh", "--budget-mb", budget)
+    assert run.returncode == code, run.stderr
+    (event,) = run.of("preflight")
+    assert event.detail["peak_mb"] > event.detail["weights_mb"] > 0
+    assert event.detail["fits"] is (code == ExitCode.STOPPED)
+    assert run.of("checkpoint") == [] and run.of("done") == []
+    if code == ExitCode.STOPPED:
+        (stopped,) = run.of("stopped")
+        assert stopped.detail["before_training"] is True and stopped.step == 0
+
+
 def test_preflight_false_skips_it(tiny_workspace, tmp_path):
     """With preflight: false no pre-flight runs, even under a budget nothing fits in."""
     config = make_job(tiny_workspace, tmp_path, iters=4, preflight=False)
