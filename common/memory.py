@@ -143,10 +143,10 @@ def return_freed_buffers_to_the_os() -> bool:
     threshold with a mapping of its own and unmaps it on free, but each such free raises the
     threshold to the block's size (up to 32 MB): later blocks of that size come from the heap
     and stay resident once freed. A trainer's footprint, which the guard holds to the budget,
-    so ratcheted up over its first steps to 8-10% above anything it held at once (ladder
-    preset, seq 128: the pre-flight's peak 171 MB, the running footprint 187 MB; with the
-    threshold fixed, 171-174 MB at the same step time). Setting the threshold turns that
-    adjustment off. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone;
+    so ratcheted up over its first steps and stayed at its highest (ladder preset, seq 128: a
+    flat 187 MB after the first steps, the pre-flight's peak being 171 MB; with the threshold
+    fixed, 170-174 MB between steps and up to 186 MB inside one, at the same step time).
+    Setting the threshold turns that adjustment off. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone;
     elsewhere (macOS: libmalloc, and Metal's buffers are not malloc's) there is nothing to do.
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
