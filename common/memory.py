@@ -146,8 +146,9 @@ def return_freed_buffers_to_the_os() -> bool:
     so ratcheted up over its first steps and stayed at its highest (ladder preset, seq 128: a
     flat 187 MB after the first steps, the pre-flight's peak being 171 MB; with the threshold
     fixed, 170-174 MB between steps and up to 186 MB inside one, at the same step time).
-    Setting the threshold turns that adjustment off. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone;
-    elsewhere (macOS: libmalloc, and Metal's buffers are not malloc's) there is nothing to do.
+    Setting the threshold turns that adjustment off. A threshold the user set
+    (``MALLOC_MMAP_THRESHOLD_``) is left alone; elsewhere (macOS: libmalloc, and Metal's
+    buffers are not malloc's) there is nothing to do.
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
