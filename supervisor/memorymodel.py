@@ -552,7 +552,10 @@ def plan_step_down(
 ) -> StepPlan:
     """After a memory stop on ``stopped_rung``, the first rung below it predicted to fit under
     ``budget_mb * (1 - margin)`` and to save at least ``min_saving`` of the stopped rung's
-    predicted peak; every rung passed over is recorded with its prediction and reason.
+    predicted peak; every rung passed over is recorded with its prediction and reason. A rung
+    predicted under the budget but inside the margin is passed over only for a deeper rung
+    that saves ``min_saving`` more than it: a rung that costs a shorter sequence or a lower
+    rank for a saving within the prediction's error is the blind ladder's mistake again.
 
     Without any reading it steps down one rung blind, as the recipe does.
     """
@@ -582,8 +585,9 @@ def plan_step_down(
             limit_mb=limit,
         )
     skips: list[Skip] = []
+    predictions = {rung: model.predict(shapes[rung]) for rung in below}
     for rung in below:
-        predicted = model.predict(shapes[rung])
+        predicted = predictions[rung]
         assert predicted is not None  # a model with readings predicts every shape
         saving = 1 - predicted / stopped if stopped > 0 else 0.0
         why = []
@@ -592,8 +596,33 @@ def plan_step_down(
                 why.append(f"saves {_percent(max(saving, 0.0))}")
             else:
                 why.append(f"{_percent(-saving)} more than rung {stopped_rung}")
-        if predicted > limit:
+        inside_margin = limit < predicted <= budget_mb
+        if predicted > limit and not (inside_margin and not why):
             why.append(f"over {with_margin}")
+        elif inside_margin and not why:
+            # Under the budget but inside the margin. A deeper rung is worth its cost (a
+            # shorter sequence, a lower rank, all night) only if it saves min_saving more;
+            # otherwise this rung's own pre-flight settles it in seconds.
+            deeper = [
+                other
+                for other in below
+                if other > rung and (predictions[other] or 0.0) <= predicted * (1 - min_saving)
+            ]
+            if deeper:
+                why.append(f"over {with_margin}")
+            else:
+                return StepPlan(
+                    stopped_rung,
+                    rung,
+                    tuple(skips),
+                    f"rung {rung} is predicted to peak at {_mb(predicted)}, saving"
+                    f" {_percent(saving)}: under the {_mb(budget_mb)} budget but inside its"
+                    f" {margin * 100:g}% margin, and no rung below saves"
+                    f" {_percent(min_saving)} more; its pre-flight decides",
+                    predicted_mb=predicted,
+                    stopped_predicted_mb=stopped,
+                    limit_mb=limit,
+                )
         if why:
             skips.append(Skip(rung, predicted, ", ".join([f"predicted {_mb(predicted)}", *why])))
             continue

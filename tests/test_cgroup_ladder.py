@@ -1,8 +1,12 @@
 """Acceptance for issue 15's "cgroup limit": the real supervisor in a memory cgroup (v1).
 
-With the cgroup's limit between two rungs and no memory_budget_mb in the job, the default
-budget (0.7 x the limit) stops rung 0 at its pre-flight, the job steps down and completes,
-and the kernel never OOM-kills anything in the cgroup.
+The job has no memory_budget_mb, so its budget is the default one, 0.7 x the cgroup's limit,
+and the limit is chosen so that this budget falls between two rungs: rung 0's pre-flight is
+over it, the job steps down and completes, and the kernel never OOM-kills anything in the
+cgroup. The limit itself is above rung 0's peak: the pre-flight measures the longest batch by
+running it, so a limit below that peak would be reached by the pre-flight itself (on this
+machine the kernel then reclaims the group's file pages and the trainer thrashes until the
+guard stops it, rather than OOM-killing it).
 """
 
 from __future__ import annotations

@@ -275,6 +275,37 @@ def test_the_rank_rung_alone_saves_under_the_threshold():
     assert plan.skips[0].reason.startswith("predicted ") and "saves 1%" in plan.skips[0].reason
 
 
+def test_a_rung_inside_the_margin_is_kept_when_no_deeper_rung_saves_more():
+    """Under the budget but inside the margin, the seq-128 rung is run (its pre-flight
+    decides) rather than the rank-4 rung below it, which would save about 1% more."""
+    model = MemoryModel.fit([reading("s256 a4", fixed=FIXED_MB)])
+    seq128, rank4 = model.predict(RECIPE[2]), model.predict(RECIPE[3])
+    assert seq128 is not None and rank4 is not None and rank4 > seq128 * 0.95
+    # The margin's limit between the two: the old rule skipped to the rank rung.
+    budget = (seq128 + rank4) / 2 / 0.9
+    plan = plan_step_down(model, RECIPE, stopped_rung=0, budget_mb=budget)
+    assert plan.target == 2 and not plan.blind
+    assert [skip.rung for skip in plan.skips] == [1]
+    assert "inside its 10% margin" in plan.reason and "its pre-flight decides" in plan.reason
+    # Both inside the margin: the old rule found nothing and fell back to rung 1 blind.
+    plan = plan_step_down(model, RECIPE, stopped_rung=0, budget_mb=seq128 / 0.95)
+    assert plan.target == 2
+
+
+def test_a_rung_inside_the_margin_is_passed_over_for_one_that_saves_more():
+    """Inside the margin, a rung is still skipped when a deeper one fits the margin and
+    saves at least 5% more than it."""
+    ladder = [shape(256), shape(224), shape(128)]
+    model = MemoryModel.fit([reading("s256 a4", fixed=FIXED_MB)])
+    p224, p128 = model.predict(ladder[1]), model.predict(ladder[2])
+    assert p224 is not None and p128 is not None and p128 < p224 * 0.95
+    budget = p224 / 0.95  # 224 inside the margin, 128 well under it
+    plan = plan_step_down(model, ladder, stopped_rung=0, budget_mb=budget)
+    assert plan.target == 2
+    assert [skip.rung for skip in plan.skips] == [1]
+    assert "with a 10% margin" in plan.skips[0].reason
+
+
 def test_no_rung_fits():
     """A budget below every rung plans no target and says why for each rung."""
     model = MemoryModel.fit([reading("s256 a4", fixed=FIXED_MB)])
