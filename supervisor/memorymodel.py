@@ -596,21 +596,16 @@ def plan_step_down(
                 why.append(f"saves {_percent(max(saving, 0.0))}")
             else:
                 why.append(f"{_percent(-saving)} more than rung {stopped_rung}")
-        inside_margin = limit < predicted <= budget_mb
-        if predicted > limit and not (inside_margin and not why):
-            why.append(f"over {with_margin}")
-        elif inside_margin and not why:
-            # Under the budget but inside the margin. A deeper rung is worth its cost (a
-            # shorter sequence, a lower rank, all night) only if it saves min_saving more;
-            # otherwise this rung's own pre-flight settles it in seconds.
-            deeper = [
-                other
+        if predicted > limit:
+            # Under the budget but inside the margin: a deeper rung is worth its cost (a
+            # shorter sequence, a lower rank, all night) only if it saves min_saving more than
+            # this one; otherwise this rung's own pre-flight settles it in seconds.
+            worth_going_deeper = any(
+                (predictions[other] or 0.0) <= predicted * (1 - min_saving)
                 for other in below
-                if other > rung and (predictions[other] or 0.0) <= predicted * (1 - min_saving)
-            ]
-            if deeper:
-                why.append(f"over {with_margin}")
-            else:
+                if other > rung
+            )
+            if predicted <= budget_mb and not why and not worth_going_deeper:
                 return StepPlan(
                     stopped_rung,
                     rung,
@@ -623,6 +618,7 @@ def plan_step_down(
                     stopped_predicted_mb=stopped,
                     limit_mb=limit,
                 )
+            why.append(f"over {with_margin}")
         if why:
             skips.append(Skip(rung, predicted, ", ".join([f"predicted {_mb(predicted)}", *why])))
             continue
