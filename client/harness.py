@@ -40,6 +40,19 @@ FAST = {
 }
 
 
+def kill_tree(proc: psutil.Process) -> None:
+    """SIGKILL ``proc`` and every process under it; those already gone are skipped."""
+    try:
+        family = [*proc.children(recursive=True), proc]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 class SupervisorProcess:
     def __init__(self, home: Path, **env: str):
         self.home = home
@@ -102,15 +115,7 @@ class SupervisorProcess:
                 self.proc.wait()
         for proc in trainers_of(self.home):
             # A distributed job's launcher first: its ranks are its children.
-            try:
-                family = [*proc.children(recursive=True), proc]
-            except psutil.NoSuchProcess:
-                continue
-            for member in family:
-                try:
-                    member.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            kill_tree(proc)
 
     def debug(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

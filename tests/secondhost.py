@@ -25,7 +25,7 @@ from typing import IO
 import psutil
 import pytest
 
-from loractl.client.harness import SupervisorProcess, trainers_of, wait_for
+from loractl.client.harness import SupervisorProcess, kill_tree, trainers_of, wait_for
 
 REAL_SSH = "/usr/bin/ssh"
 SSHD = "/usr/sbin/sshd"
@@ -95,18 +95,6 @@ def is_trainer(cmdline: list[str]) -> bool:
         word == "-m" and cmdline[i + 1 : i + 2] == ["loractl.daemon.trainer"]
         for i, word in enumerate(cmdline)
     )
-
-
-def kill_tree(proc: psutil.Process) -> None:
-    try:
-        family = [*proc.children(recursive=True), proc]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 class SecondHost:
