@@ -57,9 +57,13 @@ class ModelError(ValueError):
     """The model cannot be loaded or does not fit the config: a config problem (exit 78)."""
 
 
-class StoppedBeforeTraining(Exception):  # noqa: N818  (a way out, like StopIteration)
+class StoppedBeforeTraining(BaseException):  # noqa: N818  (a way out, like KeyboardInterrupt)
     """A stop asked for while loading or in the pre-flight: nothing has been trained in this
-    attempt, so there is nothing to checkpoint and no reason to wait for the next step."""
+    attempt, so there is nothing to checkpoint and no reason to wait for the next step.
+
+    Raised from the signal handler wherever the main thread is, so, like KeyboardInterrupt, it
+    is not an Exception: the ``except Exception`` of the code it interrupts (the tokenizer's
+    "cannot tokenize sample", a library's own) must not turn a stop into a data error."""
 
 
 # The history's word for a run whose every checkpoint was damaged (see ``_resume``).

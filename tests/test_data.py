@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from loractl.config import parse_config
-from loractl.daemon.data import DataError, ExampleOrder, json_error_words, read_jsonl
+from loractl.daemon.data import DataError, ExampleOrder, json_error_words, read_jsonl, tokenize
+from loractl.daemon.trainer import StoppedBeforeTraining
 
 
 @pytest.fixture
@@ -148,3 +149,24 @@ def test_blank_lines_are_skipped(tmp_path, cfg):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"text": "a"}) + "\n\n" + json.dumps({"text": "b"}) + "\n")
     assert [s["text"] for s in read_jsonl(path, cfg)] == ["a", "b"]
+
+
+class StoppedWhileTokenizing:
+    """A raw dataset whose third sample is where the stop's signal handler raises."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def process(self, index: int) -> tuple[list[int], int]:
+        if index == 2:
+            raise StoppedBeforeTraining()
+        return [1, 2, 3], 0
+
+
+def test_a_stop_while_tokenizing_is_a_stop_not_a_data_error():
+    """The tokenizer's catch-all turns its own errors into DataError, never a stop request."""
+    with pytest.raises(StoppedBeforeTraining):
+        tokenize(StoppedWhileTokenizing(), lambda index: f"train.jsonl:{index + 1}")
